@@ -1,0 +1,153 @@
+"""The rule framework: how an op rule is declared and how it becomes N-axis strategies.
+
+A rule is written for ONE mesh axis (like DTensor's single-dim strategies): it lists the legal ways to place the
+op's tensor inputs and outputs on a single axis. `expand` turns that into strategies over every axis of the mesh by
+taking one single-axis choice per axis and dropping combinations that shard a tensor dim twice or that do not
+divide a dim evenly. Degree-1 axes are always `R`.
+
+Tensor inputs are the fx.Node arguments of a node in the order torch.fx visits them (args, then kwargs; lists
+flattened; duplicates kept), see `tensor_inputs`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from autopar.placement import P, R, Placement
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Strategy1D:
+    """One legal single-axis placement of an op's outputs and tensor inputs."""
+
+    outs: tuple[Placement, ...]  # one per output tensor (a single-output op has one)
+    ins: tuple[Placement, ...]  # one per tensor input
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """An N-axis strategy: placements per tensor per axis (axis order = mesh order)."""
+
+    outs: tuple[tuple[Placement, ...], ...]  # outs[i][axis]
+    ins: tuple[tuple[Placement, ...], ...]  # ins[j][axis]
+
+    def splits(self, axis: int) -> bool:
+        """True if the op's work is divided on `axis` (any tensor sharded or partial there)."""
+        return any(t[axis] != R for t in self.outs + self.ins)
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What a rule sees of a node: shapes of its tensor inputs and outputs, and its non-tensor arguments."""
+
+    node: fx.Node
+    in_shapes: tuple[Shape, ...]
+    out_shapes: tuple[Shape, ...]
+    in_dtypes: tuple[torch.dtype, ...]
+    out_dtypes: tuple[torch.dtype, ...]
+
+    @property
+    def args(self) -> tuple:
+        return self.node.args
+
+    def arg(self, index: int, name: str, default=None):
+        """Positional-or-keyword argument of the aten schema."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+
+RuleFn = Callable[[OpInfo], list[Strategy1D]]
+FlopFn = Callable[[Sequence[Shape], Sequence[Shape], OpInfo], float]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    strategies: RuleFn
+    flops: FlopFn  # FLOPs of the forward op evaluated on the given (local) shapes
+    is_matmul: bool = False  # priced at matmul efficiency
+    saves_output: bool = True  # output counted as an activation saved for backward
+    families: tuple[str, ...] = field(default_factory=tuple)
+
+
+RULES: dict[object, OpRule] = {}
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def elementwise_flops(ins: Sequence[Shape], outs: Sequence[Shape], info: OpInfo) -> float:
+    return float(sum(numel(s) for s in outs))
+
+
+def no_flops(ins: Sequence[Shape], outs: Sequence[Shape], info: OpInfo) -> float:
+    return 0.0
+
+
+def register(*ops, flops: FlopFn = elementwise_flops, is_matmul: bool = False, saves_output: bool = True):
+    """Decorator: register a single-axis rule for aten ops (OpOverloadPacket covers every overload)."""
+
+    def wrap(fn: RuleFn) -> RuleFn:
+        for op in ops:
+            RULES[op] = OpRule(fn, flops, is_matmul, saves_output)
+        return fn
+
+    return wrap
+
+
+def rule_for(target) -> OpRule | None:
+    if target in RULES:
+        return RULES[target]
+    packet = getattr(target, "overloadpacket", None)
+    return RULES.get(packet)
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return [n for n in found if isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def replicated(n_ins: int, n_outs: int = 1) -> Strategy1D:
+    return Strategy1D(outs=(R,) * n_outs, ins=(R,) * n_ins)
+
+
+def expand(rules1d: Sequence[Strategy1D], degrees: Sequence[int], info: OpInfo) -> list[Strategy]:
+    """All N-axis strategies: one single-axis choice per axis of degree > 1, legal for every tensor."""
+    n_outs, n_ins = len(info.out_shapes), len(info.in_shapes)
+    base = replicated(n_ins, n_outs)
+    per_axis = [list(dict.fromkeys(rules1d)) if d > 1 else [base] for d in degrees]
+    shapes = info.out_shapes + info.in_shapes
+    out: list[Strategy] = []
+    for combo in itertools.product(*per_axis):
+        tensors = [tuple(c.outs[i] for c in combo) for i in range(n_outs)]
+        tensors += [tuple(c.ins[j] for c in combo) for j in range(n_ins)]
+        if all(_legal(t, s, degrees) for t, s in zip(tensors, shapes)):
+            out.append(Strategy(outs=tuple(tensors[:n_outs]), ins=tuple(tensors[n_outs:])))
+    return out
+
+
+def _legal(placements: Sequence[Placement], shape: Shape, degrees: Sequence[int]) -> bool:
+    seen: set[int] = set()
+    for p, d in zip(placements, degrees):
+        if not p.is_shard:
+            continue
+        if p.dim in seen or p.dim >= len(shape) or shape[p.dim] % d != 0:
+            return False
+        seen.add(p.dim)
+    return True
+
+
+def linear_partial(n_ins: int, partial_inputs: Sequence[int], n_outs: int = 1) -> Strategy1D:
+    """P in → P out for ops linear in the given inputs (the others replicated)."""
+    ins = tuple(P if j in partial_inputs else R for j in range(n_ins))
+    return Strategy1D(outs=(P,) * n_outs, ins=ins)
