@@ -3,6 +3,7 @@
 To add an op: write a single-axis rule (see base.py) in the module of its family, or add it to a table there."""
 
 from autopar.strategies import factory, matmul, nn_ops, pointwise, reductions, views  # noqa: F401  (registers)
-from autopar.strategies.base import RULES, OpInfo, OpRule, Strategy, Strategy1D, expand, rule_for, tensor_inputs
+from autopar.strategies.base import (RULES, OpInfo, OpRule, Strategy, Strategy1D, expand, grad_partial_axes,
+                                     rule_for, tensor_inputs)
 
-__all__ = ["RULES", "OpInfo", "OpRule", "Strategy", "Strategy1D", "expand", "rule_for", "tensor_inputs"]
+__all__ = ["RULES", "OpInfo", "OpRule", "Strategy", "Strategy1D", "expand", "grad_partial_axes", "rule_for", "tensor_inputs"]

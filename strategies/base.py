@@ -151,3 +151,15 @@ def linear_partial(n_ins: int, partial_inputs: Sequence[int], n_outs: int = 1) -
     """P in → P out for ops linear in the given inputs (the others replicated)."""
     ins = tuple(P if j in partial_inputs else R for j in range(n_ins))
     return Strategy1D(outs=(P,) * n_outs, ins=ins)
+
+
+def grad_partial_axes(strategy: Strategy, input_index: int) -> list[int]:
+    """Axes on which the gradient of a replicated input comes out as a partial sum.
+
+    When the op's work is divided on an axis, each rank sees only its part of the iteration space; a replicated
+    input that takes part in all of it (a weight under a batch-sharded matmul, x under a column-parallel linear)
+    gets from each rank only that rank's contribution. Those gradients need an all-reduce on that axis in backward
+    (Megatron's f operator; for parameters along the batch axis this is data-parallel gradient synchronisation).
+    """
+    ins = strategy.ins[input_index]
+    return [a for a, p in enumerate(ins) if p == R and strategy.splits(a)]

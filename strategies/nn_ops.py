@@ -77,7 +77,9 @@ def cross_entropy(info: OpInfo) -> list[Strategy1D]:
     n_extra = len(info.in_shapes) - 2  # class weights stay replicated
     reduction = info.arg(3, "reduction", 1)
     strategies = [replicated(len(info.in_shapes), len(info.out_shapes))]
-    if len(logits) == 2 and len(target) == 1 and len(info.out_shapes) == 1:
+    weighted = n_extra > 0 or info.arg(2, "weight") is not None
+    smoothing = info.arg(5, "label_smoothing", 0.0) not in (0, 0.0) or len(info.node.args) > 5 and info.node.args[5]
+    if len(logits) == 2 and len(target) == 1 and len(info.out_shapes) == 1 and not weighted and not smoothing:
         out = S(0) if reduction == 0 else P
         strategies.append(Strategy1D(outs=(out,), ins=(S(0), S(0)) + (R,) * n_extra))
     return strategies

@@ -1,0 +1,141 @@
+"""`autopar.compile`: plan (or load a plan), generate this rank's program, shard the parameters, return a module
+that trains with any torch optimizer under torchrun."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from autopar.capture import Captured, capture
+from autopar.codegen.collectives import AxisComm
+from autopar.codegen.emit import emit
+from autopar.cost_models import load_hardware
+from autopar.errors import MeshError, PlanError
+from autopar.placement import parse
+from autopar.plan import Plan
+from autopar.planner.graph import build
+from autopar.planner.predict import fingerprint
+from autopar.planner.search import AXES, SearchRequest, search
+from autopar.runtime import CompiledModel
+from autopar.strategies import Strategy
+
+
+def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: tuple, plan: str | Path | Plan | None = None,
+            fix: dict | None = None, hardware: str | None = None, memory_budget_bytes: float | None = None
+            ) -> CompiledModel:
+    """Parallelise `model` over the ranks of the current process group.
+
+    sample_inputs: the forward's arguments at the training batch shape (the global batch; every rank passes the
+    same global batch at run time and works on its share). mesh: a DeviceMesh with axes named from ("dp", "tp")
+    pins the degrees; None lets the planner choose them for the world size. plan: a plan file or Plan to run
+    instead of searching. fix: pins such as {"dp": 2, "tp": 2}.
+    """
+    if not dist.is_initialized():
+        raise MeshError("torch.distributed is not initialised; run under torchrun (or call "
+                        "torch.distributed.init_process_group) before autopar.compile")
+    world = dist.get_world_size()
+    sample_inputs = tuple(sample_inputs)
+    captured = capture(model, sample_inputs)
+    pins = dict(fix or {})
+    if mesh is not None:
+        pins.update(_mesh_degrees(mesh, world))
+    if plan is None:
+        plan = _search(model, captured, sample_inputs, world, pins, hardware, memory_budget_bytes)
+    elif not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    degrees = tuple(plan.degrees[a] for a in AXES)
+    if math.prod(degrees) != world:
+        raise MeshError(f"the plan's mesh {_fmt(plan.degrees)} has {math.prod(degrees)} devices but the world size "
+                        f"is {world}; launch with --nproc_per_node {math.prod(degrees)} or re-plan")
+    pg = build(captured, degrees, AXES)
+    if fingerprint(pg) != plan.graph_fingerprint:
+        raise PlanError(f"the plan was made for another model or input shape (fingerprint {plan.graph_fingerprint}, "
+                        f"this model traces to {fingerprint(pg)}); re-plan for this model and batch")
+    mesh = mesh or init_device_mesh(_device_type(), degrees, mesh_dim_names=AXES)
+    coords = tuple(mesh.get_local_rank(a) for a in AXES)
+    decisions = {name: Strategy(outs=tuple(parse(o) for o in d.outs), ins=tuple(parse(i) for i in d.ins))
+                 for name, d in plan.strategies.items()}
+    emitted = emit(pg, decisions, coords)
+    root, placements, aliases = _shard_parameters(model, captured, pg, decisions, mesh, coords)
+    deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
+    return CompiledModel(root, emitted.graph, plan, mesh, None, captured.program.call_spec.out_spec, placements,
+                         deferred, aliases)
+
+
+def _search(model, captured: Captured, sample_inputs, world, pins, hardware, budget) -> Plan:
+    batch = sample_inputs[0].shape[0] if sample_inputs and sample_inputs[0].dim() else 1
+    seq = sample_inputs[0].shape[1] if sample_inputs and sample_inputs[0].dim() > 1 else 1
+    hw = load_hardware(hardware or ("h100-80gb-sxm" if torch.cuda.is_available() else "cpu"))
+    pins.setdefault("mbs", batch)  # the compiled forward runs the whole batch it is given as one micro-batch
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    req = SearchRequest(model=type(model).__name__, n_params=n, hardware=hw, devices=world, batch=batch, seq=seq,
+                        fix=pins, memory_budget_bytes=budget,
+                        dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    return search(req, lambda micro_batch: captured)
+
+
+def _mesh_degrees(mesh: DeviceMesh, world: int) -> dict[str, int]:
+    names = mesh.mesh_dim_names or ()
+    if not names or any(n not in AXES for n in names):
+        raise MeshError(f"mesh axes {names} must be named from {AXES}, e.g. "
+                        "init_device_mesh('cpu', (2, 2), mesh_dim_names=('dp', 'tp'))")
+    if mesh.size() != world:
+        raise MeshError(f"the mesh has {mesh.size()} devices but the world size is {world}; make the mesh cover "
+                        "every rank")
+    return {a: (mesh.size(names.index(a)) if a in names else 1) for a in AXES}
+
+
+def _device_type() -> str:
+    return "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+
+
+def _fmt(degrees: dict) -> str:
+    return " x ".join(f"{k}={v}" for k, v in degrees.items() if k in AXES)
+
+
+def _shard_parameters(model: nn.Module, captured: Captured, pg, decisions, mesh, coords):
+    """Root module with this rank's shards under the original module paths, plus the comm modules."""
+    root = nn.Module()
+    root.comm = nn.Module()
+    for axis in AXES:
+        setattr(root.comm, axis, AxisComm(axis, mesh.get_group(axis)))
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    state.update(captured.program.constants)
+    placements, aliases, by_tensor = {}, {}, {}
+    for name, p in pg.nodes.items():
+        if p.kind not in ("param", "buffer") or p.fqn is None:
+            continue
+        full = state[p.fqn]
+        if not p.node.users:  # a second name of a tied tensor: point it at the shard the graph uses
+            aliases[p.fqn] = id(full)
+            continue
+        pl = decisions[name].outs[0]
+        local = full.detach()
+        for axis, place in enumerate(pl):
+            if place.is_shard:
+                local = local.chunk(pg.degrees[axis], place.dim)[coords[axis]]
+        owner, attr = _owner(root, p.fqn)
+        if p.kind == "param":
+            owner.register_parameter(attr, nn.Parameter(local.clone(), requires_grad=full.requires_grad))
+            placements[p.fqn] = pl
+            by_tensor[id(full)] = p.fqn
+        else:
+            owner.register_buffer(attr, local.clone())
+    aliases = {fqn: by_tensor[t] for fqn, t in aliases.items() if t in by_tensor}
+    return root, placements, aliases
+
+
+def _owner(root: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    *path, attr = fqn.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    return mod, attr

@@ -1,0 +1,99 @@
+"""Capture: a plain nn.Module + sample inputs -> an fx graph of ATen ops with shapes.
+
+torch.export (non-strict) gives the training IR: high-level ATen ops (linear, layer_norm, scaled_dot_product_attention,
+cross_entropy_loss) with parameters lifted to placeholders, `node.meta["val"]` fake tensors and
+`node.meta["nn_module_stack"]`. Where export fails we retry on a torch.fx.symbolic_trace of the model (which removes
+Python-level structure export may reject); if both fail the error names the user's source line.
+Sample inputs may live on the meta device, so a 175B model built on meta traces without memory.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from autopar.errors import ModelError
+
+
+@dataclass
+class Captured:
+    """The traced forward, and what its placeholders are."""
+
+    graph: fx.Graph
+    params: dict[str, str]  # placeholder name -> parameter FQN ("blocks.0.attn.q.weight")
+    buffers: dict[str, str]  # placeholder name -> buffer FQN
+    constants: dict[str, str]  # placeholder name -> lifted constant name
+    user_inputs: list[str]  # placeholder names of the forward's tensor arguments, in order
+    program: ExportedProgram
+    method: str  # "torch.export" or "symbolic_trace+export"
+    analysis: dict | None = None  # mesh-independent planning analysis, filled by planner.graph.build
+    block_classes: list | None = None  # repeated layers found by that analysis
+
+    def placeholder_kind(self, name: str) -> str:
+        if name in self.params:
+            return "param"
+        if name in self.buffers or name in self.constants:
+            return "buffer"
+        return "input"
+
+
+def capture(model: torch.nn.Module, sample_inputs: tuple) -> Captured:
+    """Trace `model(*sample_inputs)` to ATen; raise ModelError naming the source line if it cannot be traced."""
+    try:
+        return _from_program(torch.export.export(model, tuple(sample_inputs)), "torch.export")
+    except Exception as export_error:  # noqa: BLE001 - any export failure falls back, then is reported
+        first = export_error
+    try:
+        traced = fx.symbolic_trace(model)
+        program = torch.export.export(traced, tuple(sample_inputs))
+        return _from_program(program, "symbolic_trace+export")
+    except Exception:  # noqa: BLE001 - the export error is the one that explains the problem
+        raise ModelError(_explain(model, first)) from None
+
+
+def _from_program(ep: ExportedProgram, method: str) -> Captured:
+    params, buffers, constants, user_inputs = {}, {}, {}, []
+    for spec in ep.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            params[name] = spec.target
+        elif spec.kind == InputKind.BUFFER:
+            buffers[name] = spec.target
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            constants[name] = spec.target
+        elif spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(name)
+    return Captured(ep.graph, params, buffers, constants, user_inputs, ep, method)
+
+
+def _explain(model: torch.nn.Module, error: Exception) -> str:
+    where = _user_frame(error)
+    kind = "data-dependent control flow" if "data-dependent" in str(error).lower() or "GuardOnDataDependent" in type(
+        error).__name__ else type(error).__name__
+    first_line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")[:200]
+    at = f" at {where}" if where else ""
+    return (f"cannot trace {type(model).__name__}.forward{at}: {kind} ({first_line}); torch.export and "
+            "torch.fx.symbolic_trace both failed. Make the forward free of Python branches on tensor values "
+            "(use torch.where / torch.cond) or pass a plan that avoids tracing")
+
+
+def _user_frame(error: BaseException) -> str | None:
+    """The innermost traceback frame outside torch and autopar: the user's source line."""
+    best = None
+    for exc in (error, error.__cause__, error.__context__):
+        if exc is None or exc.__traceback__ is None:
+            continue
+        for frame in traceback.extract_tb(exc.__traceback__):
+            path = os.path.normpath(frame.filename)
+            if f"{os.sep}torch{os.sep}" in path or f"{os.sep}autopar{os.sep}" in path or path.startswith("<"):
+                continue
+            line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            best = f"{frame.filename}:{frame.lineno} `{line}`"
+    return best

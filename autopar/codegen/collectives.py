@@ -1,0 +1,154 @@
+"""Autograd-aware collectives on one mesh axis, each the forward of a redistribution step whose backward is the
+transposed redistribution (see autopar/redistribute.py for the algebra and its sources).
+
+They are nn.Modules so the generated code names them by axis and reads like the paper's operators:
+`self.comm.tp.all_gather(x, 1)`. Gradient convention: grad of S(d) is S(d), of R is R, of P is R.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * moved.shape[0],) + moved.shape[1:], dtype=x.dtype, device=x.device)
+    _all_gather(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // n,) + moved.shape[1:], dtype=x.dtype, device=x.device)
+    _reduce_scatter(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def local_chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    return x.chunk(n, dim)[r].contiguous()
+
+
+class _AllGather(torch.autograd.Function):
+    """S(d) -> R. Backward: slice the replicated gradient, or reduce-scatter it when the consumer made it partial
+    (sequence parallelism's all-gather / reduce-scatter pair, Korthikanti et al. 2022)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, bwd_reduce, group):
+        ctx.dim, ctx.group, ctx.bwd_reduce = dim, group, bwd_reduce
+        return all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.bwd_reduce:
+            return reduce_scatter(g, ctx.dim, ctx.group), None, None, None
+        return local_chunk(g, ctx.dim, ctx.group), None, None, None
+
+
+class _Slice(torch.autograd.Function):
+    """R -> S(d), no communication. Backward: all-gather the sharded gradient back to replicated."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return local_chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.dim, ctx.group), None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    """P -> R (Megatron's g). Backward: identity, the replicated gradient belongs to every addend."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """P -> S(d). Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.dim, ctx.group), None, None
+
+
+class _KeepOne(torch.autograd.Function):
+    """R -> P: the first rank of the axis keeps the value, the others hold zeros. Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return x.clone() if dist.get_rank(group) == 0 else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GradAllReduce(torch.autograd.Function):
+    """Identity forward, all-reduce backward (Megatron's f): the consumer split its work on this axis, so the
+    replicated input's gradient comes back partial."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g, ctx.group), None
+
+
+class Collective(nn.Module):
+    """One step's operator bound to one axis's process group, so generated code can call it by name."""
+
+    def __init__(self, fn: type[torch.autograd.Function], group):
+        super().__init__()
+        self.fn, self.group = fn, group
+
+    def forward(self, x: torch.Tensor, *args):
+        return self.fn.apply(x, *args, self.group)
+
+    def extra_repr(self) -> str:
+        return self.fn.__name__.lstrip("_")
+
+
+OPERATORS = {"all_gather": _AllGather, "slice": _Slice, "all_reduce": _AllReduce, "reduce_scatter": _ReduceScatter,
+             "keep_one": _KeepOne, "grad_all_reduce": _GradAllReduce}
+
+
+class AxisComm(nn.Module):
+    """The collectives of one mesh axis: `comm.tp.all_gather(x, dim, bwd_reduce_scatter)`, `comm.tp.slice(x, dim)`,
+    `comm.tp.all_reduce(x)`, `comm.tp.reduce_scatter(x, dim)`, `comm.tp.keep_one(x)`, `comm.tp.grad_all_reduce(x)`."""
+
+    def __init__(self, axis: str, group):
+        super().__init__()
+        self.axis, self.group = axis, group
+        for name, fn in OPERATORS.items():
+            self.add_module(name, Collective(fn, group))
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, size={dist.get_world_size(self.group)}"

@@ -1,0 +1,96 @@
+"""The plan is data: every decision and prediction, serialisable to JSON (schema versioned) and back.
+
+`autopar plan --json plan.json` writes one; `autopar.compile(model, mesh, plan="plan.json")` runs it. Per-node
+strategies are keyed by the traced node name; `graph_fingerprint` refuses a plan made for another model or shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autopar.errors import PlanError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    step_time_s: float  # one optimizer step (all micro-batches)
+    compute_s: float  # forward + backward compute
+    exposed_comm_s: float  # collectives on the critical path (activations, resharding)
+    grad_sync_s: float  # parameter-gradient collectives, before overlap
+    grad_sync_exposed_s: float  # the part backward could not hide
+    bubble_s: float = 0.0  # pipeline bubble (no pipeline parallelism yet)
+    recompute_s: float = 0.0  # activation recomputation (no checkpointing yet)
+    memory_bytes_per_device: float  # peak, the sum of the parts below
+    memory_parts: dict[str, float]  # params, grads, optimizer_state, activations, inputs
+    tokens_per_s: float
+    tflops_per_device: float  # model FLOPs (6N-style, from the traced graph) per second per device
+    model_flops_per_step: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeDecision:
+    op: str
+    module: str
+    outs: list[str]  # placements per output, e.g. "S0/R"
+    ins: list[str]  # placements per tensor input
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    n_params: int
+    graph_fingerprint: str
+    hardware: str
+    devices: int
+    axis_names: list[str]  # mesh axes in order, outermost first
+    degrees: dict[str, int]  # dp, tp (pp, cp = 1 until those land)
+    batch: int  # global batch per optimizer step
+    seq: int
+    micro_batch_size: int  # global samples per micro-step (one forward/backward)
+    num_micro_batches: int
+    zero: int = 0
+    ac: str = "none"
+    schedule: str | None = None
+    virtual_stages: int = 1
+    dtype: str = "float32"
+    memory_budget_bytes: float
+    params: dict[str, str]  # parameter FQN -> placement
+    strategies: dict[str, NodeDecision]  # fx node name -> decision
+    predicted: Prediction
+    solver: dict[str, Any] = field(default_factory=dict)  # status, seconds, variables, constraints, candidates
+    fallback_ops: dict[str, int] = field(default_factory=dict)  # op without a rule -> count (replicated)
+    alternatives: list[dict[str, Any]] = field(default_factory=list)  # other degrees evaluated, with predictions
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Plan":
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+                            "re-create the plan with this version of `autopar plan`")
+        d = dict(d)
+        d["predicted"] = Prediction(**d["predicted"])
+        d["strategies"] = {k: NodeDecision(**v) for k, v in d["strategies"].items()}
+        return Plan(**d)
+
+    @staticmethod
+    def load(path: str | Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+            return Plan.from_dict(data)
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist; create one with `autopar plan ... --json {path}`") \
+                from None
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise PlanError(f"plan file {path} is malformed ({type(e).__name__}: {e}); re-create it with "
+                            "`autopar plan ... --json`") from None

@@ -1,0 +1,93 @@
+"""Prices of one strategy of one node, and of moving a tensor between placements, on one mesh.
+
+Times are for one micro-batch unless named otherwise. Backward is priced at twice the forward (two matmuls per
+forward matmul: input and weight gradients; Narayanan et al. 2021 eq. 3 uses the same 1:2 split).
+Model-state bytes follow Rajbhandari et al. 2020: 16 bytes per parameter for Adam in mixed precision (2 weight,
+2 gradient, 12 fp32 master weight and moments); plain fp32 Adam is also 16 (4 + 4 + 8).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
+from autopar.placement import R, Placement, local_shape
+from autopar.planner.graph import PNode
+from autopar.redistribute import steps
+from autopar.strategies import Strategy
+
+STATE_BYTES_PER_PARAM = 16.0  # Rajbhandari et al. 2020, Sec. 3.1 (mixed-precision Adam)
+BACKWARD_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class CostContext:
+    hw: Hardware
+    degrees: tuple[int, ...]
+    links: tuple[Link, ...]  # one per axis
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    fwd_s: float
+    bwd_s: float
+    activation_bytes: float  # saved for backward, one micro-batch
+    state_bytes: float  # parameters + gradients + optimizer state
+    flops: float  # forward FLOPs on this rank
+
+
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> float:
+    return float(math.prod(shape)) * dtype.itemsize
+
+
+def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
+    if p.kind in ("param", "buffer", "input"):
+        return _placeholder_cost(ctx, p, s)
+    if p.kind == "output" or not p.info.out_shapes:
+        return NodeCost(0, 0, 0, 0, 0)
+    ins = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.in_shapes, s.ins)]
+    outs = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.out_shapes, s.outs)]
+    flops = p.rule.flops(ins, outs, p.info) if p.rule else float(sum(math.prod(o) for o in outs))
+    moved = 0.0
+    if p.rule is None or p.rule.flops.__name__ != "no_flops":
+        moved = sum(nbytes(sh, dt) for sh, dt in zip(ins, p.info.in_dtypes))
+        moved += sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
+    is_matmul = bool(p.rule and p.rule.is_matmul)
+    dtype = p.info.out_dtypes[0] if p.info.out_dtypes else torch.float32
+    fwd = op_time_s(ctx.hw, flops, moved, dtype, is_matmul) if (flops or moved) else 0.0
+    bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
+    saves = p.requires_grad and (p.rule is None or p.rule.saves_output)
+    act = sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes)) if saves else 0.0
+    return NodeCost(fwd, bwd, act, 0.0, flops)
+
+
+def _placeholder_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
+    if not p.info.out_shapes or not p.node.users:  # an unused placeholder (e.g. the second name of a tied weight)
+        return NodeCost(0, 0, 0, 0, 0)
+    shape = local_shape(p.info.out_shapes[0], s.outs[0], ctx.degrees)
+    if p.kind == "param":
+        return NodeCost(0, 0, 0, math.prod(shape) * STATE_BYTES_PER_PARAM, 0)
+    return NodeCost(0, 0, nbytes(shape, p.info.out_dtypes[0]), 0, 0)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def redistribution_time_s(ctx: CostContext, shape: Sequence[int], dtype: torch.dtype, src: Sequence[Placement],
+                          dst: Sequence[Placement], requires_grad: bool, partial_axes: Sequence[int] = ()) -> float:
+    """Forward collectives of the steps plus, when a gradient flows back, their backward collectives."""
+    total = 0.0
+    current = list(src)
+    for step in steps(src, dst, partial_axes if requires_grad else ()):
+        n, link = ctx.degrees[step.axis], ctx.links[step.axis]
+        before = nbytes(local_shape(shape, current, ctx.degrees), dtype)
+        full = before * n if step.kind == "all_gather" else before  # bytes with this axis unsharded
+        if step.kind in ("all_gather", "all_reduce", "reduce_scatter"):
+            total += collective_time_s(step.kind, full, n, link)
+        if requires_grad and step.bwd:
+            total += collective_time_s(step.bwd, full, n, link)
+        current[step.axis] = R if step.kind == "all_gather" else dst[step.axis]
+    return total

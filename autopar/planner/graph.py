@@ -1,0 +1,221 @@
+"""The planning graph: every traced node with its shapes, its candidate strategies on a mesh, and which node of a
+repeated layer owns its decision variables.
+
+Analysis results live in `PNode` objects keyed by fx node name, never in globals. Repeated layers (identical
+transformer blocks: same ops, shapes and parameter shapes, in the same order) share one set of decisions: the
+first block of each class is the template; `owner` maps every node to its template node (DESIGN decision 4).
+Blocks are the items of an nn.ModuleList (module paths ending in `.<index>`); their equality is checked on an
+exact ordered signature, which also gives the node-to-node correspondence a structural hash alone would not.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from autopar.capture import Captured
+from autopar.errors import MeshError
+from autopar.placement import R, S
+from autopar.strategies import OpInfo, OpRule, Strategy, Strategy1D, expand, rule_for
+
+@dataclass
+class PNode:
+    node: fx.Node
+    kind: str  # "param" | "buffer" | "input" | "op" | "output"
+    info: OpInfo
+    rule: OpRule | None  # None for placeholders, outputs and ops without a rule
+    strategies: list[Strategy]
+    inputs: list[tuple[str, int]]  # (producer name, producer output index) per tensor input
+    requires_grad: bool
+    module: str  # module path ("blocks.0.attn"), "" at top level
+    block: str | None = None  # "blocks.0" for nodes inside a repeated-layer item
+    owner: str = ""  # template node whose decisions this node shares
+    fallback: bool = False  # no rule: replicated at its true cost
+    fqn: str | None = None  # parameter / buffer name
+
+
+@dataclass
+class PlanGraph:
+    nodes: dict[str, PNode]  # in graph (topological) order
+    degrees: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    counts: dict[str, int] = field(default_factory=dict)  # owner -> how many nodes share it
+    block_classes: list[list[str]] = field(default_factory=list)  # each: block names sharing a template
+
+    def owners(self) -> list[PNode]:
+        return [p for p in self.nodes.values() if p.owner == p.node.name]
+
+
+def _vals(node: fx.Node) -> list[torch.Tensor]:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [v for v in val if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _tensor_inputs(node: fx.Node) -> list[tuple[str, int]]:
+    if node.target is operator.getitem:
+        return [(node.args[0].name, int(node.args[1]))]
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return [(n.name, 0) for n in found if _vals(n)]
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values()]
+    return paths[-1] if paths else ""
+
+
+def _block_of(path: str) -> str | None:
+    """Outermost ModuleList item on a module path: 'blocks.3.attn.q' -> 'blocks.3'."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit() and i > 0:
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _info(node: fx.Node, graph_nodes: dict[str, fx.Node], inputs: list[tuple[str, int]]) -> OpInfo:
+    ins = [_vals(graph_nodes[name])[idx] for name, idx in inputs]
+    outs = _vals(node)
+    return OpInfo(node, tuple(tuple(t.shape) for t in ins), tuple(tuple(t.shape) for t in outs),
+                  tuple(t.dtype for t in ins), tuple(t.dtype for t in outs))
+
+
+def _placeholder_rules(shape: Sequence[int]) -> list[Strategy1D]:
+    return [Strategy1D(outs=(R,), ins=())] + [Strategy1D(outs=(S(d),), ins=()) for d in range(len(shape))]
+
+
+def build(captured: Captured, degrees: Sequence[int], axis_names: Sequence[str]) -> PlanGraph:
+    """Planning graph on a mesh. The mesh-independent analysis is cached on `captured`; strategies are
+    enumerated once per owner and shared by the nodes it owns."""
+    base = captured.analysis
+    if base is None:
+        base = captured.analysis = _analyse(captured)
+    nodes: dict[str, PNode] = {}
+    for name, b in base.items():
+        if b.owner == name:
+            strategies = _role_strategies(b, degrees, axis_names, base)
+        else:
+            strategies = nodes[b.owner].strategies
+        nodes[name] = replace(b, strategies=strategies)
+    pg = PlanGraph(nodes, tuple(degrees), tuple(axis_names))
+    for p in nodes.values():
+        pg.counts[p.owner] = pg.counts.get(p.owner, 0) + 1
+    pg.block_classes = captured.block_classes
+    return pg
+
+
+def _analyse(captured: Captured) -> dict[str, PNode]:
+    graph_nodes = {n.name: n for n in captured.graph.nodes}
+    nodes: dict[str, PNode] = {}
+    for node in captured.graph.nodes:
+        nodes[node.name] = _pnode(node, captured, graph_nodes, nodes)
+    captured.block_classes = _assign_owners(nodes)
+    return nodes
+
+
+def _role_strategies(p: PNode, degrees: Sequence[int], axis_names: Sequence[str],
+                     nodes: dict[str, PNode]) -> list[Strategy]:
+    every = _strategies(p, degrees)
+    fitting = [s for s in every if _fits_role(p, s, degrees, axis_names, nodes)]
+    if fitting or p.kind != "input":  # an op no role placement divides keeps its free choice
+        return fitting or every
+    shape = p.info.out_shapes[0]
+    mesh = " x ".join(f"{a}={d}" for a, d in zip(axis_names, degrees))
+    raise MeshError(f"input '{p.node.name}' of shape {list(shape)} cannot be split over the mesh {mesh}: its batch "
+                    f"dim {shape[0]} must be divisible by dp; use a batch that is a multiple of the dp degree")
+
+
+def _fits_role(p: PNode, s: Strategy, degrees: Sequence[int], axis_names: Sequence[str],
+               nodes: dict[str, PNode]) -> bool:
+    """What the axis names promise a user; everything else stays the solver's choice.
+
+    dp: every rank works on its own slice of the batch: inputs S0, and matmul-like ops take their activation
+    operand batch-sharded (S0). tp: the ranks of a group see the same batch (inputs R) and every matmul-like op
+    consumes its weight matrices split (column, row, heads, vocab: whichever dim is cheapest)."""
+    is_matmul = p.kind == "op" and p.rule is not None and p.rule.is_matmul
+    if p.kind != "input" and not is_matmul or not p.info.out_shapes:
+        return True
+    for axis, (name, degree) in enumerate(zip(axis_names, degrees)):
+        if degree == 1:
+            continue
+        if p.kind == "input" and p.info.out_shapes[0]:
+            if name == "dp" and s.outs[0][axis] != S(0) or name == "tp" and s.outs[0][axis] != R:
+                return False
+        if is_matmul and name == "dp" and s.ins[0][axis] != S(0):
+            return False
+        if is_matmul and name == "tp":
+            weights = [j for j, (n, _) in enumerate(p.inputs)
+                       if nodes[n].kind == "param" and len(p.info.in_shapes[j]) >= 2]
+            if any(not s.ins[j][axis].is_shard for j in weights):
+                return False
+    return True
+
+
+def _strategies(p: PNode, degrees: Sequence[int]) -> list[Strategy]:
+    if p.kind == "output":
+        return [Strategy(outs=(), ins=tuple((R,) * len(degrees) for _ in p.inputs))]
+    if p.kind != "op":
+        rules = _placeholder_rules(p.info.out_shapes[0]) if p.info.out_shapes else [Strategy1D((), ())]
+    elif p.rule is not None:
+        rules = p.rule.strategies(p.info)
+    else:
+        rules = [Strategy1D((R,) * len(p.info.out_shapes), (R,) * len(p.inputs))]
+    return expand(rules, degrees, p.info) or expand(rules[:1], degrees, p.info)
+
+
+def _pnode(node: fx.Node, captured: Captured, graph_nodes, done: dict[str, PNode]) -> PNode:
+    if node.op == "placeholder":
+        kind = captured.placeholder_kind(node.name)
+        fqn = captured.params.get(node.name) or captured.buffers.get(node.name) or captured.constants.get(node.name)
+        block = _block_of(fqn or "")
+        return PNode(node, kind, _info(node, graph_nodes, []), None, [], [], kind == "param", block or "", block,
+                     fqn=fqn)
+    inputs = _tensor_inputs(node) if _vals(node) or node.op == "output" else []
+    info = _info(node, graph_nodes, inputs)
+    requires_grad = any(done[n].requires_grad for n, _ in inputs) and any(
+        t.is_floating_point() for t in _vals(node))
+    if node.op == "output":
+        return PNode(node, "output", info, None, [], inputs, requires_grad, "")
+    rule = rule_for(node.target) if node.op == "call_function" else None
+    path = _module_path(node)
+    return PNode(node, "op", info, rule, [], inputs, requires_grad, path, _block_of(path),
+                 fallback=rule is None and bool(info.out_shapes))
+
+
+def _assign_owners(nodes: dict[str, PNode]) -> list[list[str]]:
+    blocks: dict[str, list[str]] = {}
+    for name, p in nodes.items():
+        p.owner = name
+        if p.block is not None:
+            blocks.setdefault(p.block, []).append(name)
+    templates: dict[tuple, str] = {}
+    classes: dict[str, list[str]] = {}
+    for block, members in blocks.items():
+        template = templates.setdefault(_signature(nodes, members), block)
+        classes.setdefault(template, []).append(block)
+        if template != block:
+            for mine, theirs in zip(members, blocks[template]):
+                nodes[mine].owner = theirs
+    return [v for v in classes.values() if len(v) > 1]
+
+
+def _signature(nodes: dict[str, PNode], members: list[str]) -> tuple:
+    """Exact ordered structure of a block: ops, shapes, constant args, and internal wiring by position."""
+    index = {name: i for i, name in enumerate(members)}
+    sig = []
+    for name in members:
+        p = nodes[name]
+        wiring = tuple((index[n], k) if n in index else ("ext", nodes[n].kind, nodes[n].info.out_shapes)
+                       for n, k in p.inputs)
+        consts = fx.node.map_arg((p.node.args, p.node.kwargs), lambda n: "<tensor>")
+        sig.append((p.kind, str(p.node.target) if p.kind == "op" else "", p.info.out_shapes, p.info.out_dtypes, wiring, repr(consts)))
+    return tuple(sig)

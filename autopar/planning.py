@@ -1,0 +1,43 @@
+"""Planning without the hardware: build the model on the meta device, trace it, search. Used by `autopar plan`
+and by `autopar.compile` when no plan file is given."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from autopar.capture import Captured, capture
+from autopar.cost_models import Hardware, load_hardware
+from autopar.errors import MeshError
+from autopar.models import build_model, n_params, sample_inputs
+from autopar.plan import Plan
+from autopar.planner.search import SearchRequest, search
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int, seq: int | None = None,
+              model_args: dict | None = None, fix: dict | None = None, memory_budget_bytes: float | None = None,
+              dtype: str | None = None, progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan `model` (preset, family or path.py:factory) for `devices` devices of `hardware`."""
+    hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    dtype = dtype or ("float32" if hw.name == "cpu" else "bfloat16")
+    module, info = build_model(model, model_args or {}, device="meta", dtype=DTYPES[dtype])
+    seq = seq or info.seq
+    if seq is None:
+        raise MeshError(f"model {model} does not state its sequence length; pass --seq")
+    if devices < 1 or batch < 1:
+        raise MeshError(f"--devices ({devices}) and --batch ({batch}) must be positive integers")
+
+    @functools.lru_cache(maxsize=None)
+    def trace(micro_batch: int) -> Captured:
+        if progress:
+            progress(f"tracing {model} at batch {micro_batch} x seq {seq}")
+        return capture(module, sample_inputs(info, micro_batch, seq, device="meta"))
+
+    req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
+                        fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)
+    return search(req, trace, progress)
