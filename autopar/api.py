@@ -45,7 +45,7 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     if mesh is not None:
         pins.update(_mesh_degrees(mesh, world))
     if plan is None:
-        plan = _search(model, captured, sample_inputs, world, pins, hardware, memory_budget_bytes)
+        plan = _search_on_rank0(model, captured, sample_inputs, world, pins, hardware, memory_budget_bytes)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     degrees = tuple(plan.degrees[a] for a in AXES)
@@ -65,6 +65,21 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
     return CompiledModel(root, emitted.graph, plan, mesh, None, captured.program.call_spec.out_spec, placements,
                          deferred, aliases)
+
+
+def _search_on_rank0(*args) -> Plan:
+    """Rank 0 plans and every rank runs that plan: solvers may break ties differently from run to run, and ranks
+    executing different plans would issue mismatched collectives."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = _search(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = e
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
 
 
 def _search(model, captured: Captured, sample_inputs, world, pins, hardware, budget) -> Plan:

@@ -25,6 +25,7 @@ from autopar.planner.ilp import ShardingILP, Solution
 from autopar.planner.predict import predict, to_plan
 
 AXES = ("dp", "tp")
+_NO_LIMIT = 1e30  # bytes: a budget nothing reaches (the solver needs a finite bound)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +134,7 @@ def _infeasible_message(req: SearchRequest, trace, meshes, budget: float) -> str
     least = math.inf
     for degrees in meshes:
         m = micro_batch_counts(req, degrees["dp"])[-1]
-        cand = _solve(req, trace(req.batch // m), degrees, m, math.inf)
+        cand = _solve(req, trace(req.batch // m), degrees, m, _NO_LIMIT)
         if cand.solution is not None:
             least = min(least, predict(req, cand).memory_bytes_per_device)
     return (f"no plan fits the memory budget of {budget / 2**30:.1f} GiB per device; the best plan found needs "

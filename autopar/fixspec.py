@@ -1,0 +1,143 @@
+"""The small languages of `autopar plan`: `--fix "tp=8,mbs=4"`, `--mesh dp=2,tp=4` and `--memory 80GiB`.
+
+Every value is checked here, before any tracing, so a typo costs the user a second, not a planning run. Keys
+that name a capability the planner does not have yet are accepted at their neutral value (pp=1, zero=0, ...),
+which is what the planner does today, and refused with `NotSupportedYet` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+from autopar.errors import AutoparError, MeshError, NotSupportedYet
+
+MESH_AXES = ("dp", "tp", "pp", "cp")
+PLANNER_KEYS = ("dp", "tp", "mbs")  # what make_plan(fix=...) understands today
+AC_MODES = ("none", "selective", "full")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
+ZERO_STAGES = (0, 1, 2, 3)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+class _Bad(ValueError):
+    """A value outside its key's domain; the message lists what is allowed."""
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise _Bad("a positive integer")
+    return int(text)
+
+
+def _one_of(choices: tuple) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        for choice in choices:
+            if text.lower() == str(choice):
+                return choice
+        raise _Bad("one of " + ", ".join(map(str, choices)))
+    return parse
+
+
+# key -> (parser, what the key means); the order is the order the help and errors list them in
+FIX_KEYS: dict[str, tuple[Callable[[str], object], str]] = {
+    "dp": (_positive_int, "data-parallel degree"),
+    "tp": (_positive_int, "tensor-parallel degree"),
+    "pp": (_positive_int, "pipeline-parallel degree"),
+    "cp": (_positive_int, "context-parallel degree"),
+    "zero": (_one_of(ZERO_STAGES), "ZeRO stage"),
+    "ac": (_one_of(AC_MODES), "activation checkpointing"),
+    "mbs": (_positive_int, "micro-batch size, global samples per micro-step"),
+    "schedule": (_one_of(SCHEDULES), "pipeline schedule"),
+    "v": (_positive_int, "virtual pipeline stages per device"),
+}
+
+# key -> (is the value supported today?, the capability, what to write instead); checked once the value is legal
+_NOT_YET: dict[str, tuple[Callable[[object], bool], str, str]] = {
+    "pp": (lambda v: v == 1, "pipeline parallelism (pp>1)", "use pp=1 or leave pp out"),
+    "cp": (lambda v: v == 1, "context parallelism (cp>1)", "use cp=1 or leave cp out"),
+    "zero": (lambda v: v == 0, "ZeRO stages 1-3", "use zero=0 or leave zero out"),
+    "ac": (lambda v: v == "none", "activation checkpointing", "use ac=none or leave ac out"),
+    "schedule": (lambda v: False, "choosing a pipeline schedule (it needs pp>1)", "leave schedule out"),
+    "v": (lambda v: v == 1, "virtual pipeline stages (v>1)", "use v=1 or leave v out"),
+}
+
+
+def _items(flag: str, text: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """'a=1, b=2' -> {'a': '1', 'b': '2'}, refusing empty items, unknown keys and repeats."""
+    out: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key or not value:
+            raise AutoparError(f"{flag} item {item!r} is malformed; write key=value[,key=value...], e.g. "
+                            f"{flag} {allowed[0]}=2,{allowed[1]}=4")
+        key = key.lower()
+        if key not in allowed:
+            raise AutoparError(f"{flag} has no key {key!r}; valid keys: {', '.join(allowed)}")
+        if key in out:
+            raise AutoparError(f"{flag} gives {key} twice ({key}={out[key]} and {key}={value}); give it once")
+        out[key] = value
+    return out
+
+
+def _typed(flag: str, raw: dict[str, str]) -> dict[str, object]:
+    fix: dict[str, object] = {}
+    for key, value in raw.items():
+        parse, meaning = FIX_KEYS[key]
+        try:
+            fix[key] = parse(value)
+        except _Bad as bad:
+            raise AutoparError(f"{flag} {key}={value}: {key} ({meaning}) must be {bad}") from None
+        supported, capability, instead = _NOT_YET.get(key, (lambda v: True, "", ""))
+        if not supported(fix[key]):
+            raise NotSupportedYet(f"{flag} {key}={value}: {capability} is not supported yet; {instead}")
+    return fix
+
+
+def parse_fix(text: str) -> dict[str, object]:
+    """'dp=2,tp=4,mbs=8,zero=0' -> {'dp': 2, 'tp': 4, 'mbs': 8, 'zero': 0}; '' -> {}. Raises AutoparError."""
+    if not text.strip():
+        return {}
+    return _typed("--fix", _items("--fix", text, tuple(FIX_KEYS)))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'dp=2,tp=4' -> {'dp': 2, 'tp': 4}. A mesh is a whole shape, so axes left out have degree 1."""
+    if not text.strip():
+        raise MeshError("--mesh is empty; give the axis degrees, e.g. --mesh dp=2,tp=4")
+    degrees = _typed("--mesh", _items("--mesh", text, MESH_AXES))
+    return {axis: int(degrees.get(axis, 1)) for axis in MESH_AXES}
+
+
+def merge_mesh(mesh: dict[str, int], fix: dict[str, object], devices: int | None) -> tuple[dict[str, object], int]:
+    """Fold `--mesh` into the pins and settle the device count: (fix with the mesh's degrees, devices)."""
+    size = math.prod(mesh.values())
+    if devices is not None and size != devices:
+        shape = ",".join(f"{a}={d}" for a, d in mesh.items() if d > 1) or "dp=1"
+        raise MeshError(f"--mesh {shape} multiplies to {size} devices but --devices is {devices}; make the "
+                        "degrees multiply to --devices, or leave --devices out")
+    for axis, degree in mesh.items():
+        if axis in fix and fix[axis] != degree:
+            raise MeshError(f"--mesh {axis}={degree} and --fix {axis}={fix[axis]} disagree; give the degree once")
+    return {**fix, **mesh}, size
+
+
+def planner_fix(fix: dict[str, object]) -> dict[str, int]:
+    """The pins make_plan acts on; the other keys were checked to be at today's behaviour by `_typed`."""
+    return {key: int(fix[key]) for key in PLANNER_KEYS if key in fix}
+
+
+def parse_memory(text: str) -> int:
+    """'80GiB', '80GB', '1.5TiB', '512MiB', '1e9', '4096' -> bytes (decimal units are powers of 10, *iB of 2)."""
+    match = _MEMORY.match(text)
+    unit = match.group(3).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise AutoparError(f"--memory {text!r} is not a size; write a number with a unit, e.g. 80GiB, 80GB, "
+                        "1.5TiB, 512MiB, or plain bytes")
+    size = float(match.group(1)) * 10 ** int(match.group(2) or 0) * _UNITS[unit]
+    if size < 1:
+        raise AutoparError(f"--memory {text!r} is not a positive size; give the memory per device, e.g. 80GiB")
+    return int(size)
