@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     try:
         train(args)
     except AutoparError as e:
-        print(f"autopar: error: {e}", file=sys.stderr)
+        if not distributed or dist.get_rank() == 0:  # every rank raises the same error; say it once
+            print(f"autopar: error: {e}", file=sys.stderr)
         return 2
     finally:
         if distributed:

@@ -1,0 +1,45 @@
+"""Helpers for tier-3 tests: real gloo ranks launched with torchrun, compared with a single-process reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "examples" / "train.py")
+
+
+def run_train(args: list[str], nproc: int | None, dump: Path | None = None, timeout: int = 600):
+    """Run examples/train.py eagerly (nproc None) or under torchrun; return (returncode, losses, stderr)."""
+    cmd = [sys.executable, TRAIN, *args] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+    if dump is not None:
+        cmd += ["--dump", str(dump)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    losses = [json.loads(line)["loss"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc.returncode, losses, proc.stderr
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a, (a, b)
+    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+
+
+def grad_mismatches(ref: Path, got: Path, rtol: float = 1e-5) -> list[str]:
+    """Names of gradients that differ by more than rtol relative to the reference gradient's scale.
+
+    A gradient that is zero in exact arithmetic (attention's key bias: softmax ignores a shift shared by all keys)
+    is rounding noise of ~1e-11 in both runs; its scale is floored at 1e-4 of the model's largest gradient."""
+    a, b = torch.load(ref)["grads"], torch.load(got)["grads"]
+    floor = 1e-4 * max(g.abs().max().item() for g in a.values())
+    bad = [k for k in a if k not in b]
+    for k, g in a.items():
+        if k in b and (g - b[k]).abs().max().item() > rtol * max(g.abs().max().item(), floor):
+            bad.append(k)
+    return bad
