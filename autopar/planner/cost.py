@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -30,6 +30,12 @@ class CostContext:
     hw: Hardware
     degrees: tuple[int, ...]
     links: tuple[Link, ...]  # one per axis
+
+    @property
+    def bucketed(self) -> "CostContext":
+        """The same mesh with latency-free links: parameter gradients are reduced in buckets (runtime.py), so
+        their latency is paid per bucket, not per parameter."""
+        return replace(self, links=tuple(replace(link, latency_s=0.0) for link in self.links))
 
 
 @dataclass(frozen=True)
@@ -91,3 +97,19 @@ def redistribution_time_s(ctx: CostContext, shape: Sequence[int], dtype: torch.d
             total += collective_time_s(step.bwd, full, n, link)
         current[step.axis] = R if step.kind == "all_gather" else dst[step.axis]
     return total
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool, is_param: bool,
+               src: tuple[Placement, ...], dst: tuple[Placement, ...], partial: tuple[int, ...]) -> tuple[float, float]:
+    """(exposed seconds, gradient-sync seconds) for one tensor moving from `src` to `dst` once.
+
+    Everything is exposed except a parameter's backward collectives: gradients are reduced once per step, off the
+    critical path where backward can hide them (runtime.py), and priced by bandwidth only (see `bucketed`)."""
+    total = redistribution_time_s(ctx, shape, dtype, src, dst, requires_grad, partial)
+    if not is_param:
+        return total, 0.0
+    forward = redistribution_time_s(ctx, shape, dtype, src, dst, False)
+    flat = ctx.bucketed
+    return forward, (redistribution_time_s(flat, shape, dtype, src, dst, True, partial)
+                     - redistribution_time_s(flat, shape, dtype, src, dst, False))

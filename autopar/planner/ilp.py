@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pulp
 
-from autopar.planner.cost import CostContext, NodeCost, node_cost, redistribution_time_s
+from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.strategies import grad_partial_axes
 
@@ -47,8 +47,6 @@ class ShardingILP:
                  pins: dict[str, int] | None = None):
         self.pg, self.ctx, self.budget, self.m = pg, ctx, budget_bytes, micro_batches
         self.pins = pins or {}
-        self._prices: dict = {}
-        self.bucketed = replace(ctx, links=tuple(replace(link, latency_s=0.0) for link in ctx.links))
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
         self.costs: dict[str, list[NodeCost]] = {}
         self.x: dict[str, list] = {}
@@ -90,17 +88,9 @@ class ShardingILP:
             if v:
                 terms[x] += v  # x may be the constant 1 for single-strategy nodes
 
-    def edge_classes(self) -> dict[tuple, int]:
-        """(producer owner, output index, consumer owner, input position) -> multiplicity."""
-        classes: dict[tuple, int] = defaultdict(int)
-        for p in self.pg.nodes.values():
-            for j, (prod, k) in enumerate(p.inputs):
-                classes[(self.pg.nodes[prod].owner, k, p.owner, j)] += 1
-        return classes
-
     def add_edge_constraints(self) -> None:
         nodes = self.pg.nodes
-        for (prod, k, cons, j), mult in self.edge_classes().items():
+        for (prod, k, cons, j), mult in edge_classes(self.pg).items():
             pp, cp = nodes[prod], nodes[cons]
             outs = [s.outs[k] for s in pp.strategies]
             ins = [(s.ins[j], tuple(grad_partial_axes(s, j)) if pp.requires_grad else ()) for s in cp.strategies]
@@ -138,24 +128,9 @@ class ShardingILP:
 
     def _edge_price(self, pp: PNode, k: int, o, i, mult: int) -> tuple[float, float]:
         """(exposed seconds, gradient-sync seconds) per step for one edge class."""
-        key = (pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad, pp.kind == "param", o, i)
-        if key not in self._prices:
-            self._prices[key] = self._price(pp, k, o, i)
-        exposed, sync = self._prices[key]
+        exposed, sync = edge_price(self.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
+                                   pp.kind == "param", o, i[0], i[1])
         return self.m * mult * exposed, mult * sync
-
-    def _price(self, pp: PNode, k: int, o, i) -> tuple[float, float]:
-        shape, dtype = pp.info.out_shapes[k], pp.info.out_dtypes[k]
-        placement, partial = i
-        total = redistribution_time_s(self.ctx, shape, dtype, o, placement, pp.requires_grad, partial)
-        if pp.kind != "param":
-            return total, 0.0
-        forward = redistribution_time_s(self.ctx, shape, dtype, o, placement, False)
-        # Parameter gradients are reduced once per step, in buckets (runtime.py), off the critical path where
-        # backward can hide them: their latency is paid per bucket, not per parameter, so price bandwidth only.
-        bucketed = redistribution_time_s(self.bucketed, shape, dtype, o, placement, True, partial)
-        bucketed -= redistribution_time_s(self.bucketed, shape, dtype, o, placement, False)
-        return forward, bucketed
 
     def _add_transport(self, prod, outs, uo, cons, ins, ui, price) -> None:
         y = {}
@@ -194,8 +169,8 @@ class ShardingILP:
         self.prob += _expr(self.time_terms) + self.z
 
     # -- solve ----------------------------------------------------------------------------------------------
-    def solve(self, time_limit_s: float = 30.0) -> Solution | None:
-        solver = _solver(time_limit_s)
+    def solve(self, time_limit_s: float = 30.0, threads: int = 2) -> Solution | None:
+        solver = _solver(time_limit_s, threads)
         t0 = time.perf_counter()
         self.prob.solve(solver)
         elapsed = time.perf_counter() - t0
@@ -208,6 +183,15 @@ class ShardingILP:
             choice[owner] = max(range(len(vals)), key=vals.__getitem__)
         return Solution(choice, status, float(pulp.value(self.prob.objective) or 0.0), elapsed,
                         self.prob.numVariables(), self.prob.numConstraints())
+
+
+def edge_classes(pg: PlanGraph) -> dict[tuple, int]:
+    """(producer owner, output index, consumer owner, input position) -> multiplicity."""
+    classes: dict[tuple, int] = defaultdict(int)
+    for p in pg.nodes.values():
+        for j, (prod, k) in enumerate(p.inputs):
+            classes[(pg.nodes[prod].owner, k, p.owner, j)] += 1
+    return classes
 
 
 def _indicator(xs: list, keys: list, key, coef: float) -> list[tuple]:
@@ -229,7 +213,7 @@ def _has_values(x: dict[str, list]) -> bool:
     return all(any(not isinstance(v, int) and v.value() for v in xs) for xs in x.values() if len(xs) > 1)
 
 
-def _solver(time_limit_s: float):
+def _solver(time_limit_s: float, threads: int):
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, threads=2)
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, threads=threads)
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP)  # DESIGN decision 5: CBC as the fallback

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from autopar.placement import fmt
 from autopar.plan import NodeDecision, Plan, Prediction
-from autopar.planner.cost import STATE_BYTES_PER_PARAM
+from autopar.planner.cost import edge_price, node_cost
+from autopar.planner.ilp import edge_classes
 from autopar.strategies import grad_partial_axes
 
 if TYPE_CHECKING:
@@ -22,28 +23,29 @@ def chosen(c: "Candidate", name: str):
 
 
 def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
-    pg, ilp, m = c.graph, c.ilp, c.micro_batches
-    compute = bwd = act = states = inputs = flops = 0.0
-    param_bytes = 0.0
-    for owner, costs in ilp.costs.items():
-        cost = costs[c.solution.choice[owner]]
-        n = pg.counts[owner]
+    """Step time and memory of the chosen strategies, priced afresh (the solver's objective is not trusted)."""
+    pg, m, ctx = c.graph, c.micro_batches, c.ctx
+    compute = bwd = act = states = inputs = flops = param_bytes = 0.0
+    for owner in pg.owners():
+        cost = node_cost(ctx, owner, chosen(c, owner.node.name))
+        n = pg.counts[owner.node.name]
         compute += n * m * (cost.fwd_s + cost.bwd_s)
         bwd += n * cost.bwd_s
-        act += n * cost.activation_bytes if pg.nodes[owner].kind == "op" else 0.0
-        inputs += n * cost.activation_bytes if pg.nodes[owner].kind != "op" else 0.0
+        act += n * cost.activation_bytes if owner.kind == "op" else 0.0
+        inputs += n * cost.activation_bytes if owner.kind != "op" else 0.0
         states += n * cost.state_bytes
     for p in pg.nodes.values():
-        if p.kind == "param":
+        if p.kind == "param" and p.node.users:
             param_bytes += states_to_param_bytes(p, c)
         if p.kind == "op" and p.rule is not None and p.info.out_shapes:
             flops += p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info)
     exposed = sync = 0.0
-    for (prod, k, cons, j), mult in ilp.edge_classes().items():
-        s_p, s_c = chosen(c, prod), chosen(c, cons)
-        partial = tuple(grad_partial_axes(s_c, j)) if pg.nodes[prod].requires_grad else ()
-        e, s = ilp._edge_price(pg.nodes[prod], k, s_p.outs[k], (s_c.ins[j], partial), mult)
-        exposed, sync = exposed + e, sync + s
+    for (prod, k, cons, j), mult in edge_classes(pg).items():
+        pp, s_p, s_c = pg.nodes[prod], chosen(c, prod), chosen(c, cons)
+        partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
+        e, s = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad, pp.kind == "param",
+                          s_p.outs[k], s_c.ins[j], partial)
+        exposed, sync = exposed + m * mult * e, sync + mult * s
     sync_exposed = max(0.0, sync - bwd)
     step = compute + exposed + sync_exposed
     model_flops = 3.0 * flops * m  # forward + backward (2x)

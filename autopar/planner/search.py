@@ -11,7 +11,10 @@ evaluated, not searched.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,7 +50,7 @@ class Candidate:
     degrees: dict[str, int]
     micro_batches: int
     graph: PlanGraph
-    ilp: ShardingILP
+    ctx: CostContext
     solution: Solution
 
 
@@ -90,22 +93,14 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None) 
     """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch."""
     t0 = time.perf_counter()
     budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
-    results: list[Candidate] = []
-    smallest: tuple[float, dict] | None = None
     meshes = mesh_candidates(req)
     for degrees in meshes:
         if req.batch % degrees["dp"] and "dp" in req.fix:
             raise MeshError(f"batch {req.batch} is not divisible by dp={degrees['dp']}; use a batch that is a "
                             "multiple of the dp degree")
-        for m in micro_batch_counts(req, degrees["dp"]):
-            if progress:
-                progress(f"dp={degrees['dp']} tp={degrees['tp']} micro-batches={m}")
-            cand = _solve(req, trace(req.batch // m), degrees, m, budget)
-            if cand.solution is not None:
-                results.append(cand)
-                break
+    results = [c for c in _solve_meshes(req, trace, meshes, budget, progress) if c.solution is not None]
     if not results:
-        raise PlanError(_infeasible_message(req, trace, meshes, budget))
+        raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: c.solution.objective_s)
     best = results[0]
     stats = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(results),
@@ -115,13 +110,67 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None) 
     return to_plan(req, best, budget, stats, others)
 
 
-def _solve(req: SearchRequest, captured: Captured, degrees: dict[str, int], m: int, budget: float) -> Candidate:
+def _solve_meshes(req, trace, meshes, budget, progress) -> list[Candidate]:
+    """Each mesh's best micro-batching; meshes are independent, so they are solved in parallel worker processes
+    where that is safe (forked before any solver thread or process group exists), in order otherwise."""
+    first_m = {id(d): micro_batch_counts(req, d["dp"]) for d in meshes}
+    for d in meshes:  # trace and analyse once here, so forked workers inherit the result
+        build(trace(req.batch // first_m[id(d)][0]), [d[a] for a in AXES], AXES)
+    workers = min(len(meshes), os.cpu_count() or 1, 4)
+    if workers > 1 and not _distributed() and "fork" in mp.get_all_start_methods():
+        global _FORK_STATE
+        _FORK_STATE = (req, trace, budget)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                if progress:
+                    progress(f"solving {len(meshes)} meshes on {workers} processes")
+                solved = list(pool.map(_mesh_worker, meshes))
+        finally:
+            _FORK_STATE = None
+        return [_candidate(req, trace, d, m, sol) for d, (m, sol) in zip(meshes, solved)]
+    out = []
+    for d in meshes:
+        if progress:
+            progress(f"solving dp={d['dp']} tp={d['tp']}")
+        m, sol = _best_micro_batching(req, trace, d, budget)
+        out.append(_candidate(req, trace, d, m, sol))
+    return out
+
+
+_FORK_STATE = None
+
+
+def _mesh_worker(degrees: dict[str, int]):
+    req, trace, budget = _FORK_STATE
+    return _best_micro_batching(req, trace, degrees, budget, threads=1)
+
+
+def _best_micro_batching(req, trace, degrees, budget, threads: int = 2) -> tuple[int, Solution | None]:
+    """Smallest micro-batch count that fits (a larger micro-batch is never slower in the cost model)."""
+    counts = micro_batch_counts(req, degrees["dp"])
+    for m in counts:
+        pg, ctx = _graph(req, trace(req.batch // m), degrees)
+        sol = ShardingILP(pg, ctx, budget, m).solve(req.time_limit_s, threads)
+        if sol is not None:
+            return m, sol
+    return counts[-1], None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _graph(req: SearchRequest, captured: Captured, degrees: dict[str, int]) -> tuple[PlanGraph, CostContext]:
     deg = tuple(degrees[a] for a in AXES)
-    pg = build(captured, deg, AXES)
     links = axis_links(req.hardware, list(zip(AXES, deg)))
-    ctx = CostContext(req.hardware, deg, tuple(links[a] for a in AXES))
-    ilp = ShardingILP(pg, ctx, budget, m)
-    return Candidate(degrees, m, pg, ilp, ilp.solve(req.time_limit_s))
+    return build(captured, deg, AXES), CostContext(req.hardware, deg, tuple(links[a] for a in AXES))
+
+
+def _candidate(req, trace, degrees, m, solution) -> Candidate:
+    pg, ctx = _graph(req, trace(req.batch // m), degrees)
+    return Candidate(degrees, m, pg, ctx, solution)
 
 
 def _alternative(req: SearchRequest, c: Candidate) -> dict:
@@ -130,12 +179,12 @@ def _alternative(req: SearchRequest, c: Candidate) -> dict:
             "memory_bytes_per_device": p.memory_bytes_per_device, "tokens_per_s": p.tokens_per_s}
 
 
-def _infeasible_message(req: SearchRequest, trace, meshes, budget: float) -> str:
+def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
     least = math.inf
     for degrees in meshes:
-        m = micro_batch_counts(req, degrees["dp"])[-1]
-        cand = _solve(req, trace(req.batch // m), degrees, m, _NO_LIMIT)
-        if cand.solution is not None:
-            least = min(least, predict(req, cand).memory_bytes_per_device)
-    return (f"no plan fits the memory budget of {budget / 2**30:.1f} GiB per device; the best plan found needs "
-            f"{least / 2**30:.1f} GiB. Add devices, lower --batch/--seq, or raise --memory")
+        m, sol = _best_micro_batching(req, trace, degrees, _NO_LIMIT)
+        if sol is not None:
+            least = min(least, predict(req, _candidate(req, trace, degrees, m, sol)).memory_bytes_per_device)
+    budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
+    return (f"no plan fits the memory budget of {budget / 2**30:.2f} GiB per device; the best plan found needs "
+            f"{least / 2**30:.2f} GiB. Add devices, lower --batch/--seq, or raise --memory")
