@@ -9,9 +9,13 @@ Sample inputs may live on the meta device, so a 175B model built on meta traces 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import linecache
+import logging
 import os
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,15 +51,32 @@ class Captured:
 def capture(model: torch.nn.Module, sample_inputs: tuple) -> Captured:
     """Trace `model(*sample_inputs)` to ATen; raise ModelError naming the source line if it cannot be traced."""
     try:
-        return _from_program(torch.export.export(model, tuple(sample_inputs)), "torch.export")
+        with _quiet():
+            return _from_program(torch.export.export(model, tuple(sample_inputs)), "torch.export")
     except Exception as export_error:  # noqa: BLE001 - any export failure falls back, then is reported
         first = export_error
     try:
-        traced = fx.symbolic_trace(model)
-        program = torch.export.export(traced, tuple(sample_inputs))
+        with _quiet():
+            traced = fx.symbolic_trace(model)
+            program = torch.export.export(traced, tuple(sample_inputs))
         return _from_program(program, "symbolic_trace+export")
     except Exception:  # noqa: BLE001 - the export error is the one that explains the problem
         raise ModelError(_explain(model, first)) from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.export logs partial graphs and guard details while it fails; our error says what matters."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _from_program(ep: ExportedProgram, method: str) -> Captured:

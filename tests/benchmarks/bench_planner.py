@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,9 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
+
+from _machine import describe  # tests/benchmarks/_machine.py, on sys.path as this script's folder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,13 +37,13 @@ class Case:
 
 CASES = (
     # meta-pytorch/autoparallel reports ~50 s for Llama 3 8B on 64 H100s.
-    Case(name="llama3-8b / 64 h100", target_s=10.0, reference="autoparallel ~50 s",
+    Case(name="llama3-8b 64×h100", target_s=10.0, reference="autoparallel ~50 s",
          argv=("llama3-8b", "--devices", "64", "--hardware", "h100-80gb-sxm", "--batch", "64", "--seq", "8192")),
     # GPT 1.5B-class (Megatron-LM's 24 x 2304 config) on 32 A100s.
-    Case(name="gpt 24x2304 / 32 a100",
+    Case(name="gpt 24×2304 32×a100",
          argv=("gpt", "--model-args", "layers=24,hidden=2304,heads=24,vocab=51200,seq=2048", "--devices", "32",
                "--hardware", "a100-80gb-sxm", "--batch", "512", "--seq", "2048")),
-    Case(name="gpt3-175b / 1024 a100",
+    Case(name="gpt3-175b 1024×a100",
          argv=("gpt3-175b", "--devices", "1024", "--hardware", "a100-80gb-sxm", "--batch", "1536", "--seq", "2048")),
 )
 
@@ -100,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only this case (by model name; repeatable)")
     args = ap.parse_args(argv)
     cases = [c for c in CASES if not args.case or c.name.split(" ")[0] in args.case]
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    console.print(f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cores, "
-                  f"{platform.machine()}")
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
+    console.print(describe())
     rows = []
     with tempfile.TemporaryDirectory() as tmp, console.status("planning") as status:
         for case in cases:
@@ -114,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{runs[-1]['solver']['seconds']:.2f} s planner")
             rows.append(summarise(case, runs))
     console.print(table(rows))
+    console.print(f"after: {describe()}")
     console.print("planner s = solver.seconds from the plan (tracing + ILP build + solve, every candidate); "
                   "outside s = wall - planner (start-up, imports, model build, report); best ILP s = solve time "
                   "of the chosen candidate's ILP.")

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -38,6 +37,7 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import autopar
+from _machine import describe  # tests/benchmarks/_machine.py, on sys.path as this script's folder
 from autopar.models import build_model, parse_model_args, sample_inputs
 
 PHASES = ("step", "forward", "backward", "optimizer")
@@ -197,8 +197,8 @@ def table(title: str, baseline: str, result: dict, target: float) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-    console.print(f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cores; "
-                  f"model {args.model} ({args.model_args}); {args.warmup} warm-up steps, then {args.rounds} rounds "
+    console.print(describe())
+    console.print(f"model {args.model} ({args.model_args}); {args.warmup} warm-up steps, then {args.rounds} rounds "
                   f"x {args.steps} steps per variant, alternating")
     results = {}
     if args.only in (None, "dp2"):
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             results["world1"] = launch(1, args, threads=args.single_threads)
         console.print(table(f"(b) world 1, batch {args.single_batch}, {results['world1']['threads']} threads",
                             "eager", results["world1"], 1.05))
+    console.print(f"after: {describe()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "cores": os.cpu_count(),
                                                "args": vars(args), "results": results}, indent=1))
