@@ -74,7 +74,7 @@ class OpRule:
     strategies: RuleFn
     flops: FlopFn  # FLOPs of the forward op evaluated on the given (local) shapes
     is_matmul: bool = False  # priced at matmul efficiency
-    saves_output: bool = True  # output counted as an activation saved for backward
+    saves: str = "inputs"  # kept for backward: "inputs" (consumed activations), "output", "inputs+output", "none"
     families: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -93,12 +93,12 @@ def no_flops(ins: Sequence[Shape], outs: Sequence[Shape], info: OpInfo) -> float
     return 0.0
 
 
-def register(*ops, flops: FlopFn = elementwise_flops, is_matmul: bool = False, saves_output: bool = True):
+def register(*ops, flops: FlopFn = elementwise_flops, is_matmul: bool = False, saves: str = "inputs"):
     """Decorator: register a single-axis rule for aten ops (OpOverloadPacket covers every overload)."""
 
     def wrap(fn: RuleFn) -> RuleFn:
         for op in ops:
-            RULES[op] = OpRule(fn, flops, is_matmul, saves_output)
+            RULES[op] = OpRule(fn, flops, is_matmul, saves)
         return fn
 
     return wrap

@@ -12,6 +12,6 @@ aten = torch.ops.aten
 
 @register(aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor, aten.zeros_like,
           aten.ones_like, aten.full_like, aten.empty_like, aten.rand, aten.randn, aten.ones_like,
-          saves_output=False)
+          saves="none")
 def factory(info: OpInfo) -> list[Strategy1D]:
     return [replicated(len(info.in_shapes), len(info.out_shapes))]

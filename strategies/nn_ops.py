@@ -57,7 +57,7 @@ def _sdpa_flops(ins, outs, info: OpInfo) -> float:
     return 4.0 * b_h * q[-2] * k[-2] * q[-1] * causal  # QK^T and PV, 2 flops per multiply-add each
 
 
-@register(aten.scaled_dot_product_attention, is_matmul=True, flops=_sdpa_flops)
+@register(aten.scaled_dot_product_attention, is_matmul=True, flops=_sdpa_flops, saves="inputs+output")
 def sdpa(info: OpInfo) -> list[Strategy1D]:
     q = info.in_shapes[0]
     strategies = [replicated(len(info.in_shapes))]

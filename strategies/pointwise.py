@@ -58,14 +58,14 @@ def unary(info: OpInfo) -> list[Strategy1D]:
     return broadcast_shards(info, skip)
 
 
-@register(*LINEAR_UNARY, saves_output=False)
+@register(*LINEAR_UNARY, saves="none")
 def linear_unary(info: OpInfo) -> list[Strategy1D]:
     n_outs = len(info.out_shapes)
     extra = [linear_partial(len(info.in_shapes), [0], n_outs)] if len(info.in_shapes) == 1 else []
     return broadcast_shards(info) + extra
 
 
-@register(*ADDITIVE)
+@register(*ADDITIVE, saves="none")  # the gradient of a sum needs no saved tensor
 def additive(info: OpInfo) -> list[Strategy1D]:
     n = len(info.in_shapes)
     extra = [linear_partial(n, range(n))] if not _scalar_args(info) and "alpha" not in info.node.kwargs else []

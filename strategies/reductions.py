@@ -47,7 +47,7 @@ def _reduce_flops(ins, outs, info) -> float:
     return float(torch.Size(ins[0]).numel())
 
 
-@register(aten.sum, aten.mean, flops=_reduce_flops)
+@register(aten.sum, aten.mean, flops=_reduce_flops, saves="none")
 def sum_mean(info: OpInfo) -> list[Strategy1D]:
     return reduction_strategies(info, partial_ok=True)
 
@@ -64,7 +64,7 @@ def _softmax_dim(info: OpInfo) -> int:
 
 
 @register(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax,
-          flops=lambda ins, outs, info: 5.0 * torch.Size(outs[0]).numel())
+          flops=lambda ins, outs, info: 5.0 * torch.Size(outs[0]).numel(), saves="output")
 def softmax(info: OpInfo) -> list[Strategy1D]:
     keep = _softmax_dim(info)
     strategies = [replicated(1)]

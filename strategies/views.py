@@ -54,10 +54,10 @@ def _view_info_strategies(info: OpInfo) -> list[Strategy1D]:
 
 
 register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten,
-         flops=no_flops, saves_output=False)(_view_info_strategies)
+         flops=no_flops, saves="none")(_view_info_strategies)
 
 
-@register(aten.transpose, aten.t, aten.permute, aten.numpy_T, flops=no_flops, saves_output=False)
+@register(aten.transpose, aten.t, aten.permute, aten.numpy_T, flops=no_flops, saves="none")
 def permute(info: OpInfo) -> list[Strategy1D]:
     rank = len(info.in_shapes[0])
     target = info.node.target.overloadpacket
@@ -73,12 +73,12 @@ def permute(info: OpInfo) -> list[Strategy1D]:
     return dim_map_strategies({src: dst for dst, src in enumerate(order)})
 
 
-@register(aten.unsqueeze, aten.squeeze, flops=no_flops, saves_output=False)
+@register(aten.unsqueeze, aten.squeeze, flops=no_flops, saves="none")
 def squeeze_unsqueeze(info: OpInfo) -> list[Strategy1D]:
     return _view_info_strategies(info)
 
 
-@register(aten.expand, flops=no_flops, saves_output=False)
+@register(aten.expand, flops=no_flops, saves="none")
 def expand(info: OpInfo) -> list[Strategy1D]:
     a, b = info.in_shapes[0], info.out_shapes[0]
     offset = len(b) - len(a)
@@ -90,7 +90,7 @@ def _split_dim(info: OpInfo, default_index: int) -> int:
     return dim % len(info.in_shapes[0])
 
 
-@register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, flops=no_flops, saves_output=False)
+@register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, flops=no_flops, saves="none")
 def split(info: OpInfo) -> list[Strategy1D]:
     target = info.node.target.overloadpacket
     rank = len(info.in_shapes[0])
@@ -100,13 +100,13 @@ def split(info: OpInfo) -> list[Strategy1D]:
     return dim_map_strategies(mapping, n_outs=len(info.out_shapes))
 
 
-@register(aten.slice, aten.narrow, flops=no_flops, saves_output=False)
+@register(aten.slice, aten.narrow, flops=no_flops, saves="none")
 def slice_(info: OpInfo) -> list[Strategy1D]:
     along = _split_dim(info, 1)
     return dim_map_strategies({d: d for d in range(len(info.in_shapes[0])) if d != along})
 
 
-@register(aten.select, flops=no_flops, saves_output=False)
+@register(aten.select, flops=no_flops, saves="none")
 def select(info: OpInfo) -> list[Strategy1D]:
     along = _split_dim(info, 1)
     rank = len(info.in_shapes[0])
@@ -134,4 +134,4 @@ def getitem_strategies(info: OpInfo) -> list[Strategy1D]:
     return dim_map_strategies({d: d for d in range(rank)})
 
 
-register(operator.getitem, flops=no_flops, saves_output=False)(getitem_strategies)
+register(operator.getitem, flops=no_flops, saves="none")(getitem_strategies)

@@ -67,9 +67,18 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     dtype = p.info.out_dtypes[0] if p.info.out_dtypes else torch.float32
     fwd = op_time_s(ctx.hw, flops, moved, dtype, is_matmul) if (flops or moved) else 0.0
     bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
-    saves = p.requires_grad and (p.rule is None or p.rule.saves_output)
-    act = sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes)) if saves else 0.0
+    saves = saved_kinds(p)
+    act = sum(nbytes(ins[j], p.info.in_dtypes[j]) for j in p.saved_inputs) if "inputs" in saves else 0.0
+    if "output" in saves:
+        act += sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
     return NodeCost(fwd, bwd, act, 0.0, flops)
+
+
+def saved_kinds(p: PNode) -> str:
+    """What autograd keeps for this node's backward ("" when no gradient flows through it)."""
+    if not p.requires_grad:
+        return ""
+    return p.rule.saves if p.rule is not None else "inputs+output"
 
 
 def _placeholder_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
@@ -101,15 +110,20 @@ def redistribution_time_s(ctx: CostContext, shape: Sequence[int], dtype: torch.d
 
 @functools.lru_cache(maxsize=1 << 16)
 def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool, is_param: bool,
-               src: tuple[Placement, ...], dst: tuple[Placement, ...], partial: tuple[int, ...]) -> tuple[float, float]:
-    """(exposed seconds, gradient-sync seconds) for one tensor moving from `src` to `dst` once.
+               src: tuple[Placement, ...], dst: tuple[Placement, ...], partial: tuple[int, ...],
+               kept: bool = False) -> tuple[float, float, float]:
+    """(exposed seconds, gradient-sync seconds, bytes kept) for one tensor moving from `src` to `dst` once.
 
     Everything is exposed except a parameter's backward collectives: gradients are reduced once per step, off the
-    critical path where backward can hide them (runtime.py), and priced by bandwidth only (see `bucketed`)."""
+    critical path where backward can hide them (runtime.py), and priced by bandwidth only (see `bucketed`).
+    A parameter gathered for a consumer that saves its inputs stays gathered until backward (`kept`): plain
+    autograd holds that copy, so it is memory the plan pays for."""
     total = redistribution_time_s(ctx, shape, dtype, src, dst, requires_grad, partial)
     if not is_param:
-        return total, 0.0
+        return total, 0.0, 0.0
     forward = redistribution_time_s(ctx, shape, dtype, src, dst, False)
     flat = ctx.bucketed
-    return forward, (redistribution_time_s(flat, shape, dtype, src, dst, True, partial)
-                     - redistribution_time_s(flat, shape, dtype, src, dst, False))
+    sync = (redistribution_time_s(flat, shape, dtype, src, dst, True, partial)
+            - redistribution_time_s(flat, shape, dtype, src, dst, False))
+    held = nbytes(local_shape(shape, dst, ctx.degrees), dtype) if kept and src != dst else 0.0
+    return forward, sync, held

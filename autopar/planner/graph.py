@@ -36,6 +36,7 @@ class PNode:
     owner: str = ""  # template node whose decisions this node shares
     fallback: bool = False  # no rule: replicated at its true cost
     fqn: str | None = None  # parameter / buffer name
+    saved_inputs: tuple[int, ...] = ()  # inputs whose consumed copy autograd keeps (activations, not weights)
 
 
 @dataclass
@@ -187,8 +188,10 @@ def _pnode(node: fx.Node, captured: Captured, graph_nodes, done: dict[str, PNode
         return PNode(node, "output", info, None, [], inputs, requires_grad, "")
     rule = rule_for(node.target) if node.op == "call_function" else None
     path = _module_path(node)
+    saved = tuple(j for j, (n, k) in enumerate(inputs) if done[n].kind in ("op", "input")
+                  and info.in_dtypes[j].is_floating_point)
     return PNode(node, "op", info, rule, [], inputs, requires_grad, path, _block_of(path),
-                 fallback=rule is None and bool(info.out_shapes))
+                 fallback=rule is None and bool(info.out_shapes), saved_inputs=saved)
 
 
 def _assign_owners(nodes: dict[str, PNode]) -> list[list[str]]:

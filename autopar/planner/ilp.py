@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost
+from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, saved_kinds
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.strategies import grad_partial_axes
 
@@ -52,6 +52,7 @@ class ShardingILP:
         self.x: dict[str, list] = {}
         self.time_terms: dict = defaultdict(float)  # variable (or constant 1) -> seconds, per step
         self.sync_terms: dict = defaultdict(float)  # same, parameter-gradient collectives (overlappable)
+        self.memory_terms: dict = defaultdict(float)  # same, bytes per device
         self.n_y = 0
         self._price_nodes()
         self.add_choice_constraints()
@@ -98,9 +99,9 @@ class ShardingILP:
             if self._is_free_view(cp) and set(uo) <= {i for i, _ in ui}:
                 self._add_equal_placement(prod, outs, uo, cons, ins)
                 continue
-            price = {(o, i): self._edge_price(pp, k, o, i, mult) for o in uo for i in ui}
-            for part in (0, 1):  # 0: exposed time, 1: gradient synchronisation
-                terms = self.sync_terms if part else self.time_terms
+            kept = "inputs" in saved_kinds(cp)
+            price = {(o, i): self._edge_price(pp, k, o, i, mult, kept) for o in uo for i in ui}
+            for part, terms in enumerate((self.time_terms, self.sync_terms, self.memory_terms)):
                 if len(uo) == 1:
                     self._add_time(cons, [price[(uo[0], i)][part] for i in ins], terms)
                 elif len(ui) == 1:
@@ -126,11 +127,11 @@ class ShardingILP:
             if inp not in allowed and not isinstance(x, int):
                 self.prob += x == 0
 
-    def _edge_price(self, pp: PNode, k: int, o, i, mult: int) -> tuple[float, float]:
-        """(exposed seconds, gradient-sync seconds) per step for one edge class."""
-        exposed, sync = edge_price(self.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
-                                   pp.kind == "param", o, i[0], i[1])
-        return self.m * mult * exposed, mult * sync
+    def _edge_price(self, pp: PNode, k: int, o, i, mult: int, kept: bool) -> tuple[float, float, float]:
+        """(exposed seconds, gradient-sync seconds, bytes kept) per step for one edge class."""
+        exposed, sync, held = edge_price(self.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
+                                         pp.kind == "param", o, i[0], i[1], kept)
+        return self.m * mult * exposed, mult * sync, mult * held
 
     def _add_transport(self, prod, outs, uo, cons, ins, ui, price) -> None:
         y = {}
@@ -138,11 +139,9 @@ class ShardingILP:
             for i in ui:
                 y[(o, i)] = pulp.LpVariable(f"y_{self.n_y}", lowBound=0)
                 self.n_y += 1
-                exposed, sync = price[(o, i)]
-                if exposed:
-                    self.time_terms[y[(o, i)]] += exposed
-                if sync:
-                    self.sync_terms[y[(o, i)]] += sync
+                for value, terms in zip(price[(o, i)], (self.time_terms, self.sync_terms, self.memory_terms)):
+                    if value:
+                        terms[y[(o, i)]] += value
         for o in uo:  # sum_i y[o,i] - sum_{s: out(s)=o} x[p,s] == 0
             terms = [(y[(o, i)], 1.0) for i in ui] + _indicator(self.x[prod], outs, o, -1.0)
             self.prob += pulp.LpConstraint(_affine(terms), pulp.LpConstraintEQ, rhs=0)
@@ -151,11 +150,10 @@ class ShardingILP:
             self.prob += pulp.LpConstraint(_affine(terms), pulp.LpConstraintEQ, rhs=0)
 
     def memory_expr(self) -> pulp.LpAffineExpression:
-        terms = []
         for owner, cs in self.costs.items():
             w = self.pg.counts[owner]
-            terms.append(self._var_terms(owner, [w * (c.state_bytes + c.activation_bytes) for c in cs]))
-        return pulp.lpSum(terms)
+            self._add_time(owner, [w * (c.state_bytes + c.activation_bytes) for c in cs], self.memory_terms)
+        return _expr(self.memory_terms)
 
     def add_memory_constraint(self) -> None:
         self.prob += self.memory_expr() <= self.budget, "memory"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from autopar.placement import fmt
 from autopar.plan import NodeDecision, Plan, Prediction
-from autopar.planner.cost import edge_price, node_cost
+from autopar.planner.cost import edge_price, node_cost, saved_kinds
 from autopar.planner.ilp import edge_classes
 from autopar.strategies import grad_partial_axes
 
@@ -43,9 +43,10 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     for (prod, k, cons, j), mult in edge_classes(pg).items():
         pp, s_p, s_c = pg.nodes[prod], chosen(c, prod), chosen(c, cons)
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
-        e, s = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad, pp.kind == "param",
-                          s_p.outs[k], s_c.ins[j], partial)
-        exposed, sync = exposed + m * mult * e, sync + mult * s
+        kept = "inputs" in saved_kinds(pg.nodes[cons])
+        e, s, held = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
+                                pp.kind == "param", s_p.outs[k], s_c.ins[j], partial, kept)
+        exposed, sync, act = exposed + m * mult * e, sync + mult * s, act + mult * held
     sync_exposed = max(0.0, sync - bwd)
     step = compute + exposed + sync_exposed
     model_flops = 3.0 * flops * m  # forward + backward (2x)

@@ -93,11 +93,11 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None) 
     """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch."""
     t0 = time.perf_counter()
     budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
-    meshes = mesh_candidates(req)
-    for degrees in meshes:
-        if req.batch % degrees["dp"] and "dp" in req.fix:
-            raise MeshError(f"batch {req.batch} is not divisible by dp={degrees['dp']}; use a batch that is a "
-                            "multiple of the dp degree")
+    meshes = [d for d in mesh_candidates(req) if micro_batch_counts(req, d["dp"])]
+    if not meshes:
+        dps = sorted({d["dp"] for d in mesh_candidates(req)})
+        raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))} (with mbs "
+                        f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
     results = [c for c in _solve_meshes(req, trace, meshes, budget, progress) if c.solution is not None]
     if not results:
         raise PlanError(_infeasible_message(req, trace, meshes))
