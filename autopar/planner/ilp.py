@@ -167,7 +167,7 @@ class ShardingILP:
         self.prob += _expr(self.time_terms) + self.z
 
     # -- solve ----------------------------------------------------------------------------------------------
-    def solve(self, time_limit_s: float = 30.0, threads: int = 2) -> Solution | None:
+    def solve(self, time_limit_s: float = 30.0, threads: int = 1) -> Solution | None:
         solver = _solver(time_limit_s, threads)
         t0 = time.perf_counter()
         self.prob.solve(solver)
@@ -212,6 +212,7 @@ def _has_values(x: dict[str, list]) -> bool:
 
 
 def _solver(time_limit_s: float, threads: int):
+    # One thread by default: HiGHS's thread pool does not survive fork, and the search forks workers per mesh.
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, threads=threads)
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP)  # DESIGN decision 5: CBC as the fallback

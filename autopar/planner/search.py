@@ -142,12 +142,13 @@ _FORK_STATE = None
 
 def _mesh_worker(degrees: dict[str, int]):
     req, trace, budget = _FORK_STATE
-    return _best_micro_batching(req, trace, degrees, budget, threads=1)
+    return _best_micro_batching(req, trace, degrees, budget)
 
 
-def _best_micro_batching(req, trace, degrees, budget, threads: int = 2) -> tuple[int, Solution | None]:
+def _best_micro_batching(req, trace, degrees, budget, counts: list[int] | None = None,
+                         threads: int = 1) -> tuple[int, Solution | None]:
     """Smallest micro-batch count that fits (a larger micro-batch is never slower in the cost model)."""
-    counts = micro_batch_counts(req, degrees["dp"])
+    counts = counts or micro_batch_counts(req, degrees["dp"])
     for m in counts:
         pg, ctx = _graph(req, trace(req.batch // m), degrees)
         sol = ShardingILP(pg, ctx, budget, m).solve(req.time_limit_s, threads)
@@ -180,11 +181,20 @@ def _alternative(req: SearchRequest, c: Candidate) -> dict:
 
 
 def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
+    """State the least memory any candidate needs: each mesh at its smallest micro-batch, without a budget."""
     least = math.inf
     for degrees in meshes:
-        m, sol = _best_micro_batching(req, trace, degrees, _NO_LIMIT)
+        m = micro_batch_counts(req, degrees["dp"])[-1]
+        m, sol = _best_micro_batching(req, trace, degrees, _NO_LIMIT, counts=[m])
         if sol is not None:
             least = min(least, predict(req, _candidate(req, trace, degrees, m, sol)).memory_bytes_per_device)
     budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
-    return (f"no plan fits the memory budget of {budget / 2**30:.2f} GiB per device; the best plan found needs "
-            f"{least / 2**30:.2f} GiB. Add devices, lower --batch/--seq, or raise --memory")
+    return (f"no plan fits the memory budget of {_bytes(budget)} per device; the best plan found needs "
+            f"{_bytes(least)}. Add devices, lower --batch/--seq, or raise --memory")
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
