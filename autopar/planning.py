@@ -38,6 +38,13 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
             progress(f"tracing {model} at batch {micro_batch} x seq {seq}")
         return capture(module, sample_inputs(info, micro_batch, seq, device="meta"))
 
+    proxy = None
+    depth = getattr(info.config, "layers", None)
+    if isinstance(depth, int) and depth > 2 and (model_args or {}).get("layers", depth) == depth:
+        shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, device="meta", dtype=DTYPES[dtype])
+        proxy_trace = functools.lru_cache(maxsize=None)(
+            lambda b: capture(shallow, sample_inputs(info, b, seq, device="meta")))
+        proxy = (proxy_trace, depth / 2)
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
                         fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)
-    return search(req, trace, progress)
+    return search(req, trace, progress, proxy)

@@ -19,6 +19,7 @@ Edges whose producer or consumer has a single placement need no y: their cost fo
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -65,8 +66,13 @@ class ShardingILP:
         for p in self.pg.owners():
             self.costs[p.node.name] = [node_cost(self.ctx, p, s) for s in p.strategies]
             name = p.node.name
-            self.x[name] = [pulp.LpVariable(f"x_{i}_{k}", cat="Binary") if len(p.strategies) > 1 else 1
+            self.x[name] = [self._var(f"x_{i}_{k}", cat="Binary") if len(p.strategies) > 1 else 1
                             for k in range(len(p.strategies)) for i in [len(self.x)]]
+
+    def _var(self, name: str, lowBound: float | None = None, cat: str = "Continuous"):
+        if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3 attaches variables to their problem
+            return self.prob.add_variable(name, lowBound=lowBound, cat=cat)
+        return pulp.LpVariable(name, lowBound=lowBound, cat=cat)
 
     def _var_terms(self, owner: str, values: list[float]) -> pulp.LpAffineExpression:
         return pulp.lpSum(v * x for v, x in zip(values, self.x[owner]) if v)
@@ -137,7 +143,7 @@ class ShardingILP:
         y = {}
         for o in uo:
             for i in ui:
-                y[(o, i)] = pulp.LpVariable(f"y_{self.n_y}", lowBound=0)
+                y[(o, i)] = self._var(f"y_{self.n_y}", lowBound=0)
                 self.n_y += 1
                 for value, terms in zip(price[(o, i)], (self.time_terms, self.sync_terms, self.memory_terms)):
                     if value:
@@ -155,6 +161,9 @@ class ShardingILP:
             self._add_time(owner, [w * (c.state_bytes + c.activation_bytes) for c in cs], self.memory_terms)
         return _expr(self.memory_terms)
 
+    def memory_lower_bound(self) -> float:
+        return memory_lower_bound(self.pg, self.ctx, self.costs)
+
     def add_memory_constraint(self) -> None:
         self.prob += self.memory_expr() <= self.budget, "memory"
 
@@ -162,7 +171,7 @@ class ShardingILP:
         bwd: dict = defaultdict(float)
         for owner, cs in self.costs.items():
             self._add_time(owner, [self.pg.counts[owner] * c.bwd_s for c in cs], bwd)
-        self.z = pulp.LpVariable("z_exposed_sync", lowBound=0)
+        self.z = self._var("z_exposed_sync", lowBound=0)
         self.prob += self.z >= _expr(self.sync_terms) - _expr(bwd), "overlap"
         self.prob += _expr(self.time_terms) + self.z
 
@@ -181,6 +190,33 @@ class ShardingILP:
             choice[owner] = max(range(len(vals)), key=vals.__getitem__)
         return Solution(choice, status, float(pulp.value(self.prob.objective) or 0.0), elapsed,
                         self.prob.numVariables(), self.prob.numConstraints())
+
+
+def memory_lower_bound(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]],
+                       weight=lambda p: 1.0) -> float:
+    """No plan needs less: every operator at its least-memory strategy, and every parameter at the storage that
+    minimises its state plus the copies its consumers keep gathered (each consumer at its cheapest placement).
+    `weight(p)` scales a node's share (used to extrapolate from a shallow copy of the model)."""
+    uses: dict[str, list[tuple[PNode, int]]] = defaultdict(list)
+    for p in pg.owners():
+        for j, (prod, _) in enumerate(p.inputs):
+            if pg.nodes[prod].kind == "param":
+                uses[prod].append((p, j))
+    total = 0.0
+    for p in pg.owners():
+        n = pg.counts[p.node.name] * weight(p)
+        cs = costs[p.node.name]
+        if p.kind != "param":
+            total += n * min(c.state_bytes + c.activation_bytes for c in cs)
+            continue
+        best = math.inf
+        for s, c in zip(p.strategies, cs):
+            held = sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True, s.outs[0],
+                                      t.ins[j], (), "inputs" in saved_kinds(user))[2] for t in user.strategies)
+                       for user, j in uses[p.node.name])
+            best = min(best, c.state_bytes + held)
+        total += n * best
+    return total
 
 
 def edge_classes(pg: PlanGraph) -> dict[tuple, int]:

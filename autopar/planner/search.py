@@ -15,16 +15,16 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from autopar.capture import Captured
 from autopar.cost_models import Hardware, axis_links
 from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan
-from autopar.planner.cost import CostContext
+from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.graph import PlanGraph, build
-from autopar.planner.ilp import ShardingILP, Solution
+from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
 from autopar.planner.predict import predict, to_plan
 
 AXES = ("dp", "tp")
@@ -89,8 +89,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None) -> Plan:
-    """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch."""
+def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None) -> Plan:
+    """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch; `proxy`,
+    optional, is (trace of a shallower copy, depth ratio), used only to guess the micro-batching to try first."""
     t0 = time.perf_counter()
     budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
     meshes = [d for d in mesh_candidates(req) if micro_batch_counts(req, d["dp"])]
@@ -98,7 +99,7 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None) 
         dps = sorted({d["dp"] for d in mesh_candidates(req)})
         raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))} (with mbs "
                         f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
-    results = [c for c in _solve_meshes(req, trace, meshes, budget, progress) if c.solution is not None]
+    results = [c for c in _solve_meshes(req, trace, meshes, budget, progress, proxy) if c.solution is not None]
     if not results:
         raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: c.solution.objective_s)
@@ -110,51 +111,81 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None) 
     return to_plan(req, best, budget, stats, others)
 
 
-def _solve_meshes(req, trace, meshes, budget, progress) -> list[Candidate]:
-    """Each mesh's best micro-batching; meshes are independent, so they are solved in parallel worker processes
-    where that is safe (forked before any solver thread or process group exists), in order otherwise."""
-    first_m = {id(d): micro_batch_counts(req, d["dp"]) for d in meshes}
-    for d in meshes:  # trace and analyse once here, so forked workers inherit the result
-        build(trace(req.batch // first_m[id(d)][0]), [d[a] for a in AXES], AXES)
-    workers = min(len(meshes), os.cpu_count() or 1, 4)
-    if workers > 1 and not _distributed() and "fork" in mp.get_all_start_methods():
-        global _FORK_STATE
-        _FORK_STATE = (req, trace, budget)
-        try:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                if progress:
-                    progress(f"solving {len(meshes)} meshes on {workers} processes")
-                solved = list(pool.map(_mesh_worker, meshes))
-        finally:
-            _FORK_STATE = None
-        return [_candidate(req, trace, d, m, sol) for d, (m, sol) in zip(meshes, solved)]
-    out = []
-    for d in meshes:
+def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Candidate]:
+    """Each mesh's best micro-batching, in rounds: every round traces each micro-batch size it needs once (here,
+    so forked workers inherit the trace), then solves every pending mesh at its next micro-batch count, in
+    parallel worker processes where that is safe (no process group), in order otherwise."""
+    counts = {i: micro_batch_counts(req, d["dp"]) for i, d in enumerate(meshes)}
+    if proxy is not None:  # skip micro-batchings (and meshes) whose memory lower bound already exceeds the budget
+        first = {i: _likely_first(req, meshes[i], c, budget, proxy) for i, c in counts.items()}
+        counts = {i: c[first[i]:] for i, c in counts.items() if first[i] is not None}
+    solved: dict[int, tuple[int, Solution | None]] = {}
+    while counts:
+        jobs = [(meshes[i], c[0]) for i, c in counts.items()]
+        for d, m in jobs:
+            build(trace(req.batch // m), [d[a] for a in AXES], AXES)
         if progress:
-            progress(f"solving dp={d['dp']} tp={d['tp']}")
-        m, sol = _best_micro_batching(req, trace, d, budget)
-        out.append(_candidate(req, trace, d, m, sol))
-    return out
+            progress(f"solving {len(jobs)} mesh(es): " + ", ".join(f"dp={d['dp']} tp={d['tp']} m={m}" for d, m in jobs))
+        for (i, c), sol in zip(list(counts.items()), _run_jobs(req, trace, budget, jobs)):
+            if sol is not None or len(c) == 1:
+                solved[i] = (c[0], sol)
+                del counts[i]
+            else:
+                counts[i] = c[1:]
+    return [_candidate(req, trace, meshes[i], *solved[i]) for i in sorted(solved)]
+
+
+def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
+    workers = min(len(jobs), os.cpu_count() or 1, 4)
+    if workers < 2 or _distributed() or "fork" not in mp.get_all_start_methods():
+        return [_solve_one(req, trace, budget, d, m) for d, m in jobs]
+    global _FORK_STATE
+    _FORK_STATE = (req, trace, budget)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(_job_worker, jobs))
+    finally:
+        _FORK_STATE = None
 
 
 _FORK_STATE = None
 
 
-def _mesh_worker(degrees: dict[str, int]):
+def _job_worker(job):
     req, trace, budget = _FORK_STATE
-    return _best_micro_batching(req, trace, degrees, budget)
+    return _solve_one(req, trace, budget, *job)
 
 
-def _best_micro_batching(req, trace, degrees, budget, counts: list[int] | None = None,
-                         threads: int = 1) -> tuple[int, Solution | None]:
+def _solve_one(req, trace, budget, degrees, m, threads: int = 1) -> Solution | None:
+    pg, ctx = _graph(req, trace(req.batch // m), degrees)
+    ilp = ShardingILP(pg, ctx, budget, m)
+    if ilp.memory_lower_bound() > budget:  # certainly infeasible: no need to ask the solver
+        return None
+    return ilp.solve(req.time_limit_s, threads)
+
+
+def _best_micro_batching(req, trace, degrees, budget, counts: list[int] | None = None) -> tuple[int, Solution | None]:
     """Smallest micro-batch count that fits (a larger micro-batch is never slower in the cost model)."""
     counts = counts or micro_batch_counts(req, degrees["dp"])
     for m in counts:
-        pg, ctx = _graph(req, trace(req.batch // m), degrees)
-        sol = ShardingILP(pg, ctx, budget, m).solve(req.time_limit_s, threads)
+        sol = _solve_one(req, trace, budget, degrees, m)
         if sol is not None:
             return m, sol
     return counts[-1], None
+
+
+def _likely_first(req, degrees, counts: list[int], budget: float, proxy) -> int | None:
+    """Index of the first micro-batch count whose memory lower bound fits (None: none does), computed on a shallow
+    copy of the model (same blocks, fewer of them; `proxy = (trace, depth ratio)`) so the full model is traced only at the
+    micro-batch size that will be solved. Activations scale with the micro-batch, model state does not."""
+    proxy_trace, ratio = proxy
+    pg, ctx = _graph(req, proxy_trace(req.batch), degrees)
+    costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+    weight = lambda p: ratio if p.block is not None else 1.0  # noqa: E731
+    state_only = {n: [replace(c, activation_bytes=0.0) for c in cs] for n, cs in costs.items()}
+    fixed = memory_lower_bound(pg, ctx, state_only, weight)
+    act = memory_lower_bound(pg, ctx, costs, weight) - fixed
+    return next((k for k, m in enumerate(counts) if fixed + act / m <= budget), None)
 
 
 def _distributed() -> bool:

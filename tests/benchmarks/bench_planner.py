@@ -49,20 +49,25 @@ CASES = (
 
 
 def run_once(case: Case, workdir: Path) -> dict:
-    """One `autopar plan` process: its wall clock and the solver stats it saved."""
+    """One `autopar plan` process: its wall clock and the solver stats it saved, or why it failed."""
     out = workdir / "plan.json"
     cmd = [sys.executable, "-m", "autopar.cli.main", "plan", *case.argv, "--json", str(out)]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"{case.name}: `{' '.join(cmd)}` exited {done.returncode}:\n{done.stderr}")
+    if done.returncode != 0:  # keep measuring the other cases; the table says what broke
+        last = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        return {"wall_s": wall, "error": f"exit {done.returncode}: {last}", "stderr": done.stderr}
     plan = json.loads(out.read_text())
     return {"wall_s": wall, "solver": plan["solver"], "degrees": plan["degrees"],
             "micro_batches": plan["num_micro_batches"]}
 
 
 def summarise(case: Case, runs: list[dict]) -> dict:
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"case": case.name, "command": "autopar plan " + " ".join(case.argv), "repeat": len(runs),
+                "error": failed[0]["error"], "stderr": failed[0]["stderr"], "failed_runs": len(failed)}
     walls = [r["wall_s"] for r in runs]
     planner = [r["solver"]["seconds"] for r in runs]
     last = runs[-1]
@@ -82,6 +87,9 @@ def table(rows: list[dict]) -> Table:
                 "meshes", "chosen", "target", "reference"):
         t.add_column(col, justify="left" if col in ("case", "chosen", "reference") else "right")
     for r in rows:
+        if "error" in r:
+            t.add_row(r["case"], "[red]failed[/red]")  # the reason is printed under the table
+            continue
         target = "" if r["target_s"] is None else (
             f"≤ {r['target_s']:.0f} s {'met' if r['wall_s'] <= r['target_s'] else 'MISSED'}")
         t.add_row(r["case"], f"{r['wall_s']:.2f}", f"{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}",
@@ -108,10 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeat):
                 status.update(f"{case.name}: run {i + 1}/{args.repeat}")
                 runs.append(run_once(case, Path(tmp)))
-                console.log(f"{case.name} run {i + 1}: {runs[-1]['wall_s']:.2f} s wall, "
-                            f"{runs[-1]['solver']['seconds']:.2f} s planner")
+                done = runs[-1]
+                said = done["error"] if "error" in done else f"{done['solver']['seconds']:.2f} s planner"
+                console.log(f"{case.name} run {i + 1}: {done['wall_s']:.2f} s wall, {said}")
             rows.append(summarise(case, runs))
     console.print(table(rows))
+    for r in rows:
+        if "error" in r:
+            console.print(f"[red]{r['case']}: {r['failed_runs']}/{r['repeat']} runs failed[/red] ({r['error']}); "
+                          f"reproduce with: python -m autopar.cli.main {r['command'].removeprefix('autopar ')}")
     console.print(f"after: {describe()}")
     console.print("planner s = solver.seconds from the plan (tracing + ILP build + solve, every candidate); "
                   "outside s = wall - planner (start-up, imports, model build, report); best ILP s = solve time "
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         console.print(f"wrote {args.json}")
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
