@@ -39,6 +39,7 @@ class Emitter:
         self.degrees, self.axis_names, self.coords = pg.degrees, pg.axis_names, tuple(coords)
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
+        self.moved: dict[tuple, fx.Node] = {}
         self.deferred = {name: _deferred_axes(pg, self.decisions, name) for name, p in pg.nodes.items() if p.kind == "param"}
 
     def run(self) -> Emitted:
@@ -79,7 +80,10 @@ class Emitter:
         partial: tuple[int, ...] = ()
         if producer.requires_grad:
             partial = tuple(a for a in grad_partial_axes(strategy, j) if a not in self.deferred.get(prod, ()))
-        return self.redistribute(value, src, strategy.ins[j], partial)
+        key = (prod, k, strategy.ins[j], partial)
+        if key not in self.moved:  # consumers needing the same placement share one redistribution
+            self.moved[key] = self.redistribute(value, src, strategy.ins[j], partial)
+        return self.moved[key]
 
     def redistribute(self, value: fx.Node, src: Placements, dst: Placements, partial: Sequence[int]) -> fx.Node:
         for step in steps(src, dst, partial):

@@ -40,12 +40,17 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
         if p.kind == "op" and p.rule is not None and p.info.out_shapes:
             flops += p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info)
     exposed = sync = 0.0
+    moves: dict[tuple, tuple[int, bool]] = {}  # consumers needing the same placement share one move (emit.py)
     for (prod, k, cons, j), mult in edge_classes(pg).items():
-        pp, s_p, s_c = pg.nodes[prod], chosen(c, prod), chosen(c, cons)
+        pp, s_c = pg.nodes[prod], chosen(c, cons)
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
-        kept = "inputs" in saved_kinds(pg.nodes[cons])
+        key = (prod, k, s_c.ins[j], partial)
+        seen, kept = moves.get(key, (0, False))
+        moves[key] = (max(seen, mult), kept or "inputs" in saved_kinds(pg.nodes[cons]))
+    for (prod, k, dst, partial), (mult, kept) in moves.items():
+        pp = pg.nodes[prod]
         e, s, held = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
-                                pp.kind == "param", s_p.outs[k], s_c.ins[j], partial, kept)
+                                pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept)
         exposed, sync, act = exposed + m * mult * e, sync + mult * s, act + mult * held
     sync_exposed = max(0.0, sync - bwd)
     step = compute + exposed + sync_exposed
