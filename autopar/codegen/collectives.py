@@ -58,17 +58,21 @@ class _AllGather(torch.autograd.Function):
         return local_chunk(g, ctx.dim, ctx.group), None, None, None
 
 
-class _Slice(torch.autograd.Function):
-    """R -> S(d), no communication. Backward: all-gather the sharded gradient back to replicated."""
+class _ToShard(torch.autograd.Function):
+    """Ends sharded on `dim`: the gradient (sharded too) is all-gathered back in backward."""
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.dim, ctx.group), None, None
+
+
+class _Slice(_ToShard):
+    """R -> S(d), no communication."""
 
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
         return local_chunk(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.dim, ctx.group), None, None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -83,17 +87,13 @@ class _AllReduce(torch.autograd.Function):
         return g, None
 
 
-class _ReduceScatter(torch.autograd.Function):
-    """P -> S(d). Backward: all-gather."""
+class _ReduceScatter(_ToShard):
+    """P -> S(d)."""
 
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
         return reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.dim, ctx.group), None, None
 
 
 class _KeepOne(torch.autograd.Function):
