@@ -63,7 +63,7 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     emitted = emit(pg, decisions, coords)
     root, placements, aliases = _shard_parameters(model, captured, pg, decisions, mesh, coords)
     deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
-    return CompiledModel(root, emitted.graph, plan, mesh, None, captured.program.call_spec.out_spec, placements,
+    return CompiledModel(root, emitted.graph, plan, mesh, captured.program.call_spec.out_spec, placements,
                          deferred, aliases)
 
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from autopar.codegen.collectives import AxisComm, all_gather
+from autopar.codegen.collectives import all_gather
 from autopar.placement import Placement
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
@@ -27,13 +27,13 @@ class CompiledModel(nn.Module):
     """Call it like the original model (same arguments, the global batch on every rank); train it with any torch
     optimizer over `.parameters()` (the local shards). `.code` is the generated per-rank program."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, plan, mesh, in_spec, out_spec,
+    def __init__(self, root: nn.Module, graph: fx.Graph, plan, mesh, out_spec,
                  param_placements: dict[str, tuple[Placement, ...]], deferred: dict[str, tuple[int, ...]],
                  aliases: dict[str, str]):
         super().__init__()
         self.program = fx.GraphModule(root, graph, class_name="AutoparRank")
         self.plan, self.mesh = plan, mesh
-        self._in_spec, self._out_spec = in_spec, out_spec
+        self._out_spec = out_spec
         self.param_placements = param_placements  # FQN -> placement per axis
         self.aliases = aliases  # tied FQN -> the FQN that holds the tensor
         self._sync = _GradSync(self, deferred) if deferred else None

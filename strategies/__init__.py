@@ -4,6 +4,7 @@ To add an op: write a single-axis rule (see base.py) in the module of its family
 
 from autopar.strategies import factory, matmul, nn_ops, pointwise, reductions, views  # noqa: F401  (registers)
 from autopar.strategies.base import (RULES, OpInfo, OpRule, Strategy, Strategy1D, expand, grad_partial_axes,
-                                     rule_for, tensor_inputs)
+                                     rule_for, tensor_inputs, tensor_values)
 
-__all__ = ["RULES", "OpInfo", "OpRule", "Strategy", "Strategy1D", "expand", "grad_partial_axes", "rule_for", "tensor_inputs"]
+__all__ = ["RULES", "OpInfo", "OpRule", "Strategy", "Strategy1D", "expand", "grad_partial_axes", "rule_for", "tensor_inputs",
+           "tensor_values"]

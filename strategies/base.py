@@ -12,6 +12,7 @@ flattened; duplicates kept), see `tensor_inputs`.
 from __future__ import annotations
 
 import itertools
+import operator
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -111,10 +112,23 @@ def rule_for(target) -> OpRule | None:
     return RULES.get(packet)
 
 
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+def tensor_values(node: fx.Node) -> list[torch.Tensor]:
+    """The fake tensors a node produces: one, several (split, unbind), or none (symbolic ints, output)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [v for v in val if isinstance(v, torch.Tensor)]
+    return []
+
+
+def tensor_inputs(node: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(producer, output index) per tensor input; getitem reads one output of a multi-output producer."""
+    if node.target is operator.getitem:
+        return [(node.args[0], int(node.args[1]))]
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return [n for n in found if isinstance(n.meta.get("val"), torch.Tensor)]
+    return [(n, 0) for n in found if tensor_values(n)]
 
 
 def replicated(n_ins: int, n_outs: int = 1) -> Strategy1D:

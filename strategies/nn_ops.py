@@ -22,7 +22,7 @@ aten = torch.ops.aten
 
 @register(aten.embedding, flops=lambda ins, outs, info: 0.0)
 def embedding(info: OpInfo) -> list[Strategy1D]:
-    weight, idx = info.in_shapes[0], info.in_shapes[1]
+    idx = info.in_shapes[1]
     out_rank = len(info.out_shapes[0])
     strategies = [replicated(2)]
     strategies += [Strategy1D(outs=(S(d),), ins=(R, S(d))) for d in range(len(idx))]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from autopar.placement import P, R, S
+from autopar.placement import P, S
 from autopar.strategies.base import OpInfo, Strategy1D, linear_partial, register, replicated
 
 aten = torch.ops.aten

@@ -38,7 +38,7 @@ def op_info(module: nn.Module, *inputs: torch.Tensor, op) -> OpInfo:
     ep = torch.export.export(module, inputs)
     node = next(n for n in ep.graph.nodes
                 if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is op)
-    ins = [_vals(n)[0] for n in tensor_inputs(node)]
+    ins = [_vals(n)[0] for n, _ in tensor_inputs(node)]
     outs = _vals(node)
     return OpInfo(node, tuple(tuple(t.shape) for t in ins), tuple(tuple(t.shape) for t in outs),
                   tuple(t.dtype for t in ins), tuple(t.dtype for t in outs))

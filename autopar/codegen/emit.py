@@ -15,14 +15,13 @@ import operator
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 import torch.fx as fx
 
 from autopar.codegen.lower import LOWERINGS
 from autopar.placement import R, Placements
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.redistribute import steps
-from autopar.strategies import Strategy, grad_partial_axes
+from autopar.strategies import Strategy, grad_partial_axes, tensor_values
 
 
 @dataclass
@@ -118,17 +117,11 @@ def _substitute(args, kwargs, local: list[fx.Node]):
     it = iter(local)
 
     def swap(n: fx.Node):
-        return next(it) if _has_tensor(n) else n
+        return next(it) if tensor_values(n) else n
 
     new_args = fx.node.map_arg(args, swap)
     new_kwargs = fx.node.map_arg(kwargs, swap)
     return new_args, new_kwargs
-
-
-def _has_tensor(n: fx.Node) -> bool:
-    val = n.meta.get("val")
-    return isinstance(val, torch.Tensor) or isinstance(val, (list, tuple)) and any(
-        isinstance(v, torch.Tensor) for v in val)
 
 
 def emit(pg: PlanGraph, decisions: dict[str, Strategy], coords: Sequence[int]) -> Emitted:

@@ -10,17 +10,16 @@ exact ordered signature, which also gives the node-to-node correspondence a stru
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-import torch
 import torch.fx as fx
 
 from autopar.capture import Captured
 from autopar.errors import MeshError
 from autopar.placement import R, S
-from autopar.strategies import OpInfo, OpRule, Strategy, Strategy1D, expand, rule_for
+from autopar.strategies import (OpInfo, OpRule, Strategy, Strategy1D, expand, rule_for, tensor_inputs,
+                                tensor_values)
 
 @dataclass
 class PNode:
@@ -51,23 +50,6 @@ class PlanGraph:
         return [p for p in self.nodes.values() if p.owner == p.node.name]
 
 
-def _vals(node: fx.Node) -> list[torch.Tensor]:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return [val]
-    if isinstance(val, (list, tuple)):
-        return [v for v in val if isinstance(v, torch.Tensor)]
-    return []
-
-
-def _tensor_inputs(node: fx.Node) -> list[tuple[str, int]]:
-    if node.target is operator.getitem:
-        return [(node.args[0].name, int(node.args[1]))]
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return [(n.name, 0) for n in found if _vals(n)]
-
-
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [v[0] for v in stack.values()]
@@ -84,8 +66,8 @@ def _block_of(path: str) -> str | None:
 
 
 def _info(node: fx.Node, graph_nodes: dict[str, fx.Node], inputs: list[tuple[str, int]]) -> OpInfo:
-    ins = [_vals(graph_nodes[name])[idx] for name, idx in inputs]
-    outs = _vals(node)
+    ins = [tensor_values(graph_nodes[name])[idx] for name, idx in inputs]
+    outs = tensor_values(node)
     return OpInfo(node, tuple(tuple(t.shape) for t in ins), tuple(tuple(t.shape) for t in outs),
                   tuple(t.dtype for t in ins), tuple(t.dtype for t in outs))
 
@@ -180,10 +162,10 @@ def _pnode(node: fx.Node, captured: Captured, graph_nodes, done: dict[str, PNode
         block = _block_of(fqn or "")
         return PNode(node, kind, _info(node, graph_nodes, []), None, [], [], kind == "param", block or "", block,
                      fqn=fqn)
-    inputs = _tensor_inputs(node) if _vals(node) or node.op == "output" else []
+    inputs = [(n.name, k) for n, k in tensor_inputs(node)] if tensor_values(node) or node.op == "output" else []
     info = _info(node, graph_nodes, inputs)
     requires_grad = any(done[n].requires_grad for n, _ in inputs) and any(
-        t.is_floating_point() for t in _vals(node))
+        t.is_floating_point() for t in tensor_values(node))
     if node.op == "output":
         return PNode(node, "output", info, None, [], inputs, requires_grad, "")
     rule = rule_for(node.target) if node.op == "call_function" else None
