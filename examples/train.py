@@ -93,6 +93,8 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(args)
+        if distributed:
+            dist.barrier()  # no rank tears down its process group while a peer still talks to it
     except AutoparError as e:
         if not distributed or dist.get_rank() == 0:  # every rank raises the same error; say it once
             print(f"autopar: error: {e}", file=sys.stderr)

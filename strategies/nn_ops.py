@@ -6,6 +6,8 @@
 - scaled_dot_product_attention: batch or heads (Megatron head-parallel attention); the sequence stays whole
   (sharding it is context parallelism, a later capability).
 - cross_entropy_loss: rows shardable; the mean becomes a partial sum over the global count (the lowering divides).
+  Or classes shardable (Megatron's vocab-parallel cross-entropy): max, sum of exponentials and the target's logit
+  are reduced across the axis, so the loss comes out whole (R) without gathering the logits.
 """
 
 from __future__ import annotations
@@ -82,4 +84,6 @@ def cross_entropy(info: OpInfo) -> list[Strategy1D]:
     if len(logits) == 2 and len(target) == 1 and len(info.out_shapes) == 1 and not weighted and not smoothing:
         out = S(0) if reduction == 0 else P
         strategies.append(Strategy1D(outs=(out,), ins=(S(0), S(0)) + (R,) * n_extra))
+        if info.node.target.overloadpacket is aten.cross_entropy_loss:  # vocab-parallel: logits split by class
+            strategies.append(Strategy1D(outs=(R,), ins=(S(1), R)))
     return strategies

@@ -136,6 +136,29 @@ class Collective(nn.Module):
         return self.fn.__name__.lstrip("_")
 
 
+class VocabParallelCrossEntropy(nn.Module):
+    """Per-row cross-entropy from logits whose classes are split over the axis, without gathering them (Megatron's
+    vocab-parallel cross-entropy, Shoeybi et al. 2019 Sec. 3): the row maximum, the sum of exponentials and the
+    target's logit are all-reduced ([rows] values each); the loss comes out whole on every rank. Backward flows
+    through the sum all-reduces as identities, giving each rank its slice of softmax - onehot."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, start: int) -> torch.Tensor:
+        with torch.no_grad():  # any shift is exact; the maximum keeps exp() in range
+            shift = logits.max(dim=-1).values
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=self.group)
+        z = logits - shift.unsqueeze(-1)
+        sum_exp = _AllReduce.apply(z.exp().sum(-1), self.group)
+        local = target - start
+        inside = (local >= 0) & (local < logits.shape[-1])
+        picked = z.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        picked = _AllReduce.apply(picked * inside, self.group)
+        return sum_exp.log() - picked
+
+
 OPERATORS = {"all_gather": _AllGather, "slice": _Slice, "all_reduce": _AllReduce, "reduce_scatter": _ReduceScatter,
              "keep_one": _KeepOne, "grad_all_reduce": _GradAllReduce}
 
@@ -149,6 +172,7 @@ class AxisComm(nn.Module):
         self.axis, self.group = axis, group
         for name, fn in OPERATORS.items():
             self.add_module(name, Collective(fn, group))
+        self.cross_entropy = VocabParallelCrossEntropy(group)
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, size={dist.get_world_size(self.group)}"

@@ -5,7 +5,8 @@ Most ops run unchanged on their shards. The exceptions, keyed by op:
 - embedding with a vocab-sharded table (Megatron's vocab-parallel embedding, Shoeybi et al. 2019 Sec. 3):
   look up the local rows, zero the rest, the output is a partial sum;
 - mean over a sharded dim: the local mean scaled by the shard count is this rank's addend of the global mean;
-- cross_entropy_loss with sharded rows and mean reduction: the local sum over the global count of counted rows.
+- cross_entropy_loss with sharded rows and mean reduction: the local sum over the global count of counted rows;
+  with sharded classes: Megatron's vocab-parallel cross-entropy (collectives.VocabParallelCrossEntropy).
 A lowering receives the emitter, the planning node, its strategy and the local args, and returns the fx value.
 """
 
@@ -80,17 +81,30 @@ def mean(em, p, strategy, args, kwargs):
 
 @lowering(aten.cross_entropy_loss, aten.nll_loss)
 def cross_entropy(em, p, strategy, args, kwargs):
-    axes = [a for a, pl in enumerate(strategy.ins[0]) if pl.is_shard]
+    rows = [a for a, pl in enumerate(strategy.ins[0]) if pl.is_shard and pl.dim == 0]
+    classes = [a for a, pl in enumerate(strategy.ins[0]) if pl.is_shard and pl.dim == 1]
     reduction = p.node.args[3] if len(p.node.args) > 3 else p.node.kwargs.get("reduction", 1)
-    if not axes or reduction != 1:
+    if not classes and (not rows or reduction != 1):
         return em.g.call_function(p.node.target, args, kwargs)
     ignore = p.node.args[4] if len(p.node.args) > 4 else p.node.kwargs.get("ignore_index", -100)
     logits, target = args[0], args[1]
     g = em.g
     counted = g.call_function(aten.ne.Scalar, (target, ignore))
+    if classes:  # per-row losses from class-sharded logits, whole on that axis
+        (axis,) = classes
+        width = p.info.in_shapes[0][1] // em.degrees[axis]
+        per_row = g.call_module(f"comm.{em.axis_names[axis]}.cross_entropy",
+                                (logits, target, em.coords[axis] * width))
+        per_row = g.call_function(aten.mul.Tensor, (per_row, counted))
+        if reduction == 0:
+            return per_row
+        total = g.call_function(aten.sum.default, (per_row,))
+    else:
+        smoothing = (0.0,) if p.node.target.overloadpacket is aten.cross_entropy_loss else ()
+        total = g.call_function(p.node.target, (logits, target, None, 2, ignore) + smoothing)  # 2 = sum
+    if reduction == 2:
+        return total
     count = g.call_function(aten.sum.dim_IntList, (counted, [0]), {"dtype": p.info.out_dtypes[0]})
-    for axis in axes:
+    for axis in rows:  # the mean's denominator counts the rows of every shard
         count = g.call_module(f"comm.{em.axis_names[axis]}.all_reduce", (count,))
-    smoothing = (0.0,) if p.node.target.overloadpacket is aten.cross_entropy_loss else ()
-    total = g.call_function(p.node.target, (logits, target, None, 2, ignore) + smoothing)  # 2 = sum
     return g.call_function(aten.div.Tensor, (total, count))
