@@ -231,12 +231,13 @@ def test_embedding_offers_vocab_parallel_whose_output_is_partial():
     assert all(s.outs == (P,) for s in got if s.ins[0] == S(0))  # a vocab shard never yields a full row
 
 
-def test_cross_entropy_shards_rows_and_leaves_the_mean_partial():
+def test_cross_entropy_shards_rows_or_classes():
     info = op_info(_Fn(lambda self, x, t: F.cross_entropy(x, t)), torch.randn(6, 10), torch.randint(0, 10, (6,)),
                    op=aten.cross_entropy_loss)
     got = rules(info)
     assert Strategy1D(outs=(P,), ins=(S(0), S(0))) in got
-    assert not any(s.ins[0] == S(1) for s in got)  # the class dim stays whole (log-sum-exp over it)
+    # classes split only by the vocab-parallel strategy, whose collectives make the loss whole (R), never partial
+    assert [s for s in got if s.ins[0] == S(1)] == [Strategy1D(outs=(R,), ins=(S(1), R))]
 
 
 # ---------------------------------------------------------------- expansion to a mesh
