@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import operator
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -76,7 +76,11 @@ class OpRule:
     flops: FlopFn  # FLOPs of the forward op evaluated on the given (local) shapes
     is_matmul: bool = False  # priced at matmul efficiency
     saves: str = "inputs"  # kept for backward: "inputs" (consumed activations), "output", "inputs+output", "none"
-    families: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def moves_no_data(self) -> bool:
+        """Views and other free ops: no FLOPs, no bytes, nothing saved."""
+        return self.flops is no_flops
 
 
 RULES: dict[object, OpRule] = {}

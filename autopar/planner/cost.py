@@ -44,7 +44,6 @@ class NodeCost:
     bwd_s: float
     activation_bytes: float  # saved for backward, one micro-batch
     state_bytes: float  # parameters + gradients + optimizer state
-    flops: float  # forward FLOPs on this rank
 
 
 def nbytes(shape: Sequence[int], dtype: torch.dtype) -> float:
@@ -55,12 +54,12 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     if p.kind in ("param", "buffer", "input"):
         return _placeholder_cost(ctx, p, s)
     if p.kind == "output" or not p.info.out_shapes:
-        return NodeCost(0, 0, 0, 0, 0)
+        return NodeCost(0, 0, 0, 0)
     ins = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.in_shapes, s.ins)]
     outs = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.out_shapes, s.outs)]
     flops = p.rule.flops(ins, outs, p.info) if p.rule else float(sum(math.prod(o) for o in outs))
     moved = 0.0
-    if p.rule is None or p.rule.flops.__name__ != "no_flops":
+    if p.rule is None or not p.rule.moves_no_data:
         moved = sum(nbytes(sh, dt) for sh, dt in zip(ins, p.info.in_dtypes))
         moved += sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
     is_matmul = bool(p.rule and p.rule.is_matmul)
@@ -71,7 +70,7 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     act = sum(nbytes(ins[j], p.info.in_dtypes[j]) for j in p.saved_inputs) if "inputs" in saves else 0.0
     if "output" in saves:
         act += sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
-    return NodeCost(fwd, bwd, act, 0.0, flops)
+    return NodeCost(fwd, bwd, act, 0.0)
 
 
 def saved_kinds(p: PNode) -> str:
@@ -83,11 +82,11 @@ def saved_kinds(p: PNode) -> str:
 
 def _placeholder_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     if not p.info.out_shapes or not p.node.users:  # an unused placeholder (e.g. the second name of a tied weight)
-        return NodeCost(0, 0, 0, 0, 0)
+        return NodeCost(0, 0, 0, 0)
     shape = local_shape(p.info.out_shapes[0], s.outs[0], ctx.degrees)
     if p.kind == "param":
-        return NodeCost(0, 0, 0, math.prod(shape) * STATE_BYTES_PER_PARAM, 0)
-    return NodeCost(0, 0, nbytes(shape, p.info.out_dtypes[0]), 0, 0)
+        return NodeCost(0, 0, 0, math.prod(shape) * STATE_BYTES_PER_PARAM)
+    return NodeCost(0, 0, nbytes(shape, p.info.out_dtypes[0]), 0)
 
 
 @functools.lru_cache(maxsize=1 << 16)

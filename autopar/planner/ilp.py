@@ -44,10 +44,8 @@ class Solution:
 
 
 class ShardingILP:
-    def __init__(self, pg: PlanGraph, ctx: CostContext, budget_bytes: float, micro_batches: int = 1,
-                 pins: dict[str, int] | None = None):
+    def __init__(self, pg: PlanGraph, ctx: CostContext, budget_bytes: float, micro_batches: int = 1):
         self.pg, self.ctx, self.budget, self.m = pg, ctx, budget_bytes, micro_batches
-        self.pins = pins or {}
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
         self.costs: dict[str, list[NodeCost]] = {}
         self.x: dict[str, list] = {}
@@ -74,17 +72,11 @@ class ShardingILP:
             return self.prob.add_variable(name, lowBound=lowBound, cat=cat)
         return pulp.LpVariable(name, lowBound=lowBound, cat=cat)
 
-    def _var_terms(self, owner: str, values: list[float]) -> pulp.LpAffineExpression:
-        return pulp.lpSum(v * x for v, x in zip(values, self.x[owner]) if v)
-
     # -- constraints ----------------------------------------------------------------------------------------
     def add_choice_constraints(self) -> None:
         for owner, xs in self.x.items():
             if len(xs) > 1:
                 self.prob += pulp.lpSum(xs) == 1, f"one_{owner}"
-            pin = self.pins.get(owner)
-            if pin is not None and len(xs) > 1:
-                self.prob += xs[pin] == 1, f"pin_{owner}"
         for owner, cs in self.costs.items():
             w = self.pg.counts[owner] * self.m
             self._add_time(owner, [w * (c.fwd_s + c.bwd_s) for c in cs])
@@ -117,7 +109,7 @@ class ShardingILP:
 
     @staticmethod
     def _is_free_view(p: PNode) -> bool:
-        return p.kind == "op" and p.rule is not None and p.rule.flops.__name__ == "no_flops" and len(p.inputs) == 1
+        return p.kind == "op" and p.rule is not None and p.rule.moves_no_data and len(p.inputs) == 1
 
     def _add_equal_placement(self, prod, outs, uo, cons, ins) -> None:
         """A view costs nothing and moves no data, so resharding is never needed right before it: the view takes
@@ -182,7 +174,8 @@ class ShardingILP:
         self.prob.solve(solver)
         elapsed = time.perf_counter() - t0
         status = pulp.LpStatus[self.prob.status]
-        if status not in ("Optimal", "Not Solved") or self.prob.status != 1 and not _has_values(self.x):
+        timed_out_with_incumbent = status == "Not Solved" and _has_values(self.x)
+        if status != "Optimal" and not timed_out_with_incumbent:  # infeasible (memory), or nothing found in time
             return None
         choice = {}
         for owner, xs in self.x.items():

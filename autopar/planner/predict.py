@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from autopar.placement import fmt
+from autopar.placement import fmt, shard_factor
 from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.cost import edge_price, node_cost, saved_kinds
 from autopar.planner.ilp import edge_classes
@@ -68,12 +68,9 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
 def states_to_param_bytes(p, c: "Candidate") -> float:
     """Bytes of the (local) parameter itself, in its dtype, out of the 16 per parameter of model state."""
     s = chosen(c, p.node.name)
-    local = math.prod(p.info.out_shapes[0]) / _shards(s.outs[0], c.graph.degrees)
+    local = math.prod(p.info.out_shapes[0]) / shard_factor(s.outs[0], c.graph.degrees)
     return local * p.info.out_dtypes[0].itemsize
 
-
-def _shards(placements, degrees) -> int:
-    return math.prod(d for pl, d in zip(placements, degrees) if pl.is_shard)
 
 
 def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict, others: list[dict]) -> Plan:

@@ -164,16 +164,6 @@ def _solve_one(req, trace, budget, degrees, m, threads: int = 1) -> Solution | N
     return ilp.solve(req.time_limit_s, threads)
 
 
-def _best_micro_batching(req, trace, degrees, budget, counts: list[int] | None = None) -> tuple[int, Solution | None]:
-    """Smallest micro-batch count that fits (a larger micro-batch is never slower in the cost model)."""
-    counts = counts or micro_batch_counts(req, degrees["dp"])
-    for m in counts:
-        sol = _solve_one(req, trace, budget, degrees, m)
-        if sol is not None:
-            return m, sol
-    return counts[-1], None
-
-
 def _likely_first(req, degrees, counts: list[int], budget: float, proxy) -> int | None:
     """Index of the first micro-batch count whose memory lower bound fits (None: none does), computed on a shallow
     copy of the model (same blocks, fewer of them; `proxy = (trace, depth ratio)`) so the full model is traced only at the
@@ -216,7 +206,7 @@ def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
     least = math.inf
     for degrees in meshes:
         m = micro_batch_counts(req, degrees["dp"])[-1]
-        m, sol = _best_micro_batching(req, trace, degrees, _NO_LIMIT, counts=[m])
+        sol = _solve_one(req, trace, _NO_LIMIT, degrees, m)
         if sol is not None:
             least = min(least, predict(req, _candidate(req, trace, degrees, m, sol)).memory_bytes_per_device)
     budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
