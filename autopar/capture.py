@@ -80,6 +80,8 @@ def _quiet():
 
 
 def _from_program(ep: ExportedProgram, method: str) -> Captured:
+    _inline_grad_mode_regions(ep)
+    _drop_trace_asserts(ep.graph)
     params, buffers, constants, user_inputs = {}, {}, {}, []
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
@@ -92,6 +94,46 @@ def _from_program(ep: ExportedProgram, method: str) -> Captured:
         elif spec.kind == InputKind.USER_INPUT:
             user_inputs.append(name)
     return Captured(ep.graph, params, buffers, constants, user_inputs, ep, method)
+
+
+_TRACE_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def _drop_trace_asserts(graph: fx.Graph) -> None:
+    """`.to(dtype)` and friends leave dtype/device assertions with no output; the trace already fixed what they
+    check, and a node without tensor values has no strategy to plan or emit."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _TRACE_ASSERTS and not node.users:
+            graph.erase_node(node)
+
+
+def _inline_grad_mode_regions(ep: ExportedProgram) -> None:
+    """Inline `wrap_with_set_grad_enabled` regions (a `torch.no_grad()` inside forward, e.g. HF's rotary
+    embeddings) so every op is a plain node the planner sees. A no-grad region's outputs are detached, which keeps
+    autograd exactly as in eager: nothing inside is differentiated and its results are constants to backward."""
+    graph, gm = ep.graph, ep.graph_module
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    for node in [n for n in graph.nodes if hop is not None and n.op == "call_function" and n.target is hop]:
+        enabled, submod_node, *operands = node.args
+        body = getattr(gm, submod_node.target).graph
+        inputs = [n for n in body.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            outs = graph.graph_copy(body, dict(zip(inputs, operands)))
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+            if not enabled:
+                outs = [_detached(graph, out) for out in outs]
+        for user in list(node.users):  # getitem(region, i) -> the i-th inlined output
+            user.replace_all_uses_with(outs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(node)
+        if not submod_node.users:
+            graph.erase_node(submod_node)
+
+
+def _detached(graph: fx.Graph, value: fx.Node) -> fx.Node:
+    out = graph.call_function(torch.ops.aten.detach.default, (value,))
+    out.meta = {**value.meta, "val": value.meta["val"].detach()} if "val" in value.meta else dict(value.meta)
+    return out
 
 
 def _explain(model: torch.nn.Module, error: Exception) -> str:

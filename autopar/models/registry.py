@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from autopar.errors import ModelError
+from autopar.models import hf
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
 
@@ -89,7 +90,8 @@ def build_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build a preset/family model or call `path/to/file.py:factory(**model_args)` on `device` in `dtype`."""
+    """Build a preset/family model, an HF causal LM (`hf:<model_type>`, see hf.py) or call
+    `path/to/file.py:factory(**model_args)` on `device` in `dtype`."""
     if not dtype.is_floating_point:
         raise ModelError(f"model dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
     args = dict(model_args or {})
@@ -97,12 +99,16 @@ def build_model(
         config = _override(spec, PRESETS[spec], args)
         with _building(device, dtype):
             model = _MODEL_CLASS[type(config)](config)
+    elif spec.startswith(hf.PREFIX):
+        with _building(device, dtype):
+            model, config = hf.build_hf(spec, args, dtype)
+        return model, ModelInfo(name=spec, config=config, **hf.model_shape(config))
     elif ".py:" in spec:
         with _building(device, dtype):
             model = _call_factory(spec, args)
     else:
         names = ", ".join(PRESETS)
-        raise ModelError(f"unknown model {spec!r}; use one of {names} or path/to/file.py:factory")
+        raise ModelError(f"unknown model {spec!r}; use one of {names}, hf:<model_type> or path/to/file.py:factory")
     return model, _info(spec, model)
 
 
