@@ -133,7 +133,7 @@ def _fits_role(p: PNode, s: Strategy, degrees: Sequence[int], axis_names: Sequen
         if p.kind == "input" and p.info.out_shapes[0]:
             if name == "dp" and s.outs[0][axis] != S(0) or name == "tp" and s.outs[0][axis] != R:
                 return False
-        if is_matmul and name == "dp" and s.ins[0][axis] != S(0):
+        if is_matmul and name == "dp" and s.ins[_activation(p, nodes)][axis] != S(0):
             return False
         if is_matmul and name == "tp":
             weights = [j for j, (n, _) in enumerate(p.inputs)
@@ -141,6 +141,11 @@ def _fits_role(p: PNode, s: Strategy, degrees: Sequence[int], axis_names: Sequen
             if any(not s.ins[j][axis].is_shard for j in weights):
                 return False
     return True
+
+
+def _activation(p: PNode, nodes: dict[str, PNode]) -> int:
+    """A matmul's activation operand: its first input that is not a parameter (addmm's is 1, after the bias)."""
+    return next((j for j, (n, _) in enumerate(p.inputs) if nodes[n].kind not in ("param", "buffer")), 0)
 
 
 def _strategies(p: PNode, degrees: Sequence[int]) -> list[Strategy]:
