@@ -13,7 +13,11 @@ Schema (version 1), one table per concern:
     [links.inter_node] latency_s, bandwidth_bytes_per_s
 
 Every dimensional field ends in its unit (`_s`, `_bytes`, `_per_s`); dimensionless ones are counts or fractions.
-Unknown keys are errors, so a typo cannot silently fall back to a default.
+Every number may cite where it comes from in a sibling `<field>_source` string (datasheet, paper, or the
+`autopar profile` run that measured it); shipped files cite all of theirs (tests/test_hardware_schema.py). An
+optional `[provenance]` table records the run that wrote a profiled file (date, host, torch, backend, world size).
+Unknown keys are errors, so a typo cannot silently fall back to a default; a key or value written in another unit
+(`latency_us`, `"5 us"`) is named with its conversion to the unit the schema reads.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,7 @@ HARDWARE_DIR = Path(__file__).resolve().parent / "hardware"
 DTYPES = ("bfloat16", "float16", "float32")
 LINK_NAMES = ("intra_node", "inter_node")
 UNIT_SUFFIXES = ("_s", "_bytes", "_per_s")
+SOURCE_SUFFIX = "_source"
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,10 @@ class Hardware:
     intra_node: Link
     inter_node: Link
     source: str  # provenance of the numbers
+    # Dotted field name ("compute.matmul_efficiency") -> where that number comes from; and the profile run that
+    # wrote the file, if any. Neither changes a cost, so neither takes part in equality or hashing.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    provenance: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def peak_flops(self, dtype: Any) -> float:
         """Dense peak FLOP/s for `dtype`: "float32", "torch.float32" or a torch.dtype (str() gives "torch.x")."""
@@ -84,6 +94,7 @@ class _Kind:
     need: str  # what a valid value looks like, shown in error messages
     convert: Callable[[Any], Any]  # returns the checked value or raises ValueError
     dimensional: bool  # True: the field name must end in a unit suffix (see UNIT_SUFFIXES)
+    optional: bool = False  # True: the field may be left out
 
 
 def _number(value: Any) -> float:
@@ -127,27 +138,59 @@ POSITIVE = _Kind("a number > 0", _bounded(0.0, strict=True), dimensional=True)
 NONNEGATIVE = _Kind("a number >= 0", _bounded(0.0, strict=False), dimensional=True)
 BYTES = _Kind("a whole number of bytes > 0", _whole(1), dimensional=True)
 NONNEGATIVE_BYTES = _Kind("a whole number of bytes >= 0", _whole(0), dimensional=True)
+SOURCE = _Kind("a non-empty string citing a datasheet, paper or profile run", _text, dimensional=False, optional=True)
+OPTIONAL_TEXT = _Kind("a non-empty string", _text, dimensional=False, optional=True)
+OPTIONAL_COUNT = _Kind("a whole number >= 1", _whole(1), dimensional=False, optional=True)
+NUMERIC_KINDS = (COUNT, FRACTION, POSITIVE, NONNEGATIVE, BYTES, NONNEGATIVE_BYTES)
 
-_LINK_SCHEMA = {"latency_s": NONNEGATIVE, "bandwidth_bytes_per_s": POSITIVE}
+
+def _with_sources(table: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`table` plus an optional `<field>_source` string beside each numeric field."""
+    sources = {f"{k}{SOURCE_SUFFIX}": SOURCE for k, kind in table.items() if kind in NUMERIC_KINDS and k not in skip}
+    return {**table, **sources}
+
+
+_LINK_SCHEMA = _with_sources({"latency_s": NONNEGATIVE, "bandwidth_bytes_per_s": POSITIVE})
+# The run that wrote a profiled file; optional, and free of numbers the cost model reads.
+PROVENANCE_SCHEMA = {
+    "date": OPTIONAL_TEXT, "host": OPTIONAL_TEXT, "command": OPTIONAL_TEXT, "autopar_version": OPTIONAL_TEXT,
+    "torch_version": OPTIONAL_TEXT, "backend": OPTIONAL_TEXT, "devices": OPTIONAL_TEXT,
+    "world_size": OPTIONAL_COUNT, "nodes": OPTIONAL_COUNT, "threads_per_rank": OPTIONAL_COUNT,
+}
+OPTIONAL_TABLES = frozenset({"provenance"})
 SCHEMA: dict[str, Any] = {
-    "schema_version": COUNT,
-    "name": TEXT,
-    "device": TEXT,
-    "devices_per_node": COUNT,
-    "source": TEXT,
-    "compute": {
+    **_with_sources({
+        "schema_version": COUNT,  # the file format's version, not a measurement: nothing to cite
+        "name": TEXT,
+        "device": TEXT,
+        "devices_per_node": COUNT,
+        "source": TEXT,
+    }, skip=("schema_version",)),
+    "compute": _with_sources({
         **{f"peak_{dtype}_flops_per_s": POSITIVE for dtype in DTYPES},
         "matmul_efficiency": FRACTION,
         "launch_overhead_s": NONNEGATIVE,
-    },
-    "memory": {
+    }),
+    "memory": _with_sources({
         "capacity_bytes": BYTES,
         "reserve_bytes": NONNEGATIVE_BYTES,
         "bandwidth_bytes_per_s": POSITIVE,
         "efficiency": FRACTION,
-    },
+    }),
     "links": {name: _LINK_SCHEMA for name in LINK_NAMES},
+    "provenance": PROVENANCE_SCHEMA,
 }
+
+
+def numeric_fields(schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> list[str]:
+    """Dotted names of every number a hardware file must cite a source for (all but schema_version)."""
+    names = []
+    for key, kind in schema.items():
+        if isinstance(kind, dict):
+            names += [] if key in OPTIONAL_TABLES else numeric_fields(kind, f"{prefix}{key}.")
+        elif kind in NUMERIC_KINDS and key != "schema_version":
+            names.append(prefix + key)
+    return names
 
 
 # ---------------------------------------------------------------- loading
@@ -175,6 +218,12 @@ def load_hardware(name_or_path: str | os.PathLike[str]) -> Hardware:
             f"{path}: schema_version = {values['schema_version']} is not supported; "
             f"this autopar reads schema_version = {SCHEMA_VERSION}"
         )
+    memory = values["memory"]
+    if memory["reserve_bytes"] >= memory["capacity_bytes"]:
+        raise HardwareError(
+            f"{path}: field 'memory.reserve_bytes' = {memory['reserve_bytes']} leaves nothing of "
+            f"'memory.capacity_bytes' = {memory['capacity_bytes']}; set the reserve below the capacity"
+        )
     return _build(values)
 
 
@@ -182,7 +231,10 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix == ".toml" or len(candidate.parts) > 1:
         if not candidate.is_file():
-            raise HardwareError(f"hardware file '{candidate}' does not exist; check the path")
+            raise HardwareError(
+                f"hardware file '{candidate}' does not exist; check the path, write one with "
+                f"`autopar profile --out {candidate}`, or use a shipped name: {', '.join(available_hardware())}"
+            )
         return candidate
     shipped = HARDWARE_DIR / f"{candidate}.toml"
     if not shipped.is_file():
@@ -202,6 +254,8 @@ def _check_table(table: Mapping[str, Any], schema: Mapping[str, Any], section: s
     for key, kind in schema.items():
         where = f"{section}.{key}" if section else key
         if key not in table:
+            if where in OPTIONAL_TABLES or (not isinstance(kind, dict) and kind.optional):
+                continue
             need = f"a [{where}] table" if isinstance(kind, dict) else kind.need
             raise HardwareError(f"{path}: missing field '{where}' ({need}); add it")
         value = table[key]
@@ -213,18 +267,78 @@ def _check_table(table: Mapping[str, Any], schema: Mapping[str, Any], section: s
         try:
             values[key] = kind.convert(value)
         except ValueError:
-            raise HardwareError(
-                f"{path}: field '{where}' = {value!r} is invalid; set it to {kind.need}"
-            ) from None
+            raise HardwareError(f"{path}: {_invalid_value_message(where, value, kind)}") from None
     return values
+
+
+def _invalid_value_message(where: str, value: Any, kind: _Kind) -> str:
+    key = where.rsplit(".", 1)[-1]
+    unit = _field_unit(key) if kind.dimensional else None
+    written = _parse_quantity(value) if isinstance(value, str) else None
+    if unit and written:
+        number, dimension, factor = written
+        if dimension != unit[0]:
+            return f"field '{where}' = {value!r} is not in {unit[0]}; write a plain number of {unit[0]} there"
+        return (f"field '{where}' = {value!r} is a string; write a plain number of {unit[0]}: "
+                f"{key} = {number * factor / unit[1]:.6g}")
+    return f"field '{where}' = {value!r} is invalid; set it to {kind.need}"
 
 
 def _unknown_key_message(key: str, schema: Mapping[str, Any], section: str) -> str:
     where = f"[{section}]" if section else "the top level"
+    name = f"{section}.{key}" if section else key
+    other_unit = _other_unit_message(key, schema)
+    if other_unit:
+        return f"field '{name}' in {where} {other_unit}"
     close = difflib.get_close_matches(key, list(schema), n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(sorted(schema))}"
-    name = f"{section}.{key}" if section else key
     return f"unknown field '{name}' in {where}; {hint}"
+
+
+# ---------------------------------------------------------------- units a user may write instead of ours
+
+# Dimension and factor to the schema's unit for each suffix it reads, longest first so `_bytes_per_s` wins.
+_FIELD_UNITS = (("_flops_per_s", ("FLOP/s", 1.0)), ("_bytes_per_s", ("bytes/s", 1.0)),
+                ("_bytes", ("bytes", 1.0)), ("_s", ("seconds", 1.0)))
+_PREFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15,
+             "ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
+# Lower-case unit text -> (dimension, factor to the base unit). Bits per second are left out on purpose:
+# "Gbps" is a line rate, and the schema wants achieved bytes/s, so guessing would hide a factor of 8 and more.
+_UNITS: dict[str, tuple[str, float]] = {
+    "s": ("seconds", 1.0), "ms": ("seconds", 1e-3), "us": ("seconds", 1e-6), "µs": ("seconds", 1e-6),
+    "ns": ("seconds", 1e-9),
+    **{f"{p}b": ("bytes", f) for p, f in _PREFIXES.items()},
+    **{f"{p}{b}": ("bytes/s", f) for p, f in _PREFIXES.items() for b in ("b/s", "bytes/s")},
+    **{f"{p}{u}": ("FLOP/s", f) for p, f in _PREFIXES.items() for u in ("flop/s", "flops", "flops/s")},
+}
+
+
+def _field_unit(key: str) -> tuple[str, float] | None:
+    return next((unit for suffix, unit in _FIELD_UNITS if key.endswith(suffix)), None)
+
+
+def _parse_quantity(text: str) -> tuple[float, str, float] | None:
+    """`"5 us"` -> (5.0, "seconds", 1e-6); None when `text` is not a number followed by a known unit."""
+    match = re.fullmatch(r"\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ/]+)\s*", text.replace("_", ""))
+    if not match or match.group(2).lower() not in _UNITS:
+        return None
+    dimension, factor = _UNITS[match.group(2).lower()]
+    return float(match.group(1)), dimension, factor
+
+
+def _other_unit_message(key: str, schema: Mapping[str, Any]) -> str | None:
+    """For `latency_us` beside a schema field `latency_s`: what the schema reads instead, or None."""
+    for known, kind in schema.items():
+        unit = None if isinstance(kind, dict) else _field_unit(known)
+        suffix = next((s for s, _ in _FIELD_UNITS if known.endswith(s)), "")
+        stem = known[: len(known) - len(suffix)]
+        if not unit or not key.startswith(stem + "_"):
+            continue
+        written = _UNITS.get(key[len(stem) + 1 :].replace("_per_", "/").lower())
+        if written and written[0] == unit[0]:
+            return (f"is in another unit; this schema reads '{known}' in {unit[0]}: rename it and multiply "
+                    f"the value by {written[1] / unit[1]:g}")
+    return None
 
 
 def _build(v: Mapping[str, Any]) -> Hardware:
@@ -240,7 +354,24 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         matmul_efficiency=compute["matmul_efficiency"],
         memory_efficiency=memory["efficiency"],
         launch_overhead_s=compute["launch_overhead_s"],
-        intra_node=Link(name="intra_node", **links["intra_node"]),
-        inter_node=Link(name="inter_node", **links["inter_node"]),
+        intra_node=Link(name="intra_node", **_numbers(links["intra_node"])),
+        inter_node=Link(name="inter_node", **_numbers(links["inter_node"])),
         source=v["source"],
+        sources=_sources(v),
+        provenance=dict(v.get("provenance", {})),
     )
+
+
+def _numbers(table: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: x for k, x in table.items() if not k.endswith(SOURCE_SUFFIX)}
+
+
+def _sources(v: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten `<field>_source` keys to {"section.field": text}."""
+    out: dict[str, str] = {}
+    for key, x in v.items():
+        if isinstance(x, dict):
+            out.update(_sources(x, f"{prefix}{key}."))
+        elif key.endswith(SOURCE_SUFFIX):
+            out[prefix + key.removesuffix(SOURCE_SUFFIX)] = x
+    return out
