@@ -2,7 +2,8 @@
 
 To add an op: write a single-axis rule (see base.py) in the module of its family, or add it to a table there."""
 
-from autopar.strategies import factory, matmul, nn_ops, pointwise, reductions, views  # noqa: F401  (registers)
+from autopar.strategies import (factory, indexing, matmul, nn_ops, pointwise, reductions,  # noqa: F401  (registers)
+                                 scans, views)
 from autopar.strategies.base import (RULES, OpInfo, OpRule, Strategy, Strategy1D, expand, grad_partial_axes,
                                      rule_for, tensor_inputs, tensor_values)
 

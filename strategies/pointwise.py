@@ -14,7 +14,7 @@ aten = torch.ops.aten
 UNARY = [
     aten.relu, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.exp, aten.log, aten.rsqrt, aten.sqrt,
     aten.pow, aten.sin, aten.cos, aten.abs, aten.erf, aten.reciprocal, aten.square, aten.softplus,
-    aten.logical_not, aten.isnan, aten.isinf, aten.tril, aten.triu,
+    aten.logical_not, aten.bitwise_not, aten.isnan, aten.isinf, aten.tril, aten.triu,
     # dropout draws a mask per rank: never on partial sums (the addends would get different masks)
     aten.dropout, aten.native_dropout,
 ]
@@ -27,7 +27,9 @@ LINEAR_UNARY = [
 ADDITIVE = [aten.add, aten.sub]
 SCALING = [aten.mul, aten.div]
 COMPARE_OR_SELECT = [aten.where, aten.masked_fill, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
-                     aten.maximum, aten.minimum, aten.clamp, aten.bitwise_and, aten.bitwise_or, aten.logical_and]
+                     aten.maximum, aten.minimum, aten.clamp, aten.bitwise_and, aten.bitwise_or, aten.logical_and,
+                     # boolean mask algebra (`a & b` on tensors is aten.__and__, as in HF's attention masks)
+                     aten.__and__, aten.__or__, aten.__xor__, aten.bitwise_xor, aten.logical_or, aten.logical_xor]
 
 # tril/triu mask by absolute position: sharding the last two dims would shift the diagonal.
 _POSITIONAL = {aten.tril, aten.triu}
