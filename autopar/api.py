@@ -60,7 +60,8 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     coords = tuple(mesh.get_local_rank(a) for a in AXES)
     decisions = {name: Strategy(outs=tuple(parse(o) for o in d.outs), ins=tuple(parse(i) for i in d.ins))
                  for name, d in plan.strategies.items()}
-    emitted = emit(pg, decisions, coords)
+    fsdp_axes = (AXES.index("dp"),) if plan.zero >= 2 and plan.degrees["dp"] > 1 else None  # FSDP owns dp
+    emitted = emit(pg, decisions, coords, fsdp_axes)
     root, placements, aliases = _shard_parameters(model, captured, pg, decisions, mesh, coords)
     deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
     return CompiledModel(root, emitted.graph, plan, mesh, captured.program.call_spec.out_spec, placements,

@@ -11,13 +11,13 @@ import math
 import re
 from typing import Callable
 
+from autopar.checkpointing import AC_MODES
 from autopar.errors import AutoparError, MeshError, NotSupportedYet
+from autopar.zero import PRECISIONS, ZERO_STAGES
 
 MESH_AXES = ("dp", "tp", "pp", "cp")
-PLANNER_KEYS = ("dp", "tp", "mbs")  # what make_plan(fix=...) understands today
-AC_MODES = ("none", "selective", "full")
+PLANNER_KEYS = ("dp", "tp", "mbs", "zero", "ac", "precision")  # what make_plan(fix=...) understands today
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
-ZERO_STAGES = (0, 1, 2, 3)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -50,6 +50,7 @@ FIX_KEYS: dict[str, tuple[Callable[[str], object], str]] = {
     "cp": (_positive_int, "context-parallel degree"),
     "zero": (_one_of(ZERO_STAGES), "ZeRO stage"),
     "ac": (_one_of(AC_MODES), "activation checkpointing"),
+    "precision": (_one_of(PRECISIONS), "training precision (bf16: bf16 compute, fp32 master weights)"),
     "mbs": (_positive_int, "micro-batch size, global samples per micro-step"),
     "schedule": (_one_of(SCHEDULES), "pipeline schedule"),
     "v": (_positive_int, "virtual pipeline stages per device"),
@@ -59,8 +60,6 @@ FIX_KEYS: dict[str, tuple[Callable[[str], object], str]] = {
 _NOT_YET: dict[str, tuple[Callable[[object], bool], str, str]] = {
     "pp": (lambda v: v == 1, "pipeline parallelism (pp>1)", "use pp=1 or leave pp out"),
     "cp": (lambda v: v == 1, "context parallelism (cp>1)", "use cp=1 or leave cp out"),
-    "zero": (lambda v: v == 0, "ZeRO stages 1-3", "use zero=0 or leave zero out"),
-    "ac": (lambda v: v == "none", "activation checkpointing", "use ac=none or leave ac out"),
     "schedule": (lambda v: False, "choosing a pipeline schedule (it needs pp>1)", "leave schedule out"),
     "v": (lambda v: v == 1, "virtual pipeline stages (v>1)", "use v=1 or leave v out"),
 }
@@ -125,9 +124,9 @@ def merge_mesh(mesh: dict[str, int], fix: dict[str, object], devices: int | None
     return {**fix, **mesh}, size
 
 
-def planner_fix(fix: dict[str, object]) -> dict[str, int]:
+def planner_fix(fix: dict[str, object]) -> dict[str, object]:
     """The pins make_plan acts on; the other keys were checked to be at today's behaviour by `_typed`."""
-    return {key: int(fix[key]) for key in PLANNER_KEYS if key in fix}
+    return {key: fix[key] for key in PLANNER_KEYS if key in fix}
 
 
 def parse_memory(text: str) -> int:

@@ -24,9 +24,10 @@ class Prediction:
     grad_sync_s: float  # parameter-gradient collectives, before overlap
     grad_sync_exposed_s: float  # the part backward could not hide
     bubble_s: float = 0.0  # pipeline bubble (no pipeline parallelism yet)
-    recompute_s: float = 0.0  # activation recomputation (no checkpointing yet)
+    recompute_s: float = 0.0  # activation recomputation (forward re-run in backward), part of compute_s
     memory_bytes_per_device: float  # peak, the sum of the parts below
-    memory_parts: dict[str, float]  # params, grads, optimizer_state, activations, inputs
+    memory_parts: dict[str, float]  # params, grads, optimizer_state, activations, inputs, transient
+    memory_binding: str = ""  # what limits memory: the largest part, and whether the budget binds
     tokens_per_s: float
     tflops_per_device: float  # model FLOPs (6N-style, from the traced graph) per second per device
     model_flops_per_step: float
@@ -54,8 +55,10 @@ class Plan:
     seq: int
     micro_batch_size: int  # global samples per micro-step (one forward/backward)
     num_micro_batches: int
-    zero: int = 0
-    ac: str = "none"
+    zero: int = 0  # ZeRO stage along dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + parameters sharded
+    ac: str = "none"  # activation checkpointing of every block not named in ac_layers: none | selective | full
+    ac_layers: dict[str, str] = field(default_factory=dict)  # block ("blocks.3") -> mode, where it differs from ac
+    precision: str = "fp32"  # fp32, or bf16: bf16 parameters/compute, fp32 master weights and gradient reduction
     schedule: str | None = None
     virtual_stages: int = 1
     dtype: str = "float32"

@@ -1,5 +1,6 @@
-"""The compiled training object: this rank's generated graph, its local parameter shards, and gradient
-synchronisation for parameters whose gradient is partial along an axis (data parallelism's all-reduce).
+"""The compiled training object: this rank's generated graph (one submodule per block), its local parameter
+shards, the plan's activation checkpointing and ZeRO stage, and gradient synchronisation for parameters whose
+gradient is partial along an axis (data parallelism's all-reduce) where FSDP does not own it.
 
 Synchronisation follows DDP's design (Li et al. 2020, "PyTorch Distributed", VLDB): parameters are grouped into
 buckets in reverse order of use; when every gradient of a bucket has been accumulated, the bucket is flattened and
@@ -17,35 +18,57 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from autopar.checkpointing import apply_checkpointing
+from autopar.codegen.blocks import full_code, split_blocks
 from autopar.codegen.collectives import all_gather
 from autopar.placement import Placement
+from autopar.zero import make_optimizer, shard_with_fsdp
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 class CompiledModel(nn.Module):
-    """Call it like the original model (same arguments, the global batch on every rank); train it with any torch
-    optimizer over `.parameters()` (the local shards). `.code` is the generated per-rank program."""
+    """Call it like the original model (same arguments, the global batch on every rank); train it with
+    `.optimizer(torch.optim.AdamW, lr=...)` (any torch optimizer over the local shards; partitioned under ZeRO-1).
+    `.code` is the generated per-rank program."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, plan, mesh, out_spec,
                  param_placements: dict[str, tuple[Placement, ...]], deferred: dict[str, tuple[int, ...]],
                  aliases: dict[str, str]):
         super().__init__()
-        self.program = fx.GraphModule(root, graph, class_name="AutoparRank")
+        program, self.blocks = split_blocks(fx.GraphModule(root, graph, class_name="AutoparRank"))
         self.plan, self.mesh = plan, mesh
+        self.zero = plan.zero if "dp" in plan.axis_names and plan.degrees["dp"] > 1 else 0
+        apply_checkpointing(program, {name: ac_mode(plan, name) for name in self.blocks})
+        self.param_paths = _param_paths(program, param_placements)  # FQN -> attribute path in `program`
+        if self.zero >= 2:  # FSDP owns the dp reduction of the parameters the graph leaves dp-partial on every use
+            keep = {program.get_parameter(self.param_paths[f]) for f in param_placements if f not in deferred}
+            shard_with_fsdp(program, self.blocks, mesh["dp"], self.zero, plan.precision, keep)
+        self.program = program
         self._out_spec = out_spec
         self.param_placements = param_placements  # FQN -> placement per axis
         self.aliases = aliases  # tied FQN -> the FQN that holds the tensor
-        self._sync = _GradSync(self, deferred) if deferred else None
+        self._sync = _GradSync(self, deferred) if deferred and self.zero < 2 else None
+        self._autocast = plan.precision == "bf16" and self.zero < 2
 
     @property
     def code(self) -> str:
-        return self.program.code
+        return full_code(self.program, self.blocks)
 
     def forward(self, *args, **kwargs):
         leaves = pytree.tree_leaves((args, kwargs))
-        out = self.program(*leaves)
+        with torch.autocast(leaves[0].device.type, torch.bfloat16, enabled=self._autocast):
+            out = self.program(*leaves)
         return pytree.tree_unflatten(list(out) if isinstance(out, (list, tuple)) else [out], self._out_spec)
+
+    def optimizer(self, cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs) -> torch.optim.Optimizer:
+        """The optimizer for this rank's shards, with its state partitioned over dp under ZeRO-1."""
+        group = self.mesh.get_group("dp") if self.zero == 1 else None
+        return make_optimizer(self.parameters(), cls, self.zero, group, **kwargs)
+
+    def local_parameter(self, fqn: str) -> torch.Tensor:
+        """This rank's tensor of parameter `fqn` (an FSDP DTensor under ZeRO-2/3)."""
+        return self.program.get_parameter(self.param_paths[self.aliases.get(fqn, fqn)])
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -62,7 +85,7 @@ class CompiledModel(nn.Module):
     def full_tensor(self, fqn: str, local: torch.Tensor) -> torch.Tensor:
         """All-gather a local shard (a parameter or its gradient) of parameter `fqn` into the full tensor."""
         fqn = self.aliases.get(fqn, fqn)
-        out = local
+        out = local.full_tensor() if hasattr(local, "full_tensor") else local  # FSDP's dp shards first
         for axis, pl in enumerate(self.param_placements[fqn]):
             if pl.is_shard:
                 out = all_gather(out.contiguous(), pl.dim, self.mesh.get_group(self.plan.axis_names[axis]))
@@ -72,7 +95,7 @@ class CompiledModel(nn.Module):
         """Full parameters (or gradients) by original FQN, identical on every rank."""
         out = {}
         for fqn in list(self.param_placements) + list(self.aliases):
-            p = self.program.get_parameter(self.aliases.get(fqn, fqn))
+            p = self.local_parameter(fqn)
             t = p.grad if grads else p.detach()
             if t is not None:
                 out[fqn] = self.full_tensor(fqn, t)
@@ -83,7 +106,7 @@ class _GradSync:
     def __init__(self, model: CompiledModel, deferred: dict[str, tuple[int, ...]]):
         self.enabled = True
         self.groups = {a: model.mesh.get_group(name) for a, name in enumerate(model.plan.axis_names)}
-        params = [(model.program.get_parameter(fqn), axes) for fqn, axes in deferred.items()]
+        params = [(model.local_parameter(fqn), axes) for fqn, axes in deferred.items()]
         self.buckets = _make_buckets(params)
         self.pending: list[tuple[Any, torch.Tensor, list]] = []
         self.ready: dict[int, int] = {}
@@ -129,6 +152,24 @@ class _GradSync:
         self.pending.clear()
         self.ready.clear()
         self.queued = False
+
+
+def ac_mode(plan, block_module: str) -> str:
+    """The plan's checkpointing for a block submodule ("blocks_3" runs layer "blocks.3")."""
+    for layer, mode in plan.ac_layers.items():
+        if layer.replace(".", "_") == block_module:
+            return mode
+    return plan.ac
+
+
+def _param_paths(program: nn.Module, fqns) -> dict[str, str]:
+    """Where each original parameter lives after the split (`blocks_3.inner.blocks.3.attn.q.weight`)."""
+    paths: dict[str, str] = {}
+    for path, _ in program.named_parameters(remove_duplicate=False):
+        for fqn in fqns:
+            if fqn not in paths and (path == fqn or path.endswith("." + fqn)):
+                paths[fqn] = path
+    return paths
 
 
 def _make_buckets(params: list[tuple[torch.Tensor, tuple[int, ...]]]) -> list[dict]:

@@ -60,7 +60,8 @@ def train(args: argparse.Namespace) -> list[float]:
                                 hardware=args.hardware)
         if rank0 and args.print_code:
             print(model.code, file=sys.stderr)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = model.optimizer(torch.optim.AdamW, lr=args.lr) if not args.reference else \
+        torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, dump = [], {}
     for step, (tokens, targets) in enumerate(batches(info, args, seq)):
         loss = model(tokens, targets)

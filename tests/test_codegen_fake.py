@@ -26,7 +26,7 @@ if plan is None:
 loss = compiled(*sample_inputs(info, 8, 32))
 loss.backward()
 counts = Counter(".".join(m) for m in re.findall(r"self\.comm\.(\w+)\.(\w+)", compiled.code))
-print(json.dumps({"counts": counts, "shapes": {n: list(p.shape) for n, p in compiled.program.named_parameters()}}))
+print(json.dumps({"counts": counts, "shapes": {n: list(compiled.local_parameter(n).shape) for n in compiled.param_paths}}))
 """
 
 

@@ -30,8 +30,12 @@ class Emitted:
     deferred_sync: dict[str, tuple[int, ...]]  # param placeholder -> axes whose gradient the runtime reduces
 
 
+BLOCK_META = "autopar_block"  # node.meta key: the repeated-layer item ("blocks.3") a generated node belongs to
+
+
 class Emitter:
-    def __init__(self, pg: PlanGraph, decisions: dict[str, Strategy], coords: Sequence[int]):
+    def __init__(self, pg: PlanGraph, decisions: dict[str, Strategy], coords: Sequence[int],
+                 external_axes: Sequence[int] | None = None):
         self.pg = pg
         outputs = {n: p.strategies[0] for n, p in pg.nodes.items() if p.kind == "output"}  # fixed: all R
         self.decisions = {**decisions, **outputs}
@@ -39,11 +43,16 @@ class Emitter:
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
         self.moved: dict[tuple, fx.Node] = {}
-        self.deferred = {name: _deferred_axes(pg, self.decisions, name) for name, p in pg.nodes.items() if p.kind == "param"}
+        self.deferred = {name: _deferred_axes(pg, self.decisions, name, external_axes)
+                         for name, p in pg.nodes.items() if p.kind == "param"}
 
     def run(self) -> Emitted:
         for name, p in self.pg.nodes.items():
             self.env[name] = self.emit_node(p)
+            for n in reversed(self.g.nodes):  # the nodes just made (collectives included) belong to p's block
+                if BLOCK_META in n.meta:
+                    break
+                n.meta[BLOCK_META] = p.block
         return Emitted(self.g, {k: v for k, v in self.deferred.items() if v})
 
     def emit_node(self, p: PNode) -> fx.Node:
@@ -98,8 +107,10 @@ class Emitter:
         return value
 
 
-def _deferred_axes(pg: PlanGraph, decisions: dict[str, Strategy], param: str) -> tuple[int, ...]:
-    """Axes on which every use of a parameter consumes it as stored (R) and leaves its gradient partial."""
+def _deferred_axes(pg: PlanGraph, decisions: dict[str, Strategy], param: str,
+                   external: Sequence[int] | None) -> tuple[int, ...]:
+    """Axes on which every use of a parameter consumes it as stored (R) and leaves its gradient partial, among
+    `external` (default all): the axes whose gradient reduction the runtime owns (FSDP owns only dp's)."""
     src = decisions[param].outs[0]
     common: set[int] | None = None
     for p in pg.nodes.values():
@@ -109,7 +120,7 @@ def _deferred_axes(pg: PlanGraph, decisions: dict[str, Strategy], param: str) ->
             s = decisions[p.node.name]
             plain = {st.axis for st in steps(src, s.ins[j], grad_partial_axes(s, j)) if st.kind == "identity"}
             common = plain if common is None else common & plain
-    return tuple(sorted(common or ()))
+    return tuple(sorted(a for a in common or () if external is None or a in external))
 
 
 def _substitute(args, kwargs, local: list[fx.Node]):
@@ -124,5 +135,6 @@ def _substitute(args, kwargs, local: list[fx.Node]):
     return new_args, new_kwargs
 
 
-def emit(pg: PlanGraph, decisions: dict[str, Strategy], coords: Sequence[int]) -> Emitted:
-    return Emitter(pg, decisions, coords).run()
+def emit(pg: PlanGraph, decisions: dict[str, Strategy], coords: Sequence[int],
+         external_axes: Sequence[int] | None = None) -> Emitted:
+    return Emitter(pg, decisions, coords, external_axes).run()

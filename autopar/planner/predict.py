@@ -90,7 +90,8 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
                 devices=req.devices, axis_names=list(pg.axis_names),
                 degrees={**dict(zip(pg.axis_names, pg.degrees)), "pp": 1, "cp": 1}, batch=req.batch,
                 seq=req.seq, micro_batch_size=req.batch // best.micro_batches,
-                num_micro_batches=best.micro_batches, dtype=req.dtype, memory_budget_bytes=budget, params=params,
+                num_micro_batches=best.micro_batches, dtype=req.dtype, zero=int(req.fix.get("zero", 0)),
+                ac=str(req.fix.get("ac", "none")), precision=str(req.fix.get("precision", "fp32")), memory_budget_bytes=budget, params=params,
                 strategies=decisions, predicted=predict(req, best), solver=stats, fallback_ops=dict(fallbacks),
                 alternatives=others)
 
