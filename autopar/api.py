@@ -48,14 +48,16 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
         plan = _search_on_rank0(model, captured, sample_inputs, world, pins, hardware, memory_budget_bytes)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    _check_pins(plan, pins)
     degrees = tuple(plan.degrees[a] for a in AXES)
     if math.prod(degrees) != world:
         raise MeshError(f"the plan's mesh {_fmt(plan.degrees)} has {math.prod(degrees)} devices but the world size "
                         f"is {world}; launch with --nproc_per_node {math.prod(degrees)} or re-plan")
     pg = build(captured, degrees, AXES)
     if fingerprint(pg) != plan.graph_fingerprint:
-        raise PlanError(f"the plan was made for another model or input shape (fingerprint {plan.graph_fingerprint}, "
-                        f"this model traces to {fingerprint(pg)}); re-plan for this model and batch")
+        raise PlanError(f"the plan was made for another model or input shape ({plan.model}, batch {plan.batch} x seq "
+                        f"{plan.seq}: fingerprint {plan.graph_fingerprint}; this model and sample inputs trace to "
+                        f"{fingerprint(pg)}); re-plan for this model and batch")
     mesh = mesh or init_device_mesh(_device_type(), degrees, mesh_dim_names=AXES)
     coords = tuple(mesh.get_local_rank(a) for a in AXES)
     decisions = {name: Strategy(outs=tuple(parse(o) for o in d.outs), ins=tuple(parse(i) for i in d.ins))
@@ -108,6 +110,15 @@ def _mesh_degrees(mesh: DeviceMesh, world: int) -> dict[str, int]:
 
 def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+
+
+def _check_pins(plan: Plan, pins: dict) -> None:
+    """A plan file is run as it is: degrees pinned by `fix` or `mesh` that it contradicts are an error, not ignored."""
+    clash = {a: pins[a] for a in AXES if a in pins and pins[a] != plan.degrees.get(a, 1)}
+    if clash:
+        asked = ", ".join(f"{a}={d}" for a, d in clash.items())
+        raise PlanError(f"the plan's mesh {_fmt(plan.degrees)} contradicts {asked} given by fix/mesh; drop those "
+                        "pins to run the plan, or re-plan with them")
 
 
 def _fmt(degrees: dict) -> str:

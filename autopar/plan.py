@@ -90,10 +90,17 @@ class Plan:
     def load(path: str | Path) -> "Plan":
         try:
             data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"the top level is a JSON {type(data).__name__}, not an object")
             return Plan.from_dict(data)
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist; create one with `autopar plan ... --json {path}`") \
                 from None
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
+        except OSError as e:  # a directory, no permission, ...
+            raise PlanError(f"plan file {path} cannot be read ({e.strerror}); give the path of a plan JSON file") \
+                from None
+        except PlanError as e:
+            raise PlanError(f"plan file {path}: {e}") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # ValueError: not JSON, not UTF-8
             raise PlanError(f"plan file {path} is malformed ({type(e).__name__}: {e}); re-create it with "
                             "`autopar plan ... --json`") from None

@@ -10,6 +10,7 @@ batches from --seed, so their losses agree to float32 rounding.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -18,19 +19,22 @@ import torch
 import torch.distributed as dist
 
 import autopar
+from autopar.cli.plan_cmd import positive_int, usage_error
 from autopar.errors import AutoparError
 from autopar.fixspec import parse_fix, planner_fix
 from autopar.models import build_model, parse_model_args, sample_inputs
+from autopar.plan import Plan
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.error = functools.partial(usage_error, ap)  # `autopar: error: ...`, like every other user error
     ap.add_argument("--model", default="gpt-tiny", help="preset, family, or path/to/file.py:factory")
     ap.add_argument("--model-args", default="", help="overrides, e.g. layers=4,hidden=128")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=positive_int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=8, help="global batch per step")
-    ap.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
+    ap.add_argument("--batch", type=positive_int, default=8, help="global batch per step")
+    ap.add_argument("--seq", type=positive_int, default=None, help="sequence length (default: the model's)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--fix", default="", help="pins, e.g. dp=2,tp=2 (default: the planner decides)")
     ap.add_argument("--hardware", default=None, help="cost model to plan with (default: cpu, or h100 on CUDA)")
@@ -50,13 +54,14 @@ def batches(info, args, seq: int):
 
 
 def train(args: argparse.Namespace) -> list[float]:
+    plan = Plan.load(args.plan) if args.plan else None  # a bad plan file fails before any model is built
     torch.manual_seed(args.seed)
     model, info = build_model(args.model, parse_model_args(args.model_args))
     seq = args.seq or info.seq
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)
-        model = autopar.compile(model, sample_inputs=example, fix=planner_fix(parse_fix(args.fix)), plan=args.plan,
+        model = autopar.compile(model, sample_inputs=example, fix=planner_fix(parse_fix(args.fix)), plan=plan,
                                 hardware=args.hardware)
         if rank0 and args.print_code:
             print(model.code, file=sys.stderr)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +38,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """argparse's usage errors (bad flag values, missing flags) in autopar's one error line."""
+    parser.print_usage(sys.stderr)
+    parser.exit(2, f"autopar: error: {message}; see `{parser.prog} --help`\n")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     keys = ", ".join(FIX_KEYS)
     p = subparsers.add_parser(
@@ -62,6 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                    "(default: the hardware's capacity minus its reserve)")
     p.add_argument("--dtype", choices=list(DTYPES), help="training dtype (default: bf16 on GPUs, fp32 on cpu)")
     p.add_argument("--verbose", action="store_true", help="also list every node's placements; log progress")
+    p.error = functools.partial(usage_error, p)
     p.set_defaults(run=run)
 
 
