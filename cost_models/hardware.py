@@ -156,6 +156,7 @@ PROVENANCE_SCHEMA = {
     "date": OPTIONAL_TEXT, "host": OPTIONAL_TEXT, "command": OPTIONAL_TEXT, "autopar_version": OPTIONAL_TEXT,
     "torch_version": OPTIONAL_TEXT, "backend": OPTIONAL_TEXT, "devices": OPTIONAL_TEXT,
     "world_size": OPTIONAL_COUNT, "nodes": OPTIONAL_COUNT, "threads_per_rank": OPTIONAL_COUNT,
+    "host_load": OPTIONAL_TEXT,  # other work on the host slows what was measured; this says how much there was
 }
 OPTIONAL_TABLES = frozenset({"provenance"})
 SCHEMA: dict[str, Any] = {

@@ -6,16 +6,11 @@ import argparse
 import sys
 from importlib import metadata
 
-from autopar.cli import plan_cmd
-from autopar.errors import AutoparError, NotSupportedYet
+from autopar.cli import plan_cmd, profile_cmd
+from autopar.errors import AutoparError
 
 EXIT_USAGE = 2  # argparse's own code for bad usage; user errors share it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-
-
-def _profile(args: argparse.Namespace) -> int:
-    raise NotSupportedYet("`autopar profile` is not supported yet; use a shipped hardware file "
-                          "(e.g. --hardware a100-80gb-sxm) or write a .toml like those in cost_models/hardware/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autopar {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     plan_cmd.add_parser(sub)
-    profile = sub.add_parser("profile", help="measure this machine into a hardware file (not supported yet)")
-    profile.set_defaults(run=_profile)
+    profile_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""Collective microbenchmarks over a live process group: seconds per call by kind and message size.
+
+Message sizes follow the byte conventions of `autopar.cost_models.comm` (the alpha-beta model the fit feeds):
+all_gather counts the gathered output per rank, reduce_scatter the unscattered input, all_to_all the buffer each
+rank sends, send_recv one message. send_recv pairs group ranks (0, 1), (2, 3), ... and times a ping-pong, whose half
+is one message; an odd rank out only joins the timing reductions.
+
+All ranks of the group must call `collective_samples` with the same arguments: the call counts are agreed on
+(the slowest rank's warm-up decides), and each timing is the slowest rank's, since a collective ends for everyone
+only when it ends for the last rank.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from autopar.cost_models.comm import COLLECTIVES
+
+from .microbench import synchronizer
+
+ELEMENT_BYTES = 4  # float32 payloads: every backend reduces them
+# torch 2.13 renames the tensor forms of all-gather and reduce-scatter; older releases (>= 2.6) have only the old.
+_ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+@dataclass(frozen=True)
+class CommSample:
+    link: str  # "intra_node" | "inter_node"
+    kind: str  # one of autopar.cost_models.comm.COLLECTIVES
+    group_size: int
+    nbytes: int  # B as autopar.cost_models.comm defines it for `kind`
+    seconds: float  # median over repeats of the slowest rank's time per call
+
+
+def message_bytes(requested: int, group_size: int) -> int:
+    """`requested` rounded up so every rank's shard is a whole number of float32 elements."""
+    quantum = ELEMENT_BYTES * group_size
+    return max(quantum, -(-requested // quantum) * quantum)
+
+
+def _collective(kind: str, nbytes: int, group: dist.ProcessGroup, device: torch.device) -> Callable[[], None]:
+    n, numel = dist.get_world_size(group), nbytes // ELEMENT_BYTES
+    full, shard = torch.ones(numel, device=device), torch.ones(numel // n, device=device)
+    if kind == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)
+    if kind == "all_gather":
+        return lambda: _ALL_GATHER(full, shard, group=group)
+    if kind == "reduce_scatter":
+        return lambda: _REDUCE_SCATTER(shard, full, group=group)
+    if kind == "all_to_all":
+        received = torch.empty_like(full)
+        return lambda: dist.all_to_all_single(received, full, group=group)
+    return _ping_pong(full, group)
+
+
+def _ping_pong(message: torch.Tensor, group: dist.ProcessGroup) -> Callable[[], None]:
+    ranks, me = dist.get_process_group_ranks(group), dist.get_rank(group)
+    partner = me ^ 1
+    if partner >= len(ranks):
+        return lambda: None
+    peer = ranks[partner]
+    if me % 2 == 0:
+        return lambda: (dist.send(message, peer, group=group), dist.recv(message, peer, group=group))
+    return lambda: (dist.recv(message, peer, group=group), dist.send(message, peer, group=group))
+
+
+def _slowest(values: list[float], group: dist.ProcessGroup, device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def _time_collective(fn: Callable[[], None], group: dist.ProcessGroup, device: torch.device,
+                     budget_s: float, repeats: int) -> float:
+    sync = synchronizer(device)
+    start = time.perf_counter()
+    fn()
+    sync()
+    (first,) = _slowest([time.perf_counter() - start], group, device)  # also lines the ranks up
+    calls = max(1, int(budget_s / repeats / max(first, 1e-9)))
+    per_call = []
+    for _ in range(repeats):
+        _slowest([0.0], group, device)  # start together, so no rank's time includes waiting for a late peer
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(_slowest(per_call, group, device))
+
+
+def collective_samples(link: str, group: dist.ProcessGroup, device: torch.device, sizes: list[int],
+                       budget_s: float, kinds: tuple[str, ...] = COLLECTIVES, repeats: int = 3) -> list[CommSample]:
+    """Time every kind in `kinds` at every size in `sizes` (bytes, rounded by `message_bytes`) on `group`."""
+    n, out = dist.get_world_size(group), []
+    for kind in kinds:
+        for requested in sizes:
+            nbytes = message_bytes(requested, n)
+            seconds = _time_collective(_collective(kind, nbytes, group, device), group, device, budget_s, repeats)
+            if kind == "send_recv":
+                seconds /= 2  # a ping-pong is two messages
+            out.append(CommSample(link, kind, n, nbytes, seconds))
+    return out

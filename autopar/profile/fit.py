@@ -1,0 +1,128 @@
+"""Fit the hardware file's parameters to measured samples, through the cost model's own formulas.
+
+Links: the alpha-beta model of `autopar.cost_models.comm` is linear in α and 1/bw for a fixed kind and group size,
+t = steps·α + factor·B/bw, so both come from one least-squares solve (numpy) over every kind and message size.
+`steps` and `factor` are read off `collective_time_s` itself, so the fit cannot drift from the formulas the
+planner prices with. Residuals are relative (each row divided by its measured time): latency shows only in small
+messages and bandwidth only in large ones, and plain residuals would let the largest message decide both.
+
+Compute: the peak of each dtype is the best matmul throughput measured (the schema's "dense peak" for a device
+without a datasheet); `matmul_efficiency` and memory `efficiency` are the fractions for which the roofline
+`autopar.cost_models.compute.op_time_s` best predicts every matmul and stream sample (least squares in relative
+error over a 0.001 grid: one parameter, a non-smooth max(), so a grid is exact enough and cannot diverge).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+
+from autopar.cost_models.comm import collective_time_s
+from autopar.cost_models.compute import op_time_s
+from autopar.cost_models.hardware import DTYPES, Hardware, Link
+
+from .collectives import CommSample
+from .microbench import ComputeSample
+
+EFFICIENCY_GRID = np.round(np.arange(1, 1001) / 1000, 3)  # 0.001 .. 1.000
+Sample = TypeVar("Sample", ComputeSample, CommSample)
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    latency_s: float  # α per message step
+    bandwidth_bytes_per_s: float  # bus bandwidth, 1/β
+    rms_rel_error: float  # of the fitted model over the samples it was fitted to
+    samples: int
+
+
+@dataclass(frozen=True)
+class ComputeFit:
+    peak_flops_per_s: dict[str, float]  # best matmul throughput per dtype
+    matmul_efficiency: float
+    memory_bandwidth_bytes_per_s: float  # best stream rate
+    memory_efficiency: float
+    launch_overhead_s: float
+    matmul_rms_rel_error: float
+    stream_rms_rel_error: float
+
+
+def merge_ranks(per_rank: Sequence[Sequence[Sample]]) -> list[Sample]:
+    """One sample per measurement: the median over ranks of samples that differ only in `seconds`."""
+    groups: dict[Sample, list[float]] = defaultdict(list)
+    for samples in per_rank:
+        for s in samples:
+            groups[replace(s, seconds=0.0)].append(s.seconds)
+    return [replace(key, seconds=statistics.median(times)) for key, times in groups.items()]
+
+
+def model_terms(kind: str, nbytes: float, group_size: int) -> tuple[float, float]:
+    """(steps, factor) such that collective_time_s = steps·α + factor·B/bw."""
+    steps = collective_time_s(kind, nbytes, group_size, Link("probe", 1.0, math.inf))
+    factor = collective_time_s(kind, nbytes, group_size, Link("probe", 0.0, 1.0)) / nbytes
+    return steps, factor
+
+
+def fit_alpha_beta(samples: Sequence[CommSample]) -> LinkFit:
+    """Least-squares α >= 0 and bw > 0 over `samples` (any mix of kinds and group sizes on one link)."""
+    if len(samples) < 2:
+        raise ValueError(f"fitting latency and bandwidth needs at least 2 samples, got {len(samples)}")
+    terms = np.array([model_terms(s.kind, s.nbytes, s.group_size) for s in samples])
+    nbytes = np.array([s.nbytes for s in samples], dtype=float)
+    t = np.array([s.seconds for s in samples])
+    design = np.column_stack([terms[:, 0], terms[:, 1] * nbytes]) / t[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+    if alpha < 0:  # latency below resolution: the best fit with α = 0 (1-D least squares, closed form)
+        x = design[:, 1]
+        alpha, beta = 0.0, float(x.sum() / (x @ x))
+    if beta <= 0:
+        raise ValueError("collective times do not grow with message size; rerun with larger messages or "
+                         "on an idle machine")
+    rel = design @ np.array([alpha, beta]) - 1.0
+    return LinkFit(float(alpha), float(1.0 / beta), float(np.sqrt(np.mean(rel**2))), len(samples))
+
+
+def fit_compute(samples: Sequence[ComputeSample]) -> ComputeFit:
+    """Roofline parameters from matmul, stream and tiny-op samples of one device (see the module docstring)."""
+    matmuls = [s for s in samples if s.op == "matmul"]
+    streams = [s for s in samples if s.op in ("copy", "add")]
+    launch = statistics.median(s.seconds for s in samples if s.op == "tiny_add")
+    missing = [d for d in DTYPES if not any(s.dtype == d for s in matmuls)]
+    if missing or not streams:
+        raise ValueError(f"fit_compute needs matmuls in every dtype and stream samples; missing {missing or 'streams'}")
+    peaks = {d: max(s.flops / s.seconds for s in matmuls if s.dtype == d) for d in DTYPES}
+    bandwidth = max(s.bytes_moved / s.seconds for s in streams)
+    base = _roofline_hardware(peaks, bandwidth, launch)
+    mem_eff, mem_err = _best_fraction(lambda e: replace(base, memory_efficiency=e), streams, is_matmul=False)
+    base = replace(base, memory_efficiency=mem_eff)
+    mm_eff, mm_err = _best_fraction(lambda e: replace(base, matmul_efficiency=e), matmuls, is_matmul=True)
+    return ComputeFit(peaks, mm_eff, bandwidth, mem_eff, launch, mm_err, mem_err)
+
+
+def _best_fraction(hardware: Callable[[float], Hardware], samples: Sequence[ComputeSample],
+                   is_matmul: bool) -> tuple[float, float]:
+    """The grid value whose hardware's op_time_s has the least mean squared relative error; (value, rms)."""
+    measured = np.array([s.seconds for s in samples])
+
+    def rms(fraction: float) -> float:
+        hw = hardware(float(fraction))
+        predicted = np.array([op_time_s(hw, s.flops, s.bytes_moved, s.dtype, is_matmul) for s in samples])
+        return float(np.sqrt(np.mean((predicted / measured - 1.0) ** 2)))
+
+    errors = [rms(f) for f in EFFICIENCY_GRID]
+    best = int(np.argmin(errors))
+    return float(EFFICIENCY_GRID[best]), errors[best]
+
+
+def _roofline_hardware(peaks: dict[str, float], bandwidth: float, launch: float) -> Hardware:
+    # Only the fields op_time_s reads matter; the rest are placeholders that never reach a file.
+    unused = Link("unused", 0.0, 1.0)
+    return Hardware(name="fit", device="fit", devices_per_node=1, peak_flops_per_s=peaks,
+                    memory_bandwidth_bytes_per_s=bandwidth, memory_bytes=1, memory_reserve_bytes=0,
+                    matmul_efficiency=1.0, memory_efficiency=1.0, launch_overhead_s=launch,
+                    intra_node=unused, inter_node=unused, source="fit")

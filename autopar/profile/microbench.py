@@ -1,0 +1,93 @@
+"""Single-device microbenchmarks: matmul throughput, streaming memory bandwidth and the per-op launch floor.
+
+Each benchmark returns `ComputeSample`s (what ran, its FLOPs and bytes, its median seconds) and knows nothing about
+fitting or files, so `autopar validate` can time a step with `measure_s` the same way. Every rank measures its own
+device at the same time as the others, as in training: on a CPU host the ranks share cores and memory bandwidth,
+and the numbers say so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ComputeSample:
+    op: str  # "matmul" | "copy" | "add" | "tiny_add"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    size: int  # n of an n x n x n matmul; elements of a stream
+    flops: float
+    bytes_moved: float  # to and from device memory, counted as the roofline counts them
+    seconds: float  # median wall time of one call
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What makes queued work finish: CUDA kernels run asynchronously, CPU ops are done when they return."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure_s(fn: Callable[[], object], sync: Callable[[], None], budget_s: float, repeats: int = 3) -> float:
+    """Median seconds per call of `fn`, over `repeats` timed batches that together take about `budget_s`.
+
+    One untimed call warms caches and allocators (and picks cuBLAS/oneDNN kernels); its time sizes the batches so
+    that a fast op is timed over many calls, well above the timer's resolution and the sync cost.
+    """
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - start
+    calls = max(1, int(budget_s / repeats / max(first, 1e-9)))
+    per_call = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call)
+
+
+def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], budget_s: float) -> list[ComputeSample]:
+    """n x n @ n x n per dtype and size: 2n^3 FLOPs, 3n^2 elements read or written."""
+    sync, out = synchronizer(device), []
+    for name in dtypes:
+        for n in sizes:
+            a = torch.randn(n, n, device=device).to(DTYPES[name])
+            b = torch.randn(n, n, device=device).to(DTYPES[name])
+            seconds = measure_s(lambda: torch.mm(a, b), sync, budget_s)
+            out.append(ComputeSample("matmul", name, n, 2.0 * n**3, 3.0 * n * n * a.element_size(), seconds))
+    return out
+
+
+def stream_samples(device: torch.device, numels: list[int], budget_s: float) -> list[ComputeSample]:
+    """float32 copy (1 read + 1 write) and out-of-place add (2 reads + 1 write) over buffers far larger than L2."""
+    sync, out = synchronizer(device), []
+    for numel in numels:
+        x, y = torch.rand(numel, device=device), torch.rand(numel, device=device)
+        z = torch.empty_like(x)
+        copy_s = measure_s(lambda: z.copy_(x), sync, budget_s)
+        add_s = measure_s(lambda: torch.add(x, y, out=z), sync, budget_s)
+        out.append(ComputeSample("copy", "float32", numel, 0.0, 2.0 * 4 * numel, copy_s))
+        out.append(ComputeSample("add", "float32", numel, float(numel), 3.0 * 4 * numel, add_s))
+    return out
+
+
+def launch_sample(device: torch.device, budget_s: float) -> ComputeSample:
+    """A one-element add: no work to speak of, so its time is the per-op floor (dispatch, and launch on CUDA).
+
+    The input requires grad, so the time includes recording the autograd graph, as every forward op in training
+    does (on CPU that is about half the floor). On CUDA the batch is synchronised once at its end, so this is the
+    launch throughput a stream of small kernels sees, which is what a training step's many small ops pay.
+    """
+    x = torch.ones(1, device=device, requires_grad=True)
+    seconds = measure_s(lambda: torch.add(x, x), synchronizer(device), budget_s)
+    return ComputeSample("tiny_add", "float32", 1, 1.0, 12.0, seconds)

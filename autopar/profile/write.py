@@ -1,0 +1,150 @@
+"""From every rank's measurements to a hardware file in the shipped schema (cost_models/hardware.py).
+
+Each number gets `<field>_source = "autopar profile <date> <host>"` and a comment above it saying what was measured
+and how well the cost model's formula fits it; the run itself goes to `[provenance]`. The text is checked with
+`load_hardware` before it is written, so a profile can never produce a file the planner rejects.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autopar.cost_models.comm import COLLECTIVES
+from autopar.cost_models.hardware import DTYPES, LINK_NAMES, SCHEMA_VERSION, load_hardware
+
+from .fit import ComputeFit, LinkFit, fit_alpha_beta, fit_compute, merge_ranks
+from .measure import ProfileConfig, RankMeasurements, stream_mib
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Everything a profiled hardware file says, before it is text."""
+
+    name: str
+    device: str
+    devices_per_node: int
+    devices_per_node_how: str  # why that count, for the comment beside it
+    compute: ComputeFit
+    capacity_bytes: int
+    reserve_bytes: int
+    links: dict[str, LinkFit]  # the link classes measured; the file copies intra_node into any other
+    per_kind: dict[str, dict[str, LinkFit]]  # link -> collective kind -> its own fit, shown in comments
+    config: ProfileConfig
+    provenance: dict[str, Any]  # date, host, torch_version, backend, devices, world_size, ...
+
+    @property
+    def source(self) -> str:
+        return f"autopar profile {self.provenance['date'][:10]} {self.provenance['host']}"
+
+
+def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: int, devices_per_node_how: str,
+                  config: ProfileConfig, provenance: dict[str, Any]) -> HardwareProfile:
+    """Fit the merged measurements of all ranks (median over ranks, then least squares)."""
+    compute = fit_compute(merge_ranks([r.compute for r in ranks]))
+    comm = merge_ranks([r.comm for r in ranks])
+    links = {link: fit_alpha_beta([s for s in comm if s.link == link]) for link in LINK_NAMES
+             if any(s.link == link for s in comm)}
+    if "intra_node" not in links:
+        raise ValueError("no intra_node collectives were measured: run at least 2 ranks on one host")
+    per_kind = {link: {kind: fit_alpha_beta([s for s in comm if s.link == link and s.kind == kind])
+                       for kind in COLLECTIVES} for link in links}
+    total = min(r.memory_total_bytes for r in ranks)
+    available = min(r.memory_available_bytes for r in ranks)
+    names = sorted({r.device_name for r in ranks})
+    return HardwareProfile(name, f"{' + '.join(names)}, {len(ranks)} ranks", devices_per_node,
+                           devices_per_node_how, compute, total, max(0, total - available), links, per_kind,
+                           config, provenance)
+
+
+def write_profile(profile: HardwareProfile, out: Path) -> None:
+    """Render, check with load_hardware (a failure here is an autopar bug), then write `out`."""
+    text = render_toml(profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        check = Path(tmp) / "check.toml"
+        check.write_text(text, encoding="utf-8")
+        load_hardware(check)
+    out.write_text(text, encoding="utf-8")
+
+
+def render_toml(p: HardwareProfile) -> str:
+    c, src = p.compute, p.source
+    sizes = f"n = {p.config.matmul_sizes[0]}..{p.config.matmul_sizes[-1]}"
+    lines = [
+        f"# Written by `{p.provenance.get('command', 'autopar profile')}`.",
+        f"# {p.device}; torch {p.provenance['torch_version']}, {p.provenance['backend']}.",
+        "# The comment above each number says what was measured; its `_source` names the run.",
+        f"schema_version = {SCHEMA_VERSION}",
+        f"name = {_str(p.name)}",
+        f"device = {_str(p.device)}",
+        *_number("devices_per_node", p.devices_per_node, p.devices_per_node_how, src),
+        f"source = {_str(f'{src}: matmuls, memory streams, tiny ops and collectives, fitted by least squares')}",
+        "",
+        "[compute]",
+    ]
+    for dtype in DTYPES:
+        lines += _number(f"peak_{dtype}_flops_per_s", c.peak_flops_per_s[dtype],
+                         f"best {dtype} n x n x n matmul throughput, {sizes}", src)
+    lines += _number("matmul_efficiency", c.matmul_efficiency, "roofline fit to all those matmuls "
+                     f"(rms error {c.matmul_rms_rel_error:.0%})", src)
+    lines += _number("launch_overhead_s", c.launch_overhead_s, "median time of a one-element add", src)
+    lines += ["", "[memory]"]
+    lines += _number("capacity_bytes", p.capacity_bytes, _capacity_how(p), src)
+    lines += _number("reserve_bytes", p.reserve_bytes, "capacity minus the memory available at the end of the "
+                     "run (OS, other processes, this runtime)", src)
+    lines += _number("bandwidth_bytes_per_s", c.memory_bandwidth_bytes_per_s, "best float32 copy/add stream "
+                     f"rate over {stream_mib(p.config.stream_numels)} MiB buffers", src)
+    lines += _number("efficiency", c.memory_efficiency, "roofline fit to all those streams "
+                     f"(rms error {c.stream_rms_rel_error:.0%})", src)
+    for link in LINK_NAMES:
+        lines += ["", *_link(p, link)]
+    lines += ["", "[provenance]", *(f"{k} = {_value(v)}" for k, v in p.provenance.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _link(p: HardwareProfile, link: str) -> list[str]:
+    src, lines = p.source, [f"[links.{link}]"]
+    if link not in p.links:
+        fit, how, src = p.links["intra_node"], "not measured: all ranks on one host; copy of intra_node", \
+            f"{src}: not measured (one host), copy of intra_node"
+    else:
+        fit, how = p.links[link], f"alpha-beta least squares over {', '.join(COLLECTIVES)} (rms error " \
+                                  f"{p.links[link].rms_rel_error:.0%}); each kind alone:"
+        how += "".join(f"\n#   {kind}: {_kind_fit(f)}" for kind, f in p.per_kind[link].items())
+    lines += _number("latency_s", fit.latency_s, how, src)
+    lines += _number("bandwidth_bytes_per_s", fit.bandwidth_bytes_per_s, None, src)
+    return lines
+
+
+def _number(key: str, value: float, how: str | None, source: str) -> list[str]:
+    comment = [f"# {how}"] if how else []
+    return [*comment, f"{key} = {_value(value)}", f"{key}_source = {_str(source)}"]
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, str):
+        return _str(v)
+    if isinstance(v, int):
+        return f"{v:_}" if v >= 10_000 else str(v)
+    if not math.isfinite(v):
+        raise ValueError(f"cannot write {v} to a hardware file")
+    return f"{v:.4g}"
+
+
+def _str(text: str) -> str:
+    # TOML basic strings share JSON's escapes for the characters that can occur here.
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+
+
+def _kind_fit(f: LinkFit) -> str:
+    return f"latency {f.latency_s * 1e6:.1f} us, bandwidth {f.bandwidth_bytes_per_s / 1e9:.3g} GB/s " \
+           f"(rms error {f.rms_rel_error:.0%})"
+
+
+def _capacity_how(p: HardwareProfile) -> str:
+    if p.provenance["backend"] == "nccl":
+        return "torch.cuda.mem_get_info total of the smallest device"
+    return "host RAM, shared by the ranks on it; the planner's per-device check cannot express sharing"

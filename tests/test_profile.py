@@ -1,0 +1,191 @@
+"""`autopar profile`: the fits recover known parameters from synthetic timings (tier 0), the file it writes is the
+shipped schema with a source on every number, and a real --quick run on 2 gloo ranks writes a file that plans."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autopar.cli.main import main
+from autopar.cost_models import COLLECTIVES, Link, collective_time_s, load_hardware, op_time_s
+from autopar.cost_models.hardware import numeric_fields
+from autopar.profile.collectives import CommSample, message_bytes
+from autopar.profile.fit import _roofline_hardware, fit_alpha_beta, fit_compute, merge_ranks
+from autopar.profile.measure import ProfileConfig, RankMeasurements, link_layout
+from autopar.profile.microbench import ComputeSample
+from autopar.profile.write import build_profile, render_toml, write_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOO = Link("intra_node", 150e-6, 1.2e9)
+SIZES = [4**k for k in range(1, 14)]
+
+
+def _comm(link: Link, group_sizes=(2, 4), noise: float = 0.0, seed: int = 0) -> list[CommSample]:
+    rng = np.random.default_rng(seed)
+    return [CommSample(link.name, kind, n, nbytes,
+                       collective_time_s(kind, nbytes, n, link) * (1 + noise * rng.standard_normal()))
+            for kind in COLLECTIVES for n in group_sizes for nbytes in SIZES]
+
+
+# ---------------------------------------------------------------- alpha-beta
+
+
+def test_fit_recovers_alpha_and_beta_exactly_from_model_timings():
+    fit = fit_alpha_beta(_comm(GLOO))
+    assert fit.latency_s == pytest.approx(150e-6, rel=1e-9)
+    assert fit.bandwidth_bytes_per_s == pytest.approx(1.2e9, rel=1e-9)
+    assert fit.rms_rel_error < 1e-9 and fit.samples == len(COLLECTIVES) * 2 * len(SIZES)
+
+
+def test_fit_recovers_nvlink_like_numbers_through_5_percent_noise():
+    nvlink = Link("intra_node", 5e-6, 230e9)
+    fit = fit_alpha_beta(_comm(nvlink, group_sizes=(8,), noise=0.05))
+    assert fit.latency_s == pytest.approx(5e-6, rel=0.05)
+    assert fit.bandwidth_bytes_per_s == pytest.approx(230e9, rel=0.05)
+    assert 0.02 < fit.rms_rel_error < 0.08  # the noise, not a model misfit
+
+
+def test_zero_latency_fits_as_zero_not_negative():
+    fit = fit_alpha_beta(_comm(Link("x", 0.0, 1e9), noise=0.01))
+    assert fit.latency_s >= 0.0
+    assert fit.bandwidth_bytes_per_s == pytest.approx(1e9, rel=0.02)
+
+
+def test_times_that_do_not_grow_with_size_are_refused():
+    flat = [CommSample("intra_node", "all_reduce", 2, nbytes, 1e-3) for nbytes in SIZES]
+    with pytest.raises(ValueError, match="do not grow with message size"):
+        fit_alpha_beta(flat[:1] + [replace(flat[-1], seconds=1e-9)])
+
+
+def test_message_sizes_give_every_rank_whole_float32_elements():
+    assert message_bytes(4, 2) == 8 and message_bytes(100, 4) == 112 and message_bytes(64, 4) == 64
+
+
+# ---------------------------------------------------------------- compute
+
+
+def _compute_samples(hw, sizes=(256, 512, 1024, 2048)) -> list[ComputeSample]:
+    out = [ComputeSample("tiny_add", "float32", 1, 1.0, 12.0, hw.launch_overhead_s)]
+    for dtype in ("float32", "bfloat16", "float16"):
+        for n in sizes:
+            flops, nbytes = 2.0 * n**3, 3.0 * n * n * 4
+            out.append(ComputeSample("matmul", dtype, n, flops, nbytes, op_time_s(hw, flops, nbytes, dtype, True)))
+    for numel in (2**21, 2**23):
+        out.append(ComputeSample("copy", "float32", numel, 0.0, 8.0 * numel,
+                                 op_time_s(hw, 0.0, 8.0 * numel, "float32", False)))
+    return out
+
+
+def test_compute_fit_reproduces_timings_made_by_the_roofline():
+    true = replace(_roofline_hardware({"float32": 150e9, "bfloat16": 1.2e12, "float16": 150e9}, 16e9, 2e-6),
+                   matmul_efficiency=0.9, memory_efficiency=0.8)
+    fit = fit_compute(_compute_samples(true))
+    assert fit.launch_overhead_s == 2e-6
+    # Peak and efficiency are confounded (only their product is observable): the fit puts the best measured
+    # throughput in the peak, so the efficiency comes out ~1 and the product is the true one.
+    assert fit.peak_flops_per_s["float32"] * fit.matmul_efficiency == pytest.approx(150e9 * 0.9, rel=0.01)
+    assert fit.memory_bandwidth_bytes_per_s * fit.memory_efficiency == pytest.approx(16e9 * 0.8, rel=0.01)
+    assert fit.matmul_rms_rel_error < 0.01 and fit.stream_rms_rel_error < 0.01
+
+
+def test_matmul_efficiency_is_the_closed_form_least_squares_fraction():
+    # Throughput that grows with size, as on real devices: t = F / (peak * e_n), e_n = 0.5, 0.8, 1.0.
+    peaks = {"float32": 100e9, "bfloat16": 100e9, "float16": 100e9}
+    samples = [ComputeSample("tiny_add", "float32", 1, 1.0, 12.0, 0.0),
+               ComputeSample("copy", "float32", 2**23, 0.0, 2**26, 2**26 / 10e9)]
+    for dtype in peaks:
+        for n, e in ((256, 0.5), (512, 0.8), (1024, 1.0)):
+            samples.append(ComputeSample("matmul", dtype, n, 2.0 * n**3, 0.0, 2.0 * n**3 / (100e9 * e)))
+    # Minimise sum(((x k - y) / y)^2) over k = 1/eff, with x = F/peak and y = t: k = sum(x/y) / sum((x/y)^2).
+    # Here x/y is e_n (the fitted peak is the best throughput, 100e9), so eff = 1/k = sum(e^2) / sum(e).
+    ratios = np.array([0.5, 0.8, 1.0] * 3)
+    closed = (ratios**2).sum() / ratios.sum()
+    assert fit_compute(samples).matmul_efficiency == pytest.approx(closed, abs=1e-3)
+
+
+def test_ranks_merge_by_median_per_measurement():
+    s = ComputeSample("matmul", "float32", 256, 1.0, 1.0, 1.0)
+    merged = merge_ranks([[s], [replace(s, seconds=3.0)], [replace(s, seconds=2.0)]])
+    assert merged == [replace(s, seconds=2.0)]
+
+
+# ---------------------------------------------------------------- layout and file
+
+
+def test_one_host_measures_intra_node_only_and_two_hosts_measure_both():
+    assert link_layout(["a", "a"]) == {"intra_node": [[0, 1]]}
+    assert link_layout(["a", "a", "b", "b"]) == {"intra_node": [[0, 1], [2, 3]], "inter_node": [[0, 2], [1, 3]]}
+    assert link_layout(["a", "b"]) == {"inter_node": [[0, 1]]}
+
+
+def _synthetic_profile(tmp_path: Path):
+    true = replace(_roofline_hardware({"float32": 150e9, "bfloat16": 1.2e12, "float16": 150e9}, 16e9, 2e-6),
+                   matmul_efficiency=0.9, memory_efficiency=0.8)
+    ranks = [RankMeasurements(r, "host-a", "Test CPU", _compute_samples(true), _comm(GLOO, group_sizes=(2,)),
+                              25_000_000_000, 23_000_000_000) for r in range(2)]
+    provenance = {"date": "2026-01-02T03:04:05+00:00", "host": "host-a", "torch_version": "2.13.0",
+                  "backend": "gloo", "world_size": 2, "command": "autopar profile --out x.toml"}
+    return build_profile(ranks, "test-cpu", 8, "--devices-per-node 8", ProfileConfig(), provenance)
+
+
+def test_written_file_loads_with_a_source_on_every_number(tmp_path):
+    out = tmp_path / "x.toml"
+    profile = _synthetic_profile(tmp_path)
+    write_profile(profile, out)
+    hw = load_hardware(out)
+    assert hw.name == "test-cpu" and hw.devices_per_node == 8
+    assert hw.intra_node.latency_s == pytest.approx(150e-6, rel=1e-3)
+    assert hw.inter_node == replace(hw.intra_node, name="inter_node")  # one host: a copy, and it says so
+    assert set(hw.sources) == set(numeric_fields())
+    assert all(s.startswith("autopar profile 2026-01-02 host-a") for s in hw.sources.values())
+    assert "not measured (one host)" in hw.sources["links.inter_node.bandwidth_bytes_per_s"]
+    assert hw.memory_bytes == 25_000_000_000 and hw.memory_reserve_bytes == 2_000_000_000
+    assert hw.provenance["world_size"] == 2
+    assert "all_gather: latency" in render_toml(profile)  # each kind's own fit, as a comment
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_profile_refuses_one_rank_and_a_non_toml_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["profile", "--out", str(tmp_path / "x.toml"), "--nproc", "1"]) == 2
+    assert "needs at least 2: pass --nproc 2" in capsys.readouterr().err
+    assert main(["profile", "--out", str(tmp_path / "x.json"), "--nproc", "2"]) == 2
+    assert "must end in .toml" in capsys.readouterr().err
+    assert main(["profile", "--out", str(tmp_path / "no" / "x.toml"), "--nproc", "2"]) == 2
+    assert "does not exist; create it first" in capsys.readouterr().err
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 "-m", "autopar.cli.main", "profile"],
+    "spawn": [sys.executable, "-m", "autopar.cli.main", "profile", "--nproc", "2"],
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, capsys, launcher):
+    out = tmp_path / "here.toml"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    proc = subprocess.run([*LAUNCHERS[launcher], "--out", str(out), "--quick", "--name", "here"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 60
+    assert "[3/3] intra_node collectives" in proc.stdout and f"wrote {out}" in proc.stdout
+    hw = load_hardware(out)
+    assert hw.name == "here" and hw.provenance["world_size"] == 2 and hw.provenance["backend"] == "gloo"
+    assert set(hw.sources) == set(numeric_fields())
+    assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
+    assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0
+    assert "predicted step time" in capsys.readouterr().out
