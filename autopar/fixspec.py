@@ -140,3 +140,30 @@ def parse_memory(text: str) -> int:
     if size < 1:
         raise AutoparError(f"--memory {text!r} is not a positive size; give the memory per device, e.g. 80GiB")
     return int(size)
+
+
+# Per-module pins: `--pin "blocks.*.mlp.*=row"`. A pin restricts the strategies of the matmul-like nodes whose module
+# path matches the glob (fnmatch); every other node, and the mesh, are still searched (planner/pins.py applies them).
+PIN_INTENTS = {
+    "tp": "weights split along tp (the solver picks column or row)",
+    "column": "column-parallel: weights split along tp on the output features, output sharded",
+    "row": "row-parallel: weights split along tp on the input features, output a partial sum",
+}
+
+
+def parse_pins(texts: list[str] | str | None) -> dict[str, str]:
+    """['blocks.*.mlp.*=row', 'head=column'] (or one comma-separated string) -> {glob: intent}."""
+    items = [texts] if isinstance(texts, str) else list(texts or [])
+    pins: dict[str, str] = {}
+    for item in (part.strip() for text in items for part in text.split(",")):
+        glob, sep, intent = (s.strip() for s in item.rpartition("="))
+        if not sep or not glob or not intent:
+            raise AutoparError(f"--pin item {item!r} is malformed; write MODULE_GLOB=INTENT, e.g. "
+                               f"--pin 'blocks.*.mlp.*=row' (intents: {', '.join(PIN_INTENTS)})")
+        if intent.lower() not in PIN_INTENTS:
+            raise AutoparError(f"--pin {item}: unknown intent {intent!r}; use one of: "
+                               + "; ".join(f"{k} ({v})" for k, v in PIN_INTENTS.items()))
+        if pins.get(glob, intent.lower()) != intent.lower():
+            raise AutoparError(f"--pin gives {glob} twice ({pins[glob]} and {intent}); give it once")
+        pins[glob] = intent.lower()
+    return pins

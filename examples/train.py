@@ -21,7 +21,7 @@ import torch.distributed as dist
 import autopar
 from autopar.cli.plan_cmd import positive_int, usage_error
 from autopar.errors import AutoparError
-from autopar.fixspec import parse_fix, planner_fix
+from autopar.fixspec import parse_fix, parse_pins, planner_fix
 from autopar.models import build_model, parse_model_args, sample_inputs
 from autopar.plan import Plan
 
@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--fix", default="", help="pins, e.g. dp=2,tp=2 (default: the planner decides)")
     ap.add_argument("--hardware", default=None, help="cost model to plan with (default: cpu, or h100 on CUDA)")
+    ap.add_argument("--pin", action="append", help="per-module pin GLOB=INTENT, e.g. 'blocks.*.mlp.*=row'")
     ap.add_argument("--plan", default=None, help="run this plan file instead of planning")
     ap.add_argument("--reference", action="store_true", help="train eagerly in this single process")
     ap.add_argument("--dump", default=None, help="save the full gradients after step 0 and final params (torch.save)")
@@ -61,7 +62,7 @@ def train(args: argparse.Namespace) -> list[float]:
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)
-        model = autopar.compile(model, sample_inputs=example, fix=planner_fix(parse_fix(args.fix)), plan=plan,
+        model = autopar.compile(model, sample_inputs=example, fix=_fix(args), plan=plan,
                                 hardware=args.hardware)
         if rank0 and args.print_code:
             print(model.code, file=sys.stderr)
@@ -83,6 +84,12 @@ def train(args: argparse.Namespace) -> list[float]:
         if rank0:
             torch.save(dump, args.dump)
     return losses
+
+
+def _fix(args: argparse.Namespace) -> dict:
+    """--fix and --pin as compile's `fix`."""
+    pins = {"pins": parse_pins(args.pin)} if args.pin else {}
+    return {**planner_fix(parse_fix(args.fix)), **pins}
 
 
 def _full(model, grads: bool) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from rich.table import Table
 from autopar.cli.report import count, mesh, render
 from autopar.cost_models import Hardware, available_hardware, load_hardware
 from autopar.errors import AutoparError
-from autopar.fixspec import FIX_KEYS, merge_mesh, parse_fix, parse_memory, parse_mesh, planner_fix
+from autopar.fixspec import (FIX_KEYS, PIN_INTENTS, merge_mesh, parse_fix, parse_memory, parse_mesh, parse_pins,
+                             planner_fix)
 from autopar.models.registry import PRESETS, parse_model_args
 from autopar.plan import Plan
 from autopar.planning import make_plan
@@ -65,6 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-args", default="", metavar="K=V,...", help="model config overrides, e.g. layers=24")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON (load it with autopar.compile)")
     p.add_argument("--fix", default="", metavar="K=V,...", help=f"pin parts of the plan; keys: {keys}")
+    p.add_argument("--pin", action="append", metavar="GLOB=INTENT",
+                   help=f"pin the matmuls of modules matching GLOB, e.g. 'blocks.*.mlp.*=row' (intents: "
+                        f"{', '.join(PIN_INTENTS)}); the rest is still searched; repeatable")
     p.add_argument("--memory", metavar="SIZE", help="memory budget per device, e.g. 80GiB, 80GB, 512MiB "
                                                    "(default: the hardware's capacity minus its reserve)")
     p.add_argument("--dtype", choices=list(DTYPES), help="training dtype (default: bf16 on GPUs, fp32 on cpu)")
@@ -75,12 +79,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fix, devices, memory = _settle(args)
+    pins = {"pins": parse_pins(args.pin)} if args.pin else {}
     model_args = parse_model_args(args.model_args)
     hardware = load_hardware(args.hardware)
     console = _console()
     with _progress(args.verbose) as progress:
         plan = make_plan(args.model, devices=devices, hardware=hardware, batch=args.batch, seq=args.seq,
-                         model_args=model_args, fix=planner_fix(fix), memory_budget_bytes=memory,
+                         model_args=model_args, fix={**planner_fix(fix), **pins}, memory_budget_bytes=memory,
                          dtype=DTYPES.get(args.dtype), progress=progress)
     label = f"{args.model} ({args.model_args})" if args.model_args else args.model
     console.print(header(plan, label, hardware))

@@ -77,7 +77,8 @@ def _config(transformers, spec: str, model_type: str, args: dict[str, Any]):
             raise ModelError(f"unknown HF model_type {model_type!r} in {spec!r}; use a transformers model_type "
                              "such as hf:gpt2, hf:llama, hf:mistral, hf:qwen2") from None
     fields = default.to_dict()
-    known = set(fields) | set(getattr(default, "attribute_map", {}))
+    settable = {k for k, v in fields.items() if not k.startswith("_") and (v is None or isinstance(v, (int, float)))}
+    known = settable | set(getattr(default, "attribute_map", {}))
     unknown = sorted(set(args) - known)
     if unknown:
         raise ModelError(f"model {spec!r} has no config key {', '.join(unknown)}; valid --model-args keys: "
@@ -110,7 +111,7 @@ def _check_type(spec: str, key: str, value: Any, default: Any) -> None:
 
 
 def _build_failure(spec: str, model_type: str, args: dict[str, Any], err: ValueError) -> str:
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    first = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
     if "AutoModelForCausalLM" in str(err):
         return f"HF model_type {model_type!r} ({spec}) has no causal-LM head; use a decoder model such as hf:gpt2"
     return f"model {spec!r} with --model-args {args}: {first}; change those values"

@@ -14,6 +14,7 @@ Constraints
     sum_i y[e,o,i] = sum_{s: out(s)=o} x[p,s]; same for i      add_edge_constraints (y is integral when x is)
     states + activations of one micro-batch <= budget           add_memory_constraint
     z >= G - B                                                  add_overlap_constraint
+    x[n,s] = 0 for s outside a per-module pin (planner/pins.py)  add_pin_constraints
 Edges whose producer or consumer has a single placement need no y: their cost folds into the other node's c.
 """
 
@@ -44,8 +45,10 @@ class Solution:
 
 
 class ShardingILP:
-    def __init__(self, pg: PlanGraph, ctx: CostContext, budget_bytes: float, micro_batches: int = 1):
+    def __init__(self, pg: PlanGraph, ctx: CostContext, budget_bytes: float, micro_batches: int = 1,
+                 pinned: dict[str, list[int]] | None = None):
         self.pg, self.ctx, self.budget, self.m = pg, ctx, budget_bytes, micro_batches
+        self.pinned = pinned or {}  # owner -> the strategy indices its pins allow
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
         self.costs: dict[str, list[NodeCost]] = {}
         self.x: dict[str, list] = {}
@@ -58,6 +61,7 @@ class ShardingILP:
         self.add_edge_constraints()
         self.add_memory_constraint()
         self.add_overlap_constraint()
+        self.add_pin_constraints()
 
     # -- variables ------------------------------------------------------------------------------------------
     def _price_nodes(self) -> None:
@@ -158,6 +162,12 @@ class ShardingILP:
 
     def add_memory_constraint(self) -> None:
         self.prob += self.memory_expr() <= self.budget, "memory"
+
+    def add_pin_constraints(self) -> None:
+        for owner, keep in self.pinned.items():
+            for k, x in enumerate(self.x[owner]):
+                if k not in keep and not isinstance(x, int):
+                    self.prob += x == 0, f"pin_{owner}_{k}"
 
     def add_overlap_constraint(self) -> None:
         bwd: dict = defaultdict(float)

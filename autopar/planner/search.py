@@ -25,6 +25,7 @@ from autopar.plan import Plan
 from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
+from autopar.planner.pins import pinned_strategies
 from autopar.planner.predict import predict, to_plan
 
 AXES = ("dp", "tp")
@@ -100,6 +101,10 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))} (with mbs "
                         f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
     results = [c for c in _solve_meshes(req, trace, meshes, budget, progress, proxy) if c.solution is not None]
+    if not results and req.fix.get("pins"):
+        pins = ",".join(f"{g}={i}" for g, i in req.fix["pins"].items())
+        raise PlanError(f"no mesh meets --pin {pins} within the memory budget; tp pins need tp > 1 (e.g. --fix "
+                        "tp=2), or drop the pins")
     if not results:
         raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: c.solution.objective_s)
@@ -107,6 +112,8 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     stats = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(results),
              "status": best.solution.status, "variables": best.solution.variables,
              "constraints": best.solution.constraints, "solve_s": round(best.solution.solve_s, 3)}
+    if req.fix.get("pins"):
+        stats["pins"] = dict(req.fix["pins"])  # module glob -> intent, as asked (the strategies show the result)
     others = [_alternative(req, c) for c in results[1:]]
     return to_plan(req, best, budget, stats, others)
 
@@ -158,7 +165,10 @@ def _job_worker(job):
 
 def _solve_one(req, trace, budget, degrees, m, threads: int = 1) -> Solution | None:
     pg, ctx = _graph(req, trace(req.batch // m), degrees)
-    ilp = ShardingILP(pg, ctx, budget, m)
+    pinned = pinned_strategies(pg, req.fix.get("pins") or {})
+    if pinned is None:  # the per-module pins cannot hold on this mesh (e.g. a tp pin where tp=1)
+        return None
+    ilp = ShardingILP(pg, ctx, budget, m, pinned)
     if ilp.memory_lower_bound() > budget:  # certainly infeasible: no need to ask the solver
         return None
     return ilp.solve(req.time_limit_s, threads)

@@ -1,0 +1,148 @@
+"""The bad-input corpus: every case is one actionable line `autopar: error: ...` naming what, where and what to do,
+no Python traceback, and a non-zero exit status, from `autopar plan` and from examples/train.py.
+
+One table, one test. `plan` cases run the CLI in-process; `train` cases run examples/train.py's main in-process
+(no process group: they fail before any is needed); the one `dist` case runs real gloo ranks under torchrun.
+Hardware-file schema cases live in test_hardware_schema.py; this corpus keeps only the missing file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from autopar.cli.main import main
+from tests.dist_utils import TRAIN, run_train
+
+GPT = ["gpt-tiny", "--hardware", "cpu", "--batch", "8"]
+NO_FACTORY = "def other():\n    return torch.nn.Linear(2, 2)\n"
+RAISES = "def build():\n    raise RuntimeError('boom')\n"
+
+
+def _model_file(tmp: Path, body: str) -> str:
+    path = tmp / "user_model.py"
+    path.write_text("import torch\n\n" + body)
+    return str(path)
+
+
+def _plan_file(tmp: Path, content: str | None = None, edit: Callable[[dict], None] | None = None) -> str:
+    """A plan JSON: `content` verbatim, or a real gpt-tiny plan changed by `edit`."""
+    path = tmp / "plan.json"
+    if content is not None:
+        path.write_text(content)
+        return str(path)
+    assert main(["plan", *GPT, "--devices", "2", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+# (id, runner, argv built in a temporary directory, fragment the error line must contain)
+CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
+    ("devices-zero", "plan", lambda t: [*GPT, "--devices", "0"], "--devices: '0' is not a positive integer"),
+    ("devices-word", "plan", lambda t: [*GPT, "--devices", "x"], "--devices: 'x' is not a positive integer"),
+    ("batch-negative", "plan", lambda t: ["gpt-tiny", "--hardware", "cpu", "--devices", "2", "--batch", "-1"],
+     "--batch: '-1' is not a positive integer"),
+    ("no-hardware", "plan", lambda t: ["gpt-tiny", "--devices", "2", "--batch", "8"],
+     "required: --hardware; see `autopar plan --help`"),
+    ("fix-bad-value", "plan", lambda t: [*GPT, "--devices", "4", "--fix", "tp=3x"],
+     "--fix tp=3x: tp (tensor-parallel degree) must be a positive integer"),
+    ("fix-unknown-key", "plan", lambda t: [*GPT, "--devices", "4", "--fix", "foo=2"], "--fix has no key 'foo'"),
+    ("mesh-zero", "plan", lambda t: [*GPT, "--mesh", "dp=0"], "--mesh dp=0: dp (data-parallel degree) must be"),
+    ("memory-word", "plan", lambda t: [*GPT, "--devices", "2", "--memory", "lots"], "--memory 'lots' is not a size"),
+    ("memory-zero", "plan", lambda t: [*GPT, "--devices", "2", "--memory", "0"], "is not a positive size"),
+    ("no-factory", "plan",
+     lambda t: [_model_file(t, NO_FACTORY) + ":build", "--hardware", "cpu",
+                "--devices", "2", "--batch", "4"], "has no function 'build'; define it"),
+    ("factory-raises", "plan",
+     lambda t: [_model_file(t, RAISES) + ":build", "--hardware", "cpu",
+                "--devices", "2", "--batch", "4"], "raised RuntimeError: boom; fix the factory"),
+    ("file-missing", "plan", lambda t: [f"{t}/nope.py:build", "--hardware", "cpu", "--devices", "2", "--batch", "4"],
+     "nope.py (from"),
+    ("unknown-preset", "plan", lambda t: ["gpt-huge", "--hardware", "cpu", "--devices", "2", "--batch", "4"],
+     "unknown model 'gpt-huge'; use one of"),
+    ("hf-unknown-type", "plan", lambda t: ["hf:nosuchmodel", "--hardware", "cpu", "--devices", "2", "--batch", "4"],
+     "unknown HF model_type 'nosuchmodel'"),
+    ("hf-not-causal", "plan", lambda t: ["hf:vit", "--hardware", "cpu", "--devices", "2", "--batch", "4"],
+     "has no causal-LM head"),
+    ("hf-unknown-key", "plan", lambda t: ["hf:gpt2", "--model-args", "n_layers=2", "--hardware", "cpu", "--devices",
+                                          "2", "--batch", "4"], "has no config key n_layers; valid --model-args"),
+    ("hf-bad-value", "plan", lambda t: ["hf:gpt2", "--model-args", "n_embd=64,n_head=3", "--hardware", "cpu",
+                                        "--devices", "2", "--batch", "4"], "divisible"),
+    ("hf-wrong-type", "plan", lambda t: ["hf:gpt2", "--model-args", "n_layer=1.5", "--hardware", "cpu", "--devices",
+                                         "2", "--batch", "4"], "n_layer=1.5 has the wrong type; give a positive"),
+    ("model-args-malformed", "plan", lambda t: [*GPT, "--devices", "2", "--model-args", "layers=two"],
+     "--model-args item 'layers=two' is malformed"),
+    ("model-args-unknown", "plan", lambda t: [*GPT, "--devices", "2", "--model-args", "depth=2"],
+     "has no field depth; valid --model-args keys"),
+    ("batch-not-divisible", "plan", lambda t: ["gpt-tiny", "--hardware", "cpu", "--mesh", "dp=4", "--batch", "6"],
+     "batch 6 is not divisible by dp=4"),
+    ("seq-over-model", "plan", lambda t: [*GPT, "--devices", "2", "--seq", "64"],
+     "seq=64 exceeds model gpt-tiny's max positions 32"),
+    ("hardware-file-missing", "plan", lambda t: [*GPT[:1], "--hardware", f"{t}/cluster.toml", "--batch", "8",
+                                                 "--devices", "2"], "cluster.toml"),
+    ("json-dir-missing", "plan", lambda t: [*GPT, "--devices", "2", "--json", f"{t}/no/plan.json"],
+     "does not exist; create it first"),
+    ("pin-bad-intent", "plan", lambda t: [*GPT, "--devices", "2", "--pin", "blocks.*=sideways"],
+     "unknown intent 'sideways'"),
+    ("pin-matches-nothing", "plan", lambda t: [*GPT, "--devices", "2", "--pin", "decoder.*=row"],
+     "--pin decoder.*=row matches no module"),
+    ("pin-needs-tp", "plan", lambda t: [*GPT, "--mesh", "dp=2", "--pin", "blocks.*.mlp.*=row"],
+     "tp pins need tp > 1"),
+    ("train-batch-negative", "train", lambda t: ["--batch", "-1"], "--batch: '-1' is not a positive integer"),
+    ("train-fix-bad-value", "train", lambda t: ["--fix", "tp=3x", "--steps", "1"], "tp (tensor-parallel degree)"),
+    ("train-unknown-preset", "train", lambda t: ["--model", "gpt-huge", "--reference"], "unknown model 'gpt-huge'"),
+    ("plan-not-json", "train", lambda t: ["--plan", _plan_file(t, "{not json")],
+     "plan.json is malformed (JSONDecodeError"),
+    ("plan-json-list", "train", lambda t: ["--plan", _plan_file(t, "[1, 2]")], "a JSON list, not an object"),
+    ("plan-schema-version", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.update(schema_version=99))],
+     "plan schema_version 99 is not 1; re-create the plan"),
+    ("plan-missing-field", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.pop("graph_fingerprint"))],
+     "graph_fingerprint"),
+    ("plan-file-missing", "train", lambda t: ["--plan", f"{t}/none.json"], "does not exist; create one with"),
+    ("plan-is-a-directory", "train", lambda t: ["--plan", str(t)], "cannot be read"),
+]
+
+
+def _train_main():
+    spec = importlib.util.spec_from_file_location("autopar_example_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _run(runner: str, argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(["plan", *argv]) if runner == "plan" else _train_main()(argv)
+    except SystemExit as done:  # train.py's argparse exits; the plan CLI returns its status
+        code = done.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, runner, argv, says", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_actionable_line(case, runner, argv, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, err = _run(runner, argv(tmp_path), capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("autopar: error: ")]
+    assert code not in (0, None), err
+    assert len(lines) == 1, err
+    assert says in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.dist
+def test_world_size_not_matching_the_pinned_mesh_under_torchrun():
+    rc, _, err = run_train(["--model", "gpt-tiny", "--steps", "1", "--fix", "dp=2,tp=2"], 2)
+    lines = [ln for ln in err.splitlines() if "autopar: error: " in ln]
+    assert rc != 0
+    assert len(lines) == 1 and "no mesh dp x tp = 2 devices matches dp=2,tp=2" in lines[0], err[-2000:]
+    assert "Traceback" not in err
