@@ -4,7 +4,8 @@ gradient is partial along an axis (data parallelism's all-reduce) where FSDP doe
 
 Synchronisation follows DDP's design (Li et al. 2020, "PyTorch Distributed", VLDB): parameters are grouped into
 buckets in reverse order of use; when every gradient of a bucket has been accumulated, the bucket is flattened and
-all-reduced asynchronously while backward continues; the end of backward waits for the buckets and copies back.
+all-reduced asynchronously while backward continues, the gradients becoming views of the reduced buffer; the end
+of backward waits for the buckets.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class _GradSync:
         self.groups = {a: model.mesh.get_group(name) for a, name in enumerate(model.plan.axis_names)}
         params = [(model.local_parameter(fqn), axes) for fqn, axes in deferred.items()]
         self.buckets = _make_buckets(params)
-        self.pending: list[tuple[Any, torch.Tensor, list]] = []
+        self.pending: list[tuple[Any, torch.Tensor, tuple]] = []
         self.ready: dict[int, int] = {}
         self.queued = False
         for b, bucket in enumerate(self.buckets):
@@ -129,26 +130,28 @@ class _GradSync:
         return hook
 
     def _launch(self, b: int) -> None:
+        """Flatten the bucket and make its gradients views of the flat buffer (DDP's gradient_as_bucket_view):
+        the reduction then happens in place and only one bucket is ever held twice, while it is flattened."""
         bucket = self.buckets[b]
-        grads = [p.grad for p in bucket["params"]]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        params = bucket["params"]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            p.grad = flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
         first, rest = bucket["axes"][0], bucket["axes"][1:]
         work = dist.all_reduce(flat, group=self.groups[first], async_op=True)
-        self.pending.append((work, flat, grads, rest))
+        self.pending.append((work, flat, rest))
 
     def _finish(self) -> None:
         for b in range(len(self.buckets)):  # buckets whose params got no gradient this step
             if 0 < self.ready.get(b, 0) < len(self.buckets[b]["params"]):
                 raise RuntimeError(f"autopar: only some parameters of gradient bucket {b} received a gradient; "
                                    "every parameter must take part in the loss")
-        for work, flat, grads, rest in self.pending:
+        for work, flat, rest in self.pending:
             work.wait()
             for axis in rest:
                 dist.all_reduce(flat, group=self.groups[axis])
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
         self.pending.clear()
         self.ready.clear()
         self.queued = False

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import autopar
 from autopar.cli.plan_cmd import positive_int, usage_error
 from autopar.errors import AutoparError
+from autopar.measure import measure_step
 from autopar.fixspec import parse_fix, parse_pins, planner_fix
 from autopar.models import build_model, parse_model_args, sample_inputs
 from autopar.plan import Plan
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plan", default=None, help="run this plan file instead of planning")
     ap.add_argument("--reference", action="store_true", help="train eagerly in this single process")
     ap.add_argument("--dump", default=None, help="save the full gradients after step 0 and final params (torch.save)")
+    ap.add_argument("--measure", action="store_true",
+                    help="measure the last step's peak tensor memory and time, print them beside the plan's prediction")
     ap.add_argument("--print-code", action="store_true", help="print rank 0's generated program")
     return ap.parse_args(argv)
 
@@ -70,12 +73,21 @@ def train(args: argparse.Namespace) -> list[float]:
         torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, dump = [], {}
     for step, (tokens, targets) in enumerate(batches(info, args, seq)):
-        loss = model(tokens, targets)
-        loss.backward()
-        if step == 0 and args.dump:
-            dump["grads"] = _full(model, grads=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        out = {}
+
+        def one_step():
+            out["loss"] = loss = model(tokens, targets)
+            loss.backward()
+            if step == 0 and args.dump:
+                dump["grads"] = _full(model, grads=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if args.measure and step == args.steps - 1:  # the last step: optimizer state exists by then
+            _report(measure_step(one_step), model, rank0)
+        else:
+            one_step()
+        loss = out["loss"]
         losses.append(loss.item())
         if rank0:
             print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
@@ -84,6 +96,19 @@ def train(args: argparse.Namespace) -> list[float]:
         if rank0:
             torch.save(dump, args.dump)
     return losses
+
+
+def _report(m, model, rank0: bool) -> None:
+    """One JSON line: the step's measured peak tensor bytes and time (the largest over ranks) beside the plan's
+    predictions."""
+    peak = torch.tensor([m.peak_bytes, m.seconds], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    plan = getattr(model, "plan", None)
+    if rank0:
+        print(json.dumps({"measured_peak_bytes": peak[0].item(), "measured_step_s": peak[1].item(),
+                          "predicted_peak_bytes": plan.predicted.memory_bytes_per_device if plan else None,
+                          "predicted_memory_parts": plan.predicted.memory_parts if plan else None}), flush=True)
 
 
 def _fix(args: argparse.Namespace) -> dict:
