@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, metavar="N", help="spawn N local ranks (when not under torchrun)")
     p.add_argument("--devices-per-node", type=int, metavar="N",
                    help="devices per node for the planner (default: GPUs on this host, or the ranks on it)")
+    p.add_argument("--raw", metavar="PATH.json", help="also write every rank's timings as JSON")
     p.set_defaults(run=run)
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.devices_per_node is not None and args.devices_per_node < 1:
         raise AutoparError(f"--devices-per-node {args.devices_per_node} must be a whole number >= 1")
     req = ProfileRequest(out=out, name=args.name, quick=args.quick, devices_per_node=args.devices_per_node,
-                         command=_command(args))
+                         command=_command(args), raw=Path(args.raw).resolve() if args.raw else None)
     run_profile(req, args.nproc, show)
     return 0
 
@@ -49,7 +50,8 @@ def _checked_out(text: str) -> Path:
 def _command(args: argparse.Namespace) -> str:
     flags = [f"--out {args.out}", f"--name {args.name}" if args.name else "", "--quick" if args.quick else "",
              f"--nproc {args.nproc}" if args.nproc else "",
-             f"--devices-per-node {args.devices_per_node}" if args.devices_per_node else ""]
+             f"--devices-per-node {args.devices_per_node}" if args.devices_per_node else "",
+             f"--raw {args.raw}" if args.raw else ""]
     return " ".join(["autopar profile", *filter(None, flags)])
 
 

@@ -6,11 +6,12 @@ with torch.multiprocessing on a free local port. The backend follows the device:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +34,7 @@ class ProfileRequest:
     quick: bool
     devices_per_node: int | None  # default: GPUs on rank 0's host, or ranks on it for CPUs
     command: str  # the command line, for [provenance]
+    raw: Path | None = None  # also write every rank's timings here as JSON
 
 
 def run_profile(req: ProfileRequest, nproc: int | None, show: Callable[[HardwareProfile, Path, float], None]) -> None:
@@ -78,6 +80,8 @@ def _rank_main(rank: int, world: int, local_rank: int, init: str, req: ProfileRe
             say(f"fitting and writing {req.out} (+{time.perf_counter() - start:.0f} s)")
             profile = _profile(everyone, req, config, backend, device)
             write_profile(profile, req.out)
+            if req.raw is not None:
+                req.raw.write_text(json.dumps([asdict(r) for r in everyone], indent=1), encoding="utf-8")
             show(profile, req.out, time.perf_counter() - start)
             if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5:
                 say(f"warning: the host was busy ({profile.provenance['host_load']}); other work slowed what "

@@ -106,17 +106,16 @@ def render_toml(p: HardwareProfile) -> str:
 
 
 def _link(p: HardwareProfile, link: str) -> list[str]:
-    src, lines = p.source, [f"[links.{link}]"]
-    if link not in p.links:
-        fit, how, src = p.links["intra_node"], "not measured: all ranks on one host; copy of intra_node", \
-            f"{src}: not measured (one host), copy of intra_node"
+    if link not in p.links:  # one host: the planner never prices this link, but the schema needs numbers
+        fit, source = p.links["intra_node"], f"{p.source}: not measured (one host), copy of intra_node"
+        how = "not measured: all ranks on one host; copy of intra_node"
     else:
-        fit, how = p.links[link], f"alpha-beta least squares over {', '.join(COLLECTIVES)} (rms error " \
-                                  f"{p.links[link].rms_rel_error:.0%}); each kind alone:"
-        how += "".join(f"\n#   {kind}: {_kind_fit(f)}" for kind, f in p.per_kind[link].items())
-    lines += _number("latency_s", fit.latency_s, how, src)
-    lines += _number("bandwidth_bytes_per_s", fit.bandwidth_bytes_per_s, None, src)
-    return lines
+        fit, source = p.links[link], p.source
+        kinds = "".join(f"\n#   {kind}: {_kind_fit(f)}" for kind, f in p.per_kind[link].items())
+        how = (f"alpha-beta least squares over {', '.join(COLLECTIVES)} (rms error {fit.rms_rel_error:.0%}); "
+               f"each kind alone:{kinds}")
+    return [f"[links.{link}]", *_number("latency_s", fit.latency_s, how, source),
+            *_number("bandwidth_bytes_per_s", fit.bandwidth_bytes_per_s, None, source)]
 
 
 def _number(key: str, value: float, how: str | None, source: str) -> list[str]:
@@ -140,8 +139,8 @@ def _str(text: str) -> str:
 
 
 def _kind_fit(f: LinkFit) -> str:
-    return f"latency {f.latency_s * 1e6:.1f} us, bandwidth {f.bandwidth_bytes_per_s / 1e9:.3g} GB/s " \
-           f"(rms error {f.rms_rel_error:.0%})"
+    return (f"latency {f.latency_s * 1e6:.1f} us, bandwidth {f.bandwidth_bytes_per_s / 1e9:.3g} GB/s "
+            f"(rms error {f.rms_rel_error:.0%})")
 
 
 def _capacity_how(p: HardwareProfile) -> str:
