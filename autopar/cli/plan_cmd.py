@@ -109,6 +109,16 @@ def _settle(args: argparse.Namespace) -> tuple[dict[str, object], int, int | Non
     return fix, devices, memory
 
 
+def _memory_decisions(plan: Plan) -> str:
+    """'ZeRO-3, checkpointing full (blocks.0-11 none), bf16 mixed precision'."""
+    zero = f"ZeRO-{plan.zero}" if plan.zero else "no ZeRO (replicated states)"
+    ac = f"checkpointing {plan.ac}"
+    if plan.ac_layers:
+        ac += " (" + ", ".join(f"{layer} {mode}" for layer, mode in plan.ac_layers.items()) + ")"
+    precision = "bf16 compute, fp32 master weights" if plan.precision == "bf16" else "fp32"
+    return f"{zero}; {ac}; {precision}"
+
+
 def header(plan: Plan, model_label: str, hardware: Hardware) -> Table:
     """What was asked and what was settled: model, hardware, mesh, batching, and how the planner got there."""
     s, mbs, dp = plan.solver, plan.micro_batch_size, plan.degrees.get("dp", 1)
@@ -120,6 +130,7 @@ def header(plan: Plan, model_label: str, hardware: Hardware) -> Table:
             ("devices", str(plan.devices)), ("mesh", mesh(plan.degrees, plan.axis_names)),
             ("batch × seq", f"{plan.batch} × {plan.seq}"),
             ("micro-batches", f"{mbs} samples × {plan.num_micro_batches} ({per_rank} per dp rank)"),
+            ("memory", _memory_decisions(plan)),
             ("dtype", plan.dtype), ("planner", f"{s.get('seconds', 0):.2f} s; ILP {ilp}")]
     table = Table.grid(padding=(0, 2))
     table.title, table.title_justify, table.title_style = "autopar plan", "left", "bold"

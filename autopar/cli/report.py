@@ -266,20 +266,24 @@ def memory_table(plan: Plan) -> Table:
     table.add_row("peak", gib(total), "100%", style="bold")
     budget = plan.memory_budget_bytes
     table.add_row("budget", gib(budget), f"{total / budget:.1%} used" if budget else "-")
+    if plan.predicted.memory_binding:
+        table.caption, table.caption_justify = plan.predicted.memory_binding, "left"
     return table
 
 
 def alternatives_table(plan: Plan) -> Table | None:
     if not plan.alternatives:
         return None
-    table = _table("meshes evaluated", "mesh", ">micro-batches", ">step time", ">vs chosen", ">memory/device",
-                   ">tokens/s")
+    table = _table("meshes evaluated", "mesh", "memory", ">micro-batches", ">step time", ">vs chosen",
+                   ">memory/device", ">tokens/s")
     p = plan.predicted
-    table.add_row(mesh(plan.degrees, plan.axis_names), str(plan.num_micro_batches), seconds(p.step_time_s),
-                  "chosen", gib(p.memory_bytes_per_device), f"{p.tokens_per_s:,.0f}", style="bold")
+    table.add_row(mesh(plan.degrees, plan.axis_names), f"zero={plan.zero} ac={plan.ac}", str(plan.num_micro_batches),
+                  seconds(p.step_time_s), "chosen", gib(p.memory_bytes_per_device), f"{p.tokens_per_s:,.0f}",
+                  style="bold")
     for alt in sorted(plan.alternatives, key=lambda a: a["step_time_s"]):
         delta = alt["step_time_s"] / p.step_time_s - 1 if p.step_time_s else 0.0
-        table.add_row(mesh(alt["degrees"], plan.axis_names), str(alt["num_micro_batches"]),
+        table.add_row(mesh(alt["degrees"], plan.axis_names), f"zero={alt.get('zero', 0)} ac={alt.get('ac', 'none')}",
+                      str(alt["num_micro_batches"]),
                       seconds(alt["step_time_s"]), f"{delta:+.1%}", gib(alt["memory_bytes_per_device"]),
                       f"{alt['tokens_per_s']:,.0f}")
     return table

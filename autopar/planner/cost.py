@@ -2,8 +2,7 @@
 
 Times are for one micro-batch unless named otherwise. Backward is priced at twice the forward (two matmuls per
 forward matmul: input and weight gradients; Narayanan et al. 2021 eq. 3 uses the same 1:2 split).
-Model-state bytes follow Rajbhandari et al. 2020: 16 bytes per parameter for Adam in mixed precision (2 weight,
-2 gradient, 12 fp32 master weight and moments); plain fp32 Adam is also 16 (4 + 4 + 8).
+Model-state bytes per parameter element depend on the ZeRO stage and precision (memory.py).
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ import torch
 from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
 from autopar.placement import R, Placement, local_shape
 from autopar.planner.graph import PNode
+from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
 from autopar.redistribute import steps
 from autopar.strategies import Strategy
 
-STATE_BYTES_PER_PARAM = 16.0  # Rajbhandari et al. 2020, Sec. 3.1 (mixed-precision Adam)
 BACKWARD_FACTOR = 2.0
 
 
@@ -30,6 +29,12 @@ class CostContext:
     hw: Hardware
     degrees: tuple[int, ...]
     links: tuple[Link, ...]  # one per axis
+    memory: MemoryConfig = MemoryConfig()  # ZeRO stage, checkpointing, precision of this candidate
+    dp: int = 1  # the data-parallel degree ZeRO partitions over
+
+    @property
+    def state_bytes_per_element(self) -> float:
+        return sum(state_bytes_per_element(self.memory, self.dp).values())
 
     @property
     def bucketed(self) -> "CostContext":
@@ -44,6 +49,7 @@ class NodeCost:
     bwd_s: float
     activation_bytes: float  # saved for backward, one micro-batch
     state_bytes: float  # parameters + gradients + optimizer state
+    out_bytes: float = 0.0  # the outputs, one micro-batch (kept by selective checkpointing for weight matmuls)
 
 
 def nbytes(shape: Sequence[int], dtype: torch.dtype) -> float:
@@ -67,10 +73,12 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     fwd = op_time_s(ctx.hw, flops, moved, dtype, is_matmul) if (flops or moved) else 0.0
     bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
     saves = saved_kinds(p)
-    act = sum(nbytes(ins[j], p.info.in_dtypes[j]) for j in p.saved_inputs) if "inputs" in saves else 0.0
+    scale = activation_scale(ctx.memory, p.info.out_dtypes[0].itemsize) if p.info.out_dtypes else 1.0
+    out_bytes = scale * sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
+    act = sum(nbytes(ins[j], p.info.in_dtypes[j]) for j in p.saved_inputs) * scale if "inputs" in saves else 0.0
     if "output" in saves:
-        act += sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
-    return NodeCost(fwd, bwd, act, 0.0)
+        act += out_bytes
+    return NodeCost(fwd, bwd, act, 0.0, out_bytes)
 
 
 def saved_kinds(p: PNode) -> str:
@@ -85,7 +93,7 @@ def _placeholder_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         return NodeCost(0, 0, 0, 0)
     shape = local_shape(p.info.out_shapes[0], s.outs[0], ctx.degrees)
     if p.kind == "param":
-        return NodeCost(0, 0, 0, math.prod(shape) * STATE_BYTES_PER_PARAM)
+        return NodeCost(0, 0, 0, math.prod(shape) * ctx.state_bytes_per_element)
     return NodeCost(0, 0, nbytes(shape, p.info.out_dtypes[0]), 0)
 
 

@@ -102,7 +102,34 @@ def _analyse(captured: Captured) -> dict[str, PNode]:
     for node in captured.graph.nodes:
         nodes[node.name] = _pnode(node, captured, graph_nodes, nodes)
     captured.block_classes = _assign_owners(nodes)
+    _count_saved_once(nodes)
     return nodes
+
+
+def _count_saved_once(nodes: dict[str, PNode]) -> None:
+    """Autograd keeps one copy of a tensor however many ops save it (q, k and v all save the same normed input):
+    each saved tensor, traced back through views to the tensor that owns its storage, is counted by its producer
+    when the producer saves its output, else by the first consumer that saves it (`saved_inputs` keeps only the
+    inputs counted there). A consumer that saves a redistributed copy is approximated by the tensor it came from."""
+    def root(key: tuple[str, int]) -> tuple[str, int]:
+        p = nodes[key[0]]
+        while p.kind == "op" and p.rule is not None and p.rule.moves_no_data and len(p.inputs) == 1:
+            key = p.inputs[0]
+            p = nodes[key[0]]
+        return key
+
+    counted: set[tuple[str, int]] = set()
+    for name, p in nodes.items():
+        if p.kind == "op" and p.requires_grad and "output" in (p.rule.saves if p.rule else "inputs+output"):
+            counted.update(root((name, k)) for k in range(len(p.info.out_shapes)))
+    for p in nodes.values():
+        keep = []
+        for j in p.saved_inputs:
+            key = root(p.inputs[j])
+            if key not in counted:
+                counted.add(key)
+                keep.append(j)
+        p.saved_inputs = tuple(keep)
 
 
 def _role_strategies(p: PNode, degrees: Sequence[int], axis_names: Sequence[str],

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pulp
 
 from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, saved_kinds
+from autopar.planner.footprint import Term, terms
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.strategies import grad_partial_axes
 
@@ -46,8 +47,9 @@ class Solution:
 
 class ShardingILP:
     def __init__(self, pg: PlanGraph, ctx: CostContext, budget_bytes: float, micro_batches: int = 1,
-                 pinned: dict[str, list[int]] | None = None):
+                 pinned: dict[str, list[int]] | None = None, objective: str = "time"):
         self.pg, self.ctx, self.budget, self.m = pg, ctx, budget_bytes, micro_batches
+        self.objective = objective  # "time" (step time), or "memory": the least memory any plan needs
         self.pinned = pinned or {}  # owner -> the strategy indices its pins allow
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
         self.costs: dict[str, list[NodeCost]] = {}
@@ -57,6 +59,7 @@ class ShardingILP:
         self.memory_terms: dict = defaultdict(float)  # same, bytes per device
         self.n_y = 0
         self._price_nodes()
+        self.terms = terms(pg, ctx, self.costs)
         self.add_choice_constraints()
         self.add_edge_constraints()
         self.add_memory_constraint()
@@ -84,6 +87,9 @@ class ShardingILP:
         for owner, cs in self.costs.items():
             w = self.pg.counts[owner] * self.m
             self._add_time(owner, [w * (c.fwd_s + c.bwd_s) for c in cs])
+        for t in self.terms:
+            if t.part == "recompute_s":  # checkpointed blocks run their forward again in backward
+                self._add_time(t.owner, [self.m * v for v in t.values])
 
     def _add_time(self, owner: str, values: list[float], terms: dict | None = None) -> None:
         terms = self.time_terms if terms is None else terms
@@ -133,7 +139,8 @@ class ShardingILP:
         """(exposed seconds, gradient-sync seconds, bytes kept) per step for one edge class."""
         exposed, sync, held = edge_price(self.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
                                          pp.kind == "param", o, i[0], i[1], kept)
-        return self.m * mult * exposed, mult * sync, mult * held
+        sync, after_step = zero_sync(self.ctx, sync)
+        return self.m * mult * exposed + mult * after_step, mult * sync, mult * held
 
     def _add_transport(self, prod, outs, uo, cons, ins, ui, price) -> None:
         y = {}
@@ -152,13 +159,13 @@ class ShardingILP:
             self.prob += pulp.LpConstraint(_affine(terms), pulp.LpConstraintEQ, rhs=0)
 
     def memory_expr(self) -> pulp.LpAffineExpression:
-        for owner, cs in self.costs.items():
-            w = self.pg.counts[owner]
-            self._add_time(owner, [w * (c.state_bytes + c.activation_bytes) for c in cs], self.memory_terms)
+        for t in self.terms:
+            if t.part != "recompute_s":
+                self._add_time(t.owner, list(t.values), self.memory_terms)
         return _expr(self.memory_terms)
 
     def memory_lower_bound(self) -> float:
-        return memory_lower_bound(self.pg, self.ctx, self.costs)
+        return memory_lower_bound(self.pg, self.ctx, self.terms)
 
     def add_memory_constraint(self) -> None:
         self.prob += self.memory_expr() <= self.budget, "memory"
@@ -175,7 +182,7 @@ class ShardingILP:
             self._add_time(owner, [self.pg.counts[owner] * c.bwd_s for c in cs], bwd)
         self.z = self._var("z_exposed_sync", lowBound=0)
         self.prob += self.z >= _expr(self.sync_terms) - _expr(bwd), "overlap"
-        self.prob += _expr(self.time_terms) + self.z
+        self.prob += _expr(self.time_terms) + self.z if self.objective == "time" else _expr(self.memory_terms)
 
     # -- solve ----------------------------------------------------------------------------------------------
     def solve(self, time_limit_s: float = 30.0, threads: int = 1) -> Solution | None:
@@ -195,31 +202,50 @@ class ShardingILP:
                         self.prob.numVariables(), self.prob.numConstraints())
 
 
-def memory_lower_bound(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]],
-                       weight=lambda p: 1.0) -> float:
+def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], weight=lambda p: 1.0) -> float:
     """No plan needs less: every operator at its least-memory strategy, and every parameter at the storage that
     minimises its state plus the copies its consumers keep gathered (each consumer at its cheapest placement).
-    `weight(p)` scales a node's share (used to extrapolate from a shallow copy of the model)."""
+    `weight(p)` scales a node's per-layer share (used to extrapolate from a shallow copy of the model); transients
+    concern one block and do not scale."""
+    per: dict[str, list[float]] = {}
+    for t in all_terms:
+        if t.part == "recompute_s":
+            continue
+        p = pg.nodes[t.owner]
+        w = 1.0 if t.part == "transient" else weight(p)
+        row = per.setdefault(t.owner, [0.0] * len(p.strategies))
+        for k, v in enumerate(t.values):
+            row[k] += w * v
     uses: dict[str, list[tuple[PNode, int]]] = defaultdict(list)
     for p in pg.owners():
         for j, (prod, _) in enumerate(p.inputs):
             if pg.nodes[prod].kind == "param":
                 uses[prod].append((p, j))
     total = 0.0
-    for p in pg.owners():
-        n = pg.counts[p.node.name] * weight(p)
-        cs = costs[p.node.name]
+    for owner, row in per.items():
+        p = pg.nodes[owner]
         if p.kind != "param":
-            total += n * min(c.state_bytes + c.activation_bytes for c in cs)
+            total += min(row)
             continue
-        best = math.inf
-        for s, c in zip(p.strategies, cs):
-            held = sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True, s.outs[0],
-                                      t.ins[j], (), "inputs" in saved_kinds(user))[2] for t in user.strategies)
-                       for user, j in uses[p.node.name])
-            best = min(best, c.state_bytes + held)
-        total += n * best
+        n = pg.counts[owner] * weight(p)
+        total += min(row[k] + n * sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True,
+                                                     s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
+                                          for t in user.strategies) for user, j in uses[owner])
+                     for k, s in enumerate(p.strategies))
     return total
+
+
+def zero_sync(ctx: CostContext, sync: float) -> tuple[float, float]:
+    """(overlappable, exposed after the step) gradient-sync seconds of a parameter under the ZeRO stage.
+    Rajbhandari et al. 2020 Sec. 7: ZeRO-2 moves what DP moves (reduce-scatter + all-gather = all-reduce), ZeRO-3
+    1.5x (parameters gathered in forward and again in backward); torch's ZeroRedundancyOptimizer (ZeRO-1) keeps
+    DP's all-reduce and broadcasts the updated partitions after the step (an all-gather's volume, not hidden)."""
+    stage = ctx.memory.zero if ctx.dp > 1 else 0
+    if stage == 3:
+        return 1.5 * sync, 0.0
+    if stage == 1:
+        return sync, 0.5 * sync
+    return sync, 0.0
 
 
 def edge_classes(pg: PlanGraph) -> dict[tuple, int]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from autopar.placement import fmt, shard_factor
+from autopar.placement import fmt
 from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.cost import edge_price, node_cost, saved_kinds
-from autopar.planner.ilp import edge_classes
+from autopar.planner.footprint import PARTS, evaluate, terms
+from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.strategies import grad_partial_axes
 
 if TYPE_CHECKING:
@@ -23,54 +25,68 @@ def chosen(c: "Candidate", name: str):
 
 
 def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
-    """Step time and memory of the chosen strategies, priced afresh (the solver's objective is not trusted)."""
+    """Step time and memory of the chosen strategies, priced afresh (the solver's objective is not trusted); the
+    memory parts and recompute come from the same terms the ILP constrained (footprint.py)."""
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
-    compute = bwd = act = states = inputs = flops = param_bytes = 0.0
+    compute = bwd = flops = 0.0
+    costs = {}
     for owner in pg.owners():
-        cost = node_cost(ctx, owner, chosen(c, owner.node.name))
+        costs[owner.node.name] = [node_cost(ctx, owner, s) for s in owner.strategies]
+        cost = costs[owner.node.name][c.solution.choice[owner.node.name]]
         n = pg.counts[owner.node.name]
         compute += n * m * (cost.fwd_s + cost.bwd_s)
         bwd += n * cost.bwd_s
-        act += n * cost.activation_bytes if owner.kind == "op" else 0.0
-        inputs += n * cost.activation_bytes if owner.kind != "op" else 0.0
-        states += n * cost.state_bytes
     for p in pg.nodes.values():
-        if p.kind == "param" and p.node.users:
-            param_bytes += states_to_param_bytes(p, c)
         if p.kind == "op" and p.rule is not None and p.info.out_shapes:
             flops += p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info)
-    exposed = sync = 0.0
-    moves: dict[tuple, tuple[int, bool]] = {}  # consumers needing the same placement share one move (emit.py)
+    parts = {part: 0.0 for part in PARTS}
+    parts.update(evaluate(terms(pg, ctx, costs), c.solution.choice))
+    recompute = m * parts.pop("recompute_s", 0.0)
+    exposed, sync, held, after_step = _moves(c)
+    parts["activations"] += held
+    compute += recompute
+    sync_exposed = max(0.0, sync - bwd)
+    step = compute + exposed + after_step + sync_exposed
+    model_flops = 3.0 * flops * m  # forward + backward (2x); recomputation is not model FLOPs
+    total = sum(parts.values())
+    return Prediction(step_time_s=step, compute_s=compute, exposed_comm_s=exposed + after_step, grad_sync_s=sync,
+                      grad_sync_exposed_s=sync_exposed, recompute_s=recompute, memory_bytes_per_device=total,
+                      memory_parts=parts,
+                      tokens_per_s=req.batch * req.seq / step if step else math.inf,
+                      tflops_per_device=model_flops / step / req.devices / 1e12 if step else 0.0,
+                      model_flops_per_step=model_flops)
+
+
+def _moves(c: "Candidate") -> tuple[float, float, float, float]:
+    """(exposed, gradient-sync, bytes kept, exposed after the step) of the redistributions, consumers needing
+    the same placement sharing one move (emit.py)."""
+    pg, m, ctx = c.graph, c.micro_batches, c.ctx
+    moves: dict[tuple, tuple[int, bool]] = {}
     for (prod, k, cons, j), mult in edge_classes(pg).items():
         pp, s_c = pg.nodes[prod], chosen(c, cons)
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
         key = (prod, k, s_c.ins[j], partial)
         seen, kept = moves.get(key, (0, False))
         moves[key] = (max(seen, mult), kept or "inputs" in saved_kinds(pg.nodes[cons]))
+    exposed = sync = held = after = 0.0
     for (prod, k, dst, partial), (mult, kept) in moves.items():
         pp = pg.nodes[prod]
-        e, s, held = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
-                                pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept)
-        exposed, sync, act = exposed + m * mult * e, sync + mult * s, act + mult * held
-    sync_exposed = max(0.0, sync - bwd)
-    step = compute + exposed + sync_exposed
-    model_flops = 3.0 * flops * m  # forward + backward (2x)
-    grads = param_bytes
-    parts = {"params": param_bytes, "grads": grads, "optimizer_state": states - param_bytes - grads,
-             "activations": act, "inputs": inputs}
-    return Prediction(step_time_s=step, compute_s=compute, exposed_comm_s=exposed, grad_sync_s=sync,
-                      grad_sync_exposed_s=sync_exposed, memory_bytes_per_device=states + act + inputs,
-                      memory_parts=parts, tokens_per_s=req.batch * req.seq / step if step else math.inf,
-                      tflops_per_device=model_flops / step / req.devices / 1e12 if step else 0.0,
-                      model_flops_per_step=model_flops)
+        e, s, h = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
+                             pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept)
+        s, a = zero_sync(ctx, s)
+        exposed, sync, held, after = exposed + m * mult * e, sync + mult * s, held + mult * h, after + mult * a
+    return exposed, sync, held, after
 
 
-def states_to_param_bytes(p, c: "Candidate") -> float:
-    """Bytes of the (local) parameter itself, in its dtype, out of the 16 per parameter of model state."""
-    s = chosen(c, p.node.name)
-    local = math.prod(p.info.out_shapes[0]) / shard_factor(s.outs[0], c.graph.degrees)
-    return local * p.info.out_dtypes[0].itemsize
-
+def binding(p: Prediction, budget: float) -> str:
+    """Which memory constraint binds: the budget (when the plan uses nearly all of it) and the largest part."""
+    parts, total = p.memory_parts, p.memory_bytes_per_device
+    if not total:
+        return ""
+    largest = max(parts, key=parts.get)
+    used = f"{100 * total / budget:.0f}% of the budget" if budget else "no budget"
+    tight = "the budget binds" if budget and total > 0.9 * budget else "the budget does not bind"
+    return f"{tight} ({used}); largest part {largest} ({100 * parts[largest] / total:.0f}%)"
 
 
 def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict, others: list[dict]) -> Plan:
@@ -90,10 +106,14 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
                 devices=req.devices, axis_names=list(pg.axis_names),
                 degrees={**dict(zip(pg.axis_names, pg.degrees)), "pp": 1, "cp": 1}, batch=req.batch,
                 seq=req.seq, micro_batch_size=req.batch // best.micro_batches,
-                num_micro_batches=best.micro_batches, dtype=req.dtype, zero=int(req.fix.get("zero", 0)),
-                ac=str(req.fix.get("ac", "none")), precision=str(req.fix.get("precision", "fp32")), memory_budget_bytes=budget, params=params,
-                strategies=decisions, predicted=predict(req, best), solver=stats, fallback_ops=dict(fallbacks),
+                num_micro_batches=best.micro_batches, dtype=req.dtype, zero=best.memory.zero if best.ctx.dp > 1 else 0,
+                ac=best.memory.ac, precision=best.memory.precision, memory_budget_bytes=budget, params=params,
+                strategies=decisions, predicted=_with_binding(predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
                 alternatives=others)
+
+
+def _with_binding(p: Prediction, budget: float) -> Prediction:
+    return replace(p, memory_binding=binding(p, budget))
 
 
 def fingerprint(pg) -> str:

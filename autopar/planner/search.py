@@ -15,16 +15,20 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from autopar.capture import Captured
 from autopar.cost_models import Hardware, axis_links
 from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan
+from autopar.checkpointing import AC_MODES
 from autopar.planner.cost import CostContext, node_cost
+from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
+from autopar.planner.memory import STATE_PARTS, MemoryConfig
+from autopar.zero import ZERO_STAGES
 from autopar.planner.pins import pinned_strategies
 from autopar.planner.predict import predict, to_plan
 
@@ -53,6 +57,10 @@ class Candidate:
     graph: PlanGraph
     ctx: CostContext
     solution: Solution
+
+    @property
+    def memory(self) -> MemoryConfig:
+        return self.ctx.memory
 
 
 def mesh_candidates(req: SearchRequest) -> list[dict[str, int]]:
@@ -118,34 +126,104 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     return to_plan(req, best, budget, stats, others)
 
 
+def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
+    """ZeRO stage x checkpointing candidates (pins respected), cheapest first within each checkpointing mode."""
+    precision = str(req.fix.get("precision") or ("bf16" if req.dtype in ("bfloat16", "float16") else "fp32"))
+    zeros = [int(req.fix["zero"])] if "zero" in req.fix else (list(ZERO_STAGES) if dp > 1 else [0])
+    acs = [str(req.fix["ac"])] if "ac" in req.fix else list(AC_MODES)
+    return [MemoryConfig(z, ac, precision) for ac in acs for z in zeros]
+
+
+def _frontier(configs: list[MemoryConfig], fits) -> list[MemoryConfig]:
+    """The configurations worth solving: per checkpointing mode the lowest ZeRO stage that fits (stages 0-2 cost
+    the same time, ZeRO-1 a little more exposed, ZeRO-3 more communication; checkpointing only adds recompute).
+    A mode is dominated once a cheaper mode fits without ZeRO-3."""
+    out: list[MemoryConfig] = []
+    for ac in AC_MODES:
+        row = [c for c in configs if c.ac == ac and fits(c)]
+        if not row:
+            continue
+        out.append(row[0])
+        if row[0].zero < 3:
+            break
+    return out
+
+
 def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Candidate]:
-    """Each mesh's best micro-batching, in rounds: every round traces each micro-batch size it needs once (here,
-    so forked workers inherit the trace), then solves every pending mesh at its next micro-batch count, in
-    parallel worker processes where that is safe (no process group), in order otherwise."""
-    counts = {i: micro_batch_counts(req, d["dp"]) for i, d in enumerate(meshes)}
+    """Each mesh's best (micro-batching, ZeRO stage, checkpointing), in rounds: each round traces each micro-batch
+    size it needs once (here, so forked workers inherit the trace), then solves every pending mesh's frontier
+    configurations, in parallel worker processes where that is safe (no process group), in order otherwise.
+    A mesh is done once it fits without checkpointing or ZeRO-3 (more micro-batches cannot be faster then), or
+    after two micro-batch counts past its first fit."""
+    pending = {i: (micro_batch_counts(req, d["dp"]), memory_configs(req, d["dp"])) for i, d in enumerate(meshes)}
+    proxy = (*proxy, {}) if proxy is not None else None  # + a cache of bounds per (mesh, configuration)
     if proxy is not None:  # skip micro-batchings (and meshes) whose memory lower bound already exceeds the budget
-        first = {i: _likely_first(req, meshes[i], c, budget, proxy) for i, c in counts.items()}
-        counts = {i: c[first[i]:] for i, c in counts.items() if first[i] is not None}
-    solved: dict[int, tuple[int, Solution | None]] = {}
-    while counts:
-        jobs = [(meshes[i], c[0]) for i, c in counts.items()]
-        for d, m in jobs:
+        first = {i: _likely_first(req, meshes[i], c, budget, proxy, cfgs[-1]) for i, (c, cfgs) in pending.items()}
+        pending = {i: (c[first[i]:], cfgs) for i, (c, cfgs) in pending.items() if first[i] is not None}
+    best: dict[int, Candidate] = {}
+    extra: dict[int, int] = {}
+    refused: set[tuple[int, int, MemoryConfig]] = set()
+    while pending:
+        jobs, owners = [], []
+        for i, (counts, cfgs) in pending.items():
+            m = counts[0]
+            fits = _fits_fn(req, trace, meshes[i], m, budget, proxy, refused, i)
+            for cfg in _frontier(cfgs, fits):
+                jobs.append((meshes[i], m, cfg))
+                owners.append(i)
+        for d, m, _ in jobs:
             build(trace(req.batch // m), [d[a] for a in AXES], AXES)
-        if progress:
-            progress(f"solving {len(jobs)} mesh(es): " + ", ".join(f"dp={d['dp']} tp={d['tp']} m={m}" for d, m in jobs))
-        for (i, c), sol in zip(list(counts.items()), _run_jobs(req, trace, budget, jobs)):
-            if sol is not None or len(c) == 1:
-                solved[i] = (c[0], sol)
-                del counts[i]
-            else:
-                counts[i] = c[1:]
-    return [_candidate(req, trace, meshes[i], *solved[i]) for i in sorted(solved)]
+        if progress and jobs:
+            progress(f"solving {len(jobs)} candidate(s): " + ", ".join(
+                f"dp={d['dp']} tp={d['tp']} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
+        solved_here: dict[int, bool] = {}
+        for i, job, sol in zip(owners, jobs, _run_jobs(req, trace, budget, jobs)):
+            if sol is None:
+                refused.add((i, job[1], job[2]))
+                solved_here.setdefault(i, False)
+                continue
+            cand = _candidate(req, trace, job[0], job[1], sol, job[2])
+            if i not in best or sol.objective_s < best[i].solution.objective_s:
+                best[i] = cand
+            solved_here[i] = True
+        _advance(pending, best, extra, solved_here, refused)
+    return [best[i] for i in sorted(best)]
+
+
+def _advance(pending, best, extra, solved_here, refused) -> None:
+    """Move each mesh on: retry the same micro-batch count if a frontier job failed the ILP (the frontier then
+    moves up), else the next count, until done."""
+    for i in list(pending):
+        counts, cfgs = pending[i]
+        if i in solved_here and not solved_here[i] and any((i, counts[0], c) not in refused for c in cfgs):
+            continue  # same m, next frontier
+        done = i in best and best[i].memory.ac == "none" and best[i].memory.zero < 3
+        if i in best:
+            extra[i] = extra.get(i, 0) + 1
+        if done or extra.get(i, 0) > 2 or len(counts) == 1:
+            del pending[i]
+        else:
+            pending[i] = (counts[1:], cfgs)
+
+
+def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
+    """Memory lower-bound test for a configuration at micro-batch count m (on the shallow proxy when there is one)."""
+    def fits(cfg: MemoryConfig) -> bool:
+        if (i, m, cfg) in refused:
+            return False
+        if proxy is not None:
+            fixed, act = _proxy_bounds(req, degrees, proxy, cfg)
+            return fixed + act / m <= budget
+        pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+        costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+        return memory_lower_bound(pg, ctx, terms(pg, ctx, costs)) <= budget
+    return fits
 
 
 def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
     workers = min(len(jobs), os.cpu_count() or 1, 4)
     if workers < 2 or _distributed() or "fork" not in mp.get_all_start_methods():
-        return [_solve_one(req, trace, budget, d, m) for d, m in jobs]
+        return [_solve_one(req, trace, budget, *job) for job in jobs]
     global _FORK_STATE
     _FORK_STATE = (req, trace, budget)
     try:
@@ -163,8 +241,8 @@ def _job_worker(job):
     return _solve_one(req, trace, budget, *job)
 
 
-def _solve_one(req, trace, budget, degrees, m, threads: int = 1) -> Solution | None:
-    pg, ctx = _graph(req, trace(req.batch // m), degrees)
+def _solve_one(req, trace, budget, degrees, m, cfg: MemoryConfig, threads: int = 1) -> Solution | None:
+    pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
     pinned = pinned_strategies(pg, req.fix.get("pins") or {})
     if pinned is None:  # the per-module pins cannot hold on this mesh (e.g. a tp pin where tp=1)
         return None
@@ -174,18 +252,30 @@ def _solve_one(req, trace, budget, degrees, m, threads: int = 1) -> Solution | N
     return ilp.solve(req.time_limit_s, threads)
 
 
-def _likely_first(req, degrees, counts: list[int], budget: float, proxy) -> int | None:
-    """Index of the first micro-batch count whose memory lower bound fits (None: none does), computed on a shallow
-    copy of the model (same blocks, fewer of them; `proxy = (trace, depth ratio)`) so the full model is traced only at the
-    micro-batch size that will be solved. Activations scale with the micro-batch, model state does not."""
-    proxy_trace, ratio = proxy
-    pg, ctx = _graph(req, proxy_trace(req.batch), degrees)
+def _likely_first(req, degrees, counts: list[int], budget: float, proxy, cfg: MemoryConfig) -> int | None:
+    """Index of the first micro-batch count whose memory lower bound fits under the most memory-saving
+    configuration `cfg` (None: none does), on the shallow proxy, so the full model is traced only at the
+    micro-batch sizes that will be solved."""
+    fixed, act = _proxy_bounds(req, degrees, proxy, cfg)
+    return next((k for k, m in enumerate(counts) if fixed + act / m <= budget), None)
+
+
+def _proxy_bounds(req, degrees, proxy, cfg: MemoryConfig) -> tuple[float, float]:
+    """(model-state bound, activation bound at the whole batch) extrapolated from a shallow copy of the model
+    (same blocks, fewer of them; `proxy = (trace, depth ratio)`). Activations scale with the micro-batch, model
+    state does not."""
+    proxy_trace, ratio, cache = proxy
+    key = (tuple(degrees.items()), cfg)
+    if key in cache:
+        return cache[key]
+    pg, ctx = _graph(req, proxy_trace(req.batch), degrees, cfg)
     costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
     weight = lambda p: ratio if p.block is not None else 1.0  # noqa: E731
-    state_only = {n: [replace(c, activation_bytes=0.0) for c in cs] for n, cs in costs.items()}
-    fixed = memory_lower_bound(pg, ctx, state_only, weight)
-    act = memory_lower_bound(pg, ctx, costs, weight) - fixed
-    return next((k for k, m in enumerate(counts) if fixed + act / m <= budget), None)
+    all_terms = terms(pg, ctx, costs)
+    state = [t for t in all_terms if t.part in STATE_PARTS or t.part == "transient" and pg.nodes[t.owner].kind == "param"]
+    fixed = memory_lower_bound(pg, ctx, state, weight)
+    cache[key] = fixed, memory_lower_bound(pg, ctx, all_terms, weight) - fixed
+    return cache[key]
 
 
 def _distributed() -> bool:
@@ -194,34 +284,44 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _graph(req: SearchRequest, captured: Captured, degrees: dict[str, int]) -> tuple[PlanGraph, CostContext]:
+def _graph(req: SearchRequest, captured: Captured, degrees: dict[str, int],
+           cfg: MemoryConfig = MemoryConfig()) -> tuple[PlanGraph, CostContext]:
     deg = tuple(degrees[a] for a in AXES)
     links = axis_links(req.hardware, list(zip(AXES, deg)))
-    return build(captured, deg, AXES), CostContext(req.hardware, deg, tuple(links[a] for a in AXES))
+    return build(captured, deg, AXES), CostContext(req.hardware, deg, tuple(links[a] for a in AXES), cfg,
+                                                   degrees.get("dp", 1))
 
 
-def _candidate(req, trace, degrees, m, solution) -> Candidate:
-    pg, ctx = _graph(req, trace(req.batch // m), degrees)
+def _candidate(req, trace, degrees, m, solution, cfg: MemoryConfig) -> Candidate:
+    pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
     return Candidate(degrees, m, pg, ctx, solution)
 
 
 def _alternative(req: SearchRequest, c: Candidate) -> dict:
     p = predict(req, c)
-    return {"degrees": c.degrees, "num_micro_batches": c.micro_batches, "step_time_s": p.step_time_s,
+    return {"degrees": c.degrees, "num_micro_batches": c.micro_batches, "zero": c.memory.zero if c.ctx.dp > 1 else 0,
+            "ac": c.memory.ac, "step_time_s": p.step_time_s,
             "memory_bytes_per_device": p.memory_bytes_per_device, "tokens_per_s": p.tokens_per_s}
 
 
 def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
-    """State the least memory any candidate needs: each mesh at its smallest micro-batch, without a budget."""
+    """State the least memory any candidate needs: each mesh at its smallest micro-batch and its most
+    memory-saving configuration, solved for memory instead of time."""
     least = math.inf
     for degrees in meshes:
         m = micro_batch_counts(req, degrees["dp"])[-1]
-        sol = _solve_one(req, trace, _NO_LIMIT, degrees, m)
+        cfg = memory_configs(req, degrees["dp"])[-1]
+        pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+        pinned = pinned_strategies(pg, req.fix.get("pins") or {})
+        if pinned is None:
+            continue
+        sol = ShardingILP(pg, ctx, _NO_LIMIT, m, pinned, objective="memory").solve(req.time_limit_s)
         if sol is not None:
-            least = min(least, predict(req, _candidate(req, trace, degrees, m, sol)).memory_bytes_per_device)
+            least = min(least, predict(req, Candidate(degrees, m, pg, ctx, sol)).memory_bytes_per_device)
     budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
-    return (f"no plan fits the memory budget of {_bytes(budget)} per device; the best plan found needs "
-            f"{_bytes(least)}. Add devices, lower --batch/--seq, or raise --memory")
+    return (f"no plan fits the memory budget of {_bytes(budget)} per device; the best plan needs at least "
+            f"{_bytes(least)} (ZeRO-3 and full checkpointing where allowed, the most micro-batches). Add devices, "
+            "lower --batch/--seq, or raise --memory")
 
 
 def _bytes(n: float) -> str:
