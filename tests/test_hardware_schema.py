@@ -1,0 +1,105 @@
+"""Malformed hardware files as a user meets them: `autopar plan ... --hardware bad.toml` exits 2 with one line that
+names the file and the field and says what to write instead; and every shipped number cites its source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autopar.cli.main import main
+from autopar.cost_models import available_hardware, load_hardware
+from autopar.cost_models.hardware import HARDWARE_DIR, numeric_fields
+
+GOOD = (HARDWARE_DIR / "a100-80gb-sxm.toml").read_text()
+
+
+def _without(prefix: str) -> str:
+    return "\n".join(line for line in GOOD.splitlines() if not line.startswith(prefix))
+
+
+def _plan_error(capsys, hardware: str) -> str:
+    code = main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", hardware])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("autopar: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+# (what is wrong, the edit to a good file, what the one line must say)
+MALFORMED = [
+    ("missing field", lambda: _without("matmul_efficiency ="), ["missing field 'compute.matmul_efficiency'",
+                                                                 "add it"]),
+    ("key in another unit", lambda: GOOD.replace("latency_s = 5e-6", "latency_us = 5"),
+     ["'links.intra_node.latency_us'", "reads 'latency_s' in seconds", "multiply the value by 1e-06"]),
+    ("value with a unit", lambda: GOOD.replace("latency_s = 5e-6", 'latency_s = "5 us"'),
+     ["'links.intra_node.latency_s' = '5 us' is a string", "latency_s = 5e-06"]),
+    ("value in the wrong dimension", lambda: GOOD.replace("latency_s = 5e-6", 'latency_s = "5 GB"'),
+     ["'links.intra_node.latency_s' = '5 GB' is not in seconds"]),
+    ("wrong type", lambda: GOOD.replace("devices_per_node = 8", 'devices_per_node = "eight"'),
+     ["field 'devices_per_node' = 'eight' is invalid", "a whole number >= 1"]),
+    ("zero bandwidth", lambda: GOOD.replace("bandwidth_bytes_per_s = 24e9", "bandwidth_bytes_per_s = 0"),
+     ["field 'links.inter_node.bandwidth_bytes_per_s' = 0 is invalid", "a number > 0"]),
+    ("negative bandwidth", lambda: GOOD.replace("bandwidth_bytes_per_s = 2039e9", "bandwidth_bytes_per_s = -2039e9"),
+     ["field 'memory.bandwidth_bytes_per_s' = -2039000000000.0 is invalid", "a number > 0"]),
+    ("unknown link class", lambda: GOOD + "\n[links.nvlink]\nlatency_s = 1e-6\nbandwidth_bytes_per_s = 1e9\n",
+     ["unknown field 'links.nvlink' in [links]", "expected one of: inter_node, intra_node"]),
+    ("top-level typo", lambda: GOOD.replace("devices_per_node = 8", "devices_per_nodes = 8"),
+     ["unknown field 'devices_per_nodes' in the top level", "did you mean 'devices_per_node'?"]),
+    ("source typo", lambda: GOOD.replace("efficiency_source =", "efficiency_sources =", 1),
+     ["unknown field 'compute.matmul_efficiency_sources'", "did you mean 'matmul_efficiency_source'?"]),
+    ("empty source", lambda: GOOD.replace('launch_overhead_s_source = "', 'launch_overhead_s_source = "" #'),
+     ["field 'compute.launch_overhead_s_source' = '' is invalid", "citing a datasheet, paper or profile run"]),
+    ("reserve above capacity", lambda: GOOD.replace("reserve_bytes = 4_000_000_000", "reserve_bytes = 90e9"),
+     ["'memory.reserve_bytes' = 90000000000 leaves nothing", "set the reserve below the capacity"]),
+    ("TOML syntax", lambda: GOOD.replace("devices_per_node = 8", "devices_per_node = = 8"),
+     ["not valid TOML", f"line {GOOD.splitlines().index('devices_per_node = 8') + 1}", "fix the syntax"]),
+]
+
+
+@pytest.mark.parametrize("edit, says", [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED])
+def test_malformed_file_is_one_line_naming_file_and_field(tmp_path, capsys, edit, says):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit())
+    err = _plan_error(capsys, str(path))
+    assert str(path) in err
+    for phrase in says:
+        assert phrase in err
+
+
+def test_missing_file_lists_the_shipped_names(tmp_path, capsys):
+    path = tmp_path / "nope.toml"
+    err = _plan_error(capsys, str(path))
+    assert f"hardware file '{path}' does not exist" in err
+    assert "a100-80gb-sxm, cpu, h100-80gb-sxm" in err and "autopar profile --out" in err
+
+
+def test_the_good_file_the_cases_edit_plans(tmp_path, capsys):
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(path)]) == 0
+
+
+# ---------------------------------------------------------------- every shipped number cites its source
+
+
+@pytest.mark.parametrize("name", available_hardware())
+def test_every_shipped_number_cites_a_source(name):
+    hw = load_hardware(name)
+    missing = [f for f in numeric_fields() if not hw.sources.get(f, "").strip()]
+    assert missing == [], f"{name}.toml: add a <field>_source line for {missing}"
+    assert set(hw.sources) == set(numeric_fields())
+
+
+def test_numeric_fields_cover_every_number_the_cost_model_reads():
+    fields = set(numeric_fields())
+    assert "schema_version" not in fields and "devices_per_node" in fields
+    assert {"compute.peak_float32_flops_per_s", "memory.efficiency", "links.inter_node.latency_s"} <= fields
+    assert len(fields) == 14
+
+
+def test_the_cpu_file_comes_from_a_profile_run_on_two_ranks():
+    cpu = load_hardware("cpu")
+    assert all(source.startswith("autopar profile ") for source in cpu.sources.values())
+    assert cpu.provenance["world_size"] == 2 and cpu.provenance["backend"] == "gloo"
