@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "parameters and write a hardware .toml for `autopar plan --hardware`.")
     p.add_argument("--out", required=True, metavar="PATH.toml", help="hardware file to write")
     p.add_argument("--name", help="the file's name field (default: cpu on CPUs, the GPU's name on GPUs)")
-    p.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (about 20 s on a CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (about 10 s on a CPU)")
     p.add_argument("--nproc", type=int, metavar="N", help="spawn N local ranks (when not under torchrun)")
     p.add_argument("--devices-per-node", type=int, metavar="N",
                    help="devices per node for the planner (default: GPUs on this host, or the ranks on it)")
