@@ -26,7 +26,8 @@ class Prediction:
     bubble_s: float = 0.0  # pipeline bubble (no pipeline parallelism yet)
     recompute_s: float = 0.0  # activation recomputation (forward re-run in backward), part of compute_s
     memory_bytes_per_device: float  # peak, the sum of the parts below
-    memory_parts: dict[str, float]  # params, grads, optimizer_state, activations, inputs, transient
+    memory_parts: dict[str, float]  # the parts present at the peak (planner/footprint.py), summing to it
+    memory_peak_at: str = ""  # the moment of the peak: "backward start" (activations) or "backward end" (gradients)
     memory_binding: str = ""  # what limits memory: the largest part, and whether the budget binds
     tokens_per_s: float
     tflops_per_device: float  # model FLOPs (6N-style, from the traced graph) per second per device

@@ -9,6 +9,8 @@ import re
 from dataclasses import replace
 
 import pytest
+
+from autopar.planner.footprint import PARTS
 import torch
 from torch import nn
 
@@ -246,7 +248,8 @@ def test_prediction_parts_add_up_with_exposed_gradient_sync():
     assert pred.step_time_s == pytest.approx(pred.compute_s + pred.exposed_comm_s + pred.grad_sync_exposed_s,
                                              rel=1e-12)
     assert pred.memory_bytes_per_device == pytest.approx(sum(pred.memory_parts.values()), rel=1e-12)
-    assert set(pred.memory_parts) == {"params", "grads", "optimizer_state", "activations", "inputs", "transient"}
+    assert set(pred.memory_parts) <= set(PARTS) and {"params", "optimizer_state"} <= set(pred.memory_parts)
+    assert pred.memory_peak_at in ("backward start", "backward end")
     assert all(v >= 0 for v in pred.memory_parts.values())
 
 

@@ -262,7 +262,8 @@ def memory_table(plan: Plan) -> Table:
     table = _table("predicted memory per device", "part", ">size", ">share")
     total = plan.predicted.memory_bytes_per_device
     for name, size in plan.predicted.memory_parts.items():
-        table.add_row(name.replace("_", " "), gib(size), f"{size / total:.1%}" if total else "-")
+        if size:
+            table.add_row(name.replace("_", " "), gib(size), f"{size / total:.1%}" if total else "-")
     table.add_row("peak", gib(total), "100%", style="bold")
     budget = plan.memory_budget_bytes
     table.add_row("budget", gib(budget), f"{total / budget:.1%} used" if budget else "-")

@@ -2,9 +2,13 @@
 
 Each term is (owner node, part, one value per strategy of that owner): the ILP adds sum value[s] * x[owner, s]
 (ilp.py), and the prediction evaluates the same terms at the chosen strategies (predict.py), so the solver and the
-report can never disagree about what a plan needs. The peak is taken as the sum of every part: model state, the
-activations saved when backward starts, and the transients of the block backward is working on (its recomputed
-activations, ZeRO-3's gathered parameters, its unsharded gradient) — all present together at that moment.
+report never disagree about what a plan needs.
+
+The peak is the larger of two moments of a step (measured on CPU ranks; tests/benchmarks/bench_memory.py):
+  backward start  model state + every saved activation + the transients of the block being recomputed;
+  backward end    model state + every gradient + the gradient bucket being flattened (stages 0/1).
+Gradients grow as activations are freed, so between the two the sum stays below the larger. With gradient
+accumulation (more than one micro-batch) gradients also exist at the second micro-batch's backward start.
 """
 
 from __future__ import annotations
@@ -13,12 +17,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from autopar.checkpointing import KEEP_UNDER_SELECTIVE
+from autopar.placement import local_shape
 from autopar.planner.cost import CostContext, NodeCost, nbytes
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.planner.memory import GRAD_BUCKET_BYTES, state_bytes_per_element, transient_bytes_per_element
-from autopar.placement import local_shape
 
-PARTS = ("params", "grads", "optimizer_state", "activations", "inputs", "transient")
+# part -> the moments it is present at ("start", "end" of backward)
+PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gathered": ("start", "end"),
+          "activations": ("start",), "inputs": ("start",), "recompute": ("start",), "autocast": ("start",),
+          "grads": ("end",), "buckets": ("end",)}
+PARTS = tuple(PHASES)
+ONE_BLOCK_PARTS = ("gathered", "recompute")  # concern the block at work, not every block
 
 
 @dataclass(frozen=True)
@@ -28,20 +37,26 @@ class Term:
     values: tuple[float, ...]  # per strategy of the owner
 
 
+def phases(part: str, micro_batches: int) -> tuple[str, ...]:
+    if part == "grads" and micro_batches > 1:  # accumulated gradients wait through the next micro-batches
+        return ("start", "end")
+    return PHASES.get(part, ())
+
+
 def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> list[Term]:
     """Every memory term (bytes per device) and recompute term (seconds per micro-batch) of the candidate."""
     out: list[Term] = []
-    first_block = _first_block(pg)
     state = state_bytes_per_element(ctx.memory, ctx.dp)
     transient = transient_bytes_per_element(ctx.memory, ctx.dp)
     bucket = _bucket_share(pg, ctx, costs, state["grads"])
+    first_block = _first_block(pg)
     for p in pg.owners():
         name, n, cs = p.node.name, pg.counts[p.node.name], costs[p.node.name]
         if p.kind == "param":
             elems = [c.state_bytes / max(ctx.state_bytes_per_element, 1e-30) for c in cs]
             out += [Term(name, part, tuple(n * e * b for e in elems)) for part, b in state.items()]
-            out.append(Term(name, "transient", tuple(e * (_param_transient(p, n, first_block, transient)
-                                                           + n * bucket * state["grads"]) for e in elems)))
+            per = _param_transients(p, n, first_block, transient, bucket * state["grads"])
+            out += [Term(name, part, tuple(e * b for e in elems)) for part, b in per.items()]
         elif p.kind != "op":
             out.append(Term(name, "inputs", tuple(n * c.activation_bytes for c in cs)))
         else:
@@ -50,16 +65,16 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
     return [t for t in out if any(t.values)]
 
 
-def _param_transient(p: PNode, n: int, first_block: str | None, t: dict[str, float]) -> float:
-    """Per element: ZeRO-3 gathers two blocks at a time (the current and the prefetched one) but keeps the
-    top-level parameters gathered all step; the block under reduce-scatter has an unsharded gradient;
-    autocast keeps a bf16 copy of every weight it casts."""
+def _param_transients(p: PNode, n: int, first_block: str | None, t: dict[str, float],
+                      bucket: float) -> dict[str, float]:
+    """Bytes per element of this parameter: ZeRO gathers and gradient buffers concern one block (the template's
+    parameters stand for it) or, for top-level parameters, every one of them; buckets and autocast copies every
+    parameter."""
     if p.block is None:
-        gathered = n * t["gathered_block"]
+        gathered = n * t["gathered_top"]
     else:
-        gathered = 2 * t["gathered_block"] if p.block == first_block else 0.0
-    grad = t["block_grad"] if p.block is not None and p.block == first_block else 0.0
-    return gathered + grad + n * t["autocast_copy"]
+        gathered = t["gathered_block"] + t["block_grad"] if p.block == first_block else 0.0
+    return {"gathered": gathered, "buckets": n * bucket, "autocast": n * t["autocast_copy"]}
 
 
 def _bucket_share(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]], grad_bytes: float) -> float:
@@ -81,9 +96,8 @@ def _activation_terms(p: PNode, n: int, cs: list[NodeCost], ac: str) -> list[Ter
     # A checkpointed block keeps only its inputs (added by _block_input_terms) and, under selective, the outputs of
     # its weight matmuls; the block being recomputed holds its activations once; recomputation costs the forward
     # again for every op not kept.
-    kept = ac == "selective" and p.node.target in KEEP_UNDER_SELECTIVE
-    out = [Term(name, "transient", tuple(c.activation_bytes for c in cs))]
-    if kept:
+    out = [Term(name, "recompute", tuple(c.activation_bytes for c in cs))]
+    if ac == "selective" and p.node.target in KEEP_UNDER_SELECTIVE:
         out.append(Term(name, "activations", tuple(n * c.out_bytes for c in cs)))
     else:
         out.append(Term(name, "recompute_s", tuple(n * c.fwd_s for c in cs)))
@@ -131,3 +145,10 @@ def evaluate(all_terms: list[Term], choice: dict[str, int]) -> dict[str, float]:
     for t in all_terms:
         total[t.part] += t.values[choice[t.owner]]
     return dict(total)
+
+
+def peak(parts: dict[str, float], micro_batches: int) -> tuple[str, dict[str, float]]:
+    """(the moment of the peak, the parts present then)."""
+    at = {phase: {k: v for k, v in parts.items() if phase in phases(k, micro_batches)} for phase in ("start", "end")}
+    moment = max(at, key=lambda ph: sum(at[ph].values()))
+    return moment, at[moment]

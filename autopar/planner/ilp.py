@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pulp
 
 from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, saved_kinds
-from autopar.planner.footprint import Term, terms
+from autopar.planner.footprint import ONE_BLOCK_PARTS, Term, phases, terms
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.strategies import grad_partial_axes
 
@@ -158,17 +158,23 @@ class ShardingILP:
             terms = [(y[(o, i)], 1.0) for o in uo] + _indicator(self.x[cons], ins, i, -1.0)
             self.prob += pulp.LpConstraint(_affine(terms), pulp.LpConstraintEQ, rhs=0)
 
-    def memory_expr(self) -> pulp.LpAffineExpression:
+    def memory_exprs(self) -> dict[str, pulp.LpAffineExpression]:
+        """Bytes per device at backward start and at backward end (footprint.py); parameters kept gathered for a
+        consumer's backward (edge terms, already in memory_terms) count at the start."""
+        at = {"start": self.memory_terms, "end": defaultdict(float)}
         for t in self.terms:
-            if t.part != "recompute_s":
-                self._add_time(t.owner, list(t.values), self.memory_terms)
-        return _expr(self.memory_terms)
+            for phase in phases(t.part, self.m):
+                self._add_time(t.owner, list(t.values), at[phase])
+        return {phase: _expr(terms) for phase, terms in at.items()}
 
     def memory_lower_bound(self) -> float:
-        return memory_lower_bound(self.pg, self.ctx, self.terms)
+        return memory_lower_bound(self.pg, self.ctx, self.terms, micro_batches=self.m)
 
     def add_memory_constraint(self) -> None:
-        self.prob += self.memory_expr() <= self.budget, "memory"
+        self.peak = self._var("peak_bytes", lowBound=0)
+        for phase, expr in self.memory_exprs().items():
+            self.prob += expr <= self.budget, f"memory_{phase}"
+            self.prob += self.peak >= expr, f"peak_{phase}"
 
     def add_pin_constraints(self) -> None:
         for owner, keep in self.pinned.items():
@@ -182,7 +188,7 @@ class ShardingILP:
             self._add_time(owner, [self.pg.counts[owner] * c.bwd_s for c in cs], bwd)
         self.z = self._var("z_exposed_sync", lowBound=0)
         self.prob += self.z >= _expr(self.sync_terms) - _expr(bwd), "overlap"
-        self.prob += _expr(self.time_terms) + self.z if self.objective == "time" else _expr(self.memory_terms)
+        self.prob += _expr(self.time_terms) + self.z if self.objective == "time" else self.peak
 
     # -- solve ----------------------------------------------------------------------------------------------
     def solve(self, time_limit_s: float = 30.0, threads: int = 1) -> Solution | None:
@@ -202,37 +208,38 @@ class ShardingILP:
                         self.prob.numVariables(), self.prob.numConstraints())
 
 
-def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], weight=lambda p: 1.0) -> float:
-    """No plan needs less: every operator at its least-memory strategy, and every parameter at the storage that
-    minimises its state plus the copies its consumers keep gathered (each consumer at its cheapest placement).
-    `weight(p)` scales a node's per-layer share (used to extrapolate from a shallow copy of the model); transients
-    concern one block and do not scale."""
-    per: dict[str, list[float]] = {}
-    for t in all_terms:
-        if t.part == "recompute_s":
-            continue
-        p = pg.nodes[t.owner]
-        w = 1.0 if t.part == "transient" else weight(p)
-        row = per.setdefault(t.owner, [0.0] * len(p.strategies))
-        for k, v in enumerate(t.values):
-            row[k] += w * v
-    uses: dict[str, list[tuple[PNode, int]]] = defaultdict(list)
-    for p in pg.owners():
-        for j, (prod, _) in enumerate(p.inputs):
-            if pg.nodes[prod].kind == "param":
-                uses[prod].append((p, j))
-    total = 0.0
-    for owner, row in per.items():
-        p = pg.nodes[owner]
-        if p.kind != "param":
-            total += min(row)
-            continue
-        n = pg.counts[owner] * weight(p)
-        total += min(row[k] + n * sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True,
-                                                     s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
-                                          for t in user.strategies) for user, j in uses[owner])
-                     for k, s in enumerate(p.strategies))
-    return total
+def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], weight=lambda p: 1.0,
+                       micro_batches: int = 1, scale=lambda part: 1.0) -> float:
+    """No plan needs less: at each moment of the peak (footprint.py), every node at its least-memory strategy,
+    and every parameter at the storage that minimises its state plus the copies its consumers keep gathered.
+    `weight(p)` scales a block node's share (to extrapolate from a shallow copy of the model; one-block
+    transients do not scale), `scale(part)` a part (activations per micro-batch)."""
+    best = 0.0
+    for phase in ("start", "end"):
+        per: dict[str, list[float]] = {}
+        for t in all_terms:
+            if phase not in phases(t.part, micro_batches):
+                continue
+            p = pg.nodes[t.owner]
+            w = (1.0 if t.part in ONE_BLOCK_PARTS else weight(p)) * scale(t.part)
+            row = per.setdefault(t.owner, [0.0] * len(p.strategies))
+            for k, v in enumerate(t.values):
+                row[k] += w * v
+        total = sum(_least(pg, ctx, owner, row, weight, phase) for owner, row in per.items())
+        best = max(best, total)
+    return best
+
+
+def _least(pg: PlanGraph, ctx: CostContext, owner: str, row: list[float], weight, phase: str) -> float:
+    p = pg.nodes[owner]
+    if p.kind != "param" or phase != "start":
+        return min(row)
+    n = pg.counts[owner] * weight(p)
+    users = [(u, j) for u in pg.owners() for j, (prod, _) in enumerate(u.inputs) if prod == owner]
+    return min(row[k] + n * sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True,
+                                               s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
+                                    for t in user.strategies) for user, j in users)
+               for k, s in enumerate(p.strategies))
 
 
 def zero_sync(ctx: CostContext, sync: float) -> tuple[float, float]:

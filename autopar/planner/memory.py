@@ -22,7 +22,6 @@ from autopar.zero import PRECISIONS, ZERO_STAGES
 ADAM_MOMENTS = 8.0  # fp32 exp_avg + exp_avg_sq
 FP32 = 4.0
 BF16 = 2.0
-STATE_PARTS = ("params", "grads", "optimizer_state")
 GRAD_BUCKET_BYTES = 25 * 2**20  # runtime.BUCKET_BYTES: one bucket is held twice while it is flattened
 
 
@@ -57,12 +56,17 @@ def state_bytes_per_element(cfg: MemoryConfig, dp: int) -> dict[str, float]:
 
 
 def transient_bytes_per_element(cfg: MemoryConfig, dp: int) -> dict[str, float]:
-    """Per element of the parameters a transient concerns: ZeRO-3's gathered blocks (current and prefetched) and
-    the top-level parameters FSDP keeps gathered through the step; the unsharded gradient of the block being
-    reduce-scattered; autocast's bf16 weight copies."""
+    """Per element of the parameters a transient concerns.
+    gathered_block: ZeRO-3 holds a block's gathered parameters, the next block's (prefetch) and the all-gather
+      output they are copied out of: three blocks in the compute dtype; the top-level parameters stay gathered
+      all step (FSDP2 does not reshard its root after forward).
+    block_grad: under ZeRO-2/3 the block in backward has its unsharded gradient and the reduce-scatter input it
+      is copied into: two blocks, fp32 (the reduction dtype).
+    autocast_copy: autocast's bf16 copy of every weight, kept by autograd until its matmul's backward."""
     z = cfg.zero if dp > 1 else 0
     compute = BF16 if cfg.precision == "bf16" else FP32
-    return {"gathered_block": compute if z == 3 else 0.0, "block_grad": compute if z >= 2 else 0.0,
+    return {"gathered_block": 3 * compute if z == 3 else 0.0, "gathered_top": compute if z == 3 else 0.0,
+            "block_grad": 2 * FP32 if z >= 2 else 0.0,
             "autocast_copy": BF16 if cfg.precision == "bf16" and z <= 1 else 0.0}
 
 

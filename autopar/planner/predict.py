@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from autopar.placement import fmt
 from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.cost import edge_price, node_cost, saved_kinds
-from autopar.planner.footprint import PARTS, evaluate, terms
+from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.strategies import grad_partial_axes
 
@@ -44,6 +44,7 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     recompute = m * parts.pop("recompute_s", 0.0)
     exposed, sync, held, after_step = _moves(c)
     parts["activations"] += held
+    moment, parts = peak(parts, m)
     compute += recompute
     sync_exposed = max(0.0, sync - bwd)
     step = compute + exposed + after_step + sync_exposed
@@ -51,7 +52,7 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     total = sum(parts.values())
     return Prediction(step_time_s=step, compute_s=compute, exposed_comm_s=exposed + after_step, grad_sync_s=sync,
                       grad_sync_exposed_s=sync_exposed, recompute_s=recompute, memory_bytes_per_device=total,
-                      memory_parts=parts,
+                      memory_parts=parts, memory_peak_at=f"backward {moment}",
                       tokens_per_s=req.batch * req.seq / step if step else math.inf,
                       tflops_per_device=model_flops / step / req.devices / 1e12 if step else 0.0,
                       model_flops_per_step=model_flops)
@@ -86,7 +87,8 @@ def binding(p: Prediction, budget: float) -> str:
     largest = max(parts, key=parts.get)
     used = f"{100 * total / budget:.0f}% of the budget" if budget else "no budget"
     tight = "the budget binds" if budget and total > 0.9 * budget else "the budget does not bind"
-    return f"{tight} ({used}); largest part {largest} ({100 * parts[largest] / total:.0f}%)"
+    return (f"peak at {p.memory_peak_at}; {tight} ({used}); largest part {largest} "
+            f"({100 * parts[largest] / total:.0f}%)")
 
 
 def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict, others: list[dict]) -> Plan:

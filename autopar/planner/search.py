@@ -27,7 +27,7 @@ from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
-from autopar.planner.memory import STATE_PARTS, MemoryConfig
+from autopar.planner.memory import MemoryConfig
 from autopar.zero import ZERO_STAGES
 from autopar.planner.pins import pinned_strategies
 from autopar.planner.predict import predict, to_plan
@@ -212,11 +212,10 @@ def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
         if (i, m, cfg) in refused:
             return False
         if proxy is not None:
-            fixed, act = _proxy_bounds(req, degrees, proxy, cfg)
-            return fixed + act / m <= budget
+            return _proxy_bound(req, degrees, proxy, cfg, m) <= budget
         pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
         costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
-        return memory_lower_bound(pg, ctx, terms(pg, ctx, costs)) <= budget
+        return memory_lower_bound(pg, ctx, terms(pg, ctx, costs), micro_batches=m) <= budget
     return fits
 
 
@@ -256,26 +255,25 @@ def _likely_first(req, degrees, counts: list[int], budget: float, proxy, cfg: Me
     """Index of the first micro-batch count whose memory lower bound fits under the most memory-saving
     configuration `cfg` (None: none does), on the shallow proxy, so the full model is traced only at the
     micro-batch sizes that will be solved."""
-    fixed, act = _proxy_bounds(req, degrees, proxy, cfg)
-    return next((k for k, m in enumerate(counts) if fixed + act / m <= budget), None)
+    return next((k for k, m in enumerate(counts) if _proxy_bound(req, degrees, proxy, cfg, m) <= budget), None)
 
 
-def _proxy_bounds(req, degrees, proxy, cfg: MemoryConfig) -> tuple[float, float]:
-    """(model-state bound, activation bound at the whole batch) extrapolated from a shallow copy of the model
-    (same blocks, fewer of them; `proxy = (trace, depth ratio)`). Activations scale with the micro-batch, model
-    state does not."""
+PER_MICRO_BATCH = ("activations", "inputs", "recompute")  # parts that shrink with the micro-batch
+
+
+def _proxy_bound(req, degrees, proxy, cfg: MemoryConfig, m: int) -> float:
+    """Memory lower bound at m micro-batches, extrapolated from a shallow copy of the model traced at the whole
+    batch (same blocks, fewer of them; `proxy = (trace, depth ratio, cache)`): activations scale with the
+    micro-batch, model state does not."""
     proxy_trace, ratio, cache = proxy
     key = (tuple(degrees.items()), cfg)
-    if key in cache:
-        return cache[key]
-    pg, ctx = _graph(req, proxy_trace(req.batch), degrees, cfg)
-    costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
-    weight = lambda p: ratio if p.block is not None else 1.0  # noqa: E731
-    all_terms = terms(pg, ctx, costs)
-    state = [t for t in all_terms if t.part in STATE_PARTS or t.part == "transient" and pg.nodes[t.owner].kind == "param"]
-    fixed = memory_lower_bound(pg, ctx, state, weight)
-    cache[key] = fixed, memory_lower_bound(pg, ctx, all_terms, weight) - fixed
-    return cache[key]
+    if key not in cache:
+        pg, ctx = _graph(req, proxy_trace(req.batch), degrees, cfg)
+        costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+        cache[key] = pg, ctx, terms(pg, ctx, costs)
+    pg, ctx, all_terms = cache[key]
+    return memory_lower_bound(pg, ctx, all_terms, lambda p: ratio if p.block is not None else 1.0, m,
+                              lambda part: 1.0 / m if part in PER_MICRO_BATCH else 1.0)
 
 
 def _distributed() -> bool:
