@@ -75,7 +75,8 @@ class OpRule:
     strategies: RuleFn
     flops: FlopFn  # FLOPs of the forward op evaluated on the given (local) shapes
     is_matmul: bool = False  # priced at matmul efficiency
-    saves: str = "inputs"  # kept for backward: "inputs" (consumed activations), "output", "inputs+output", "none"
+    saves: str = "inputs"  # kept for backward: "inputs" (consumed activations), "output", "inputs+output", "mask"
+    # (dropout's boolean mask), "others" (an input only when another input needs a gradient: mul), "none"
 
     @property
     def moves_no_data(self) -> bool:

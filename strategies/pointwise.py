@@ -15,9 +15,10 @@ UNARY = [
     aten.relu, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.exp, aten.log, aten.rsqrt, aten.sqrt,
     aten.pow, aten.sin, aten.cos, aten.abs, aten.erf, aten.reciprocal, aten.square, aten.softplus,
     aten.logical_not, aten.bitwise_not, aten.isnan, aten.isinf, aten.tril, aten.triu,
-    # dropout draws a mask per rank: never on partial sums (the addends would get different masks)
-    aten.dropout, aten.native_dropout,
 ]
+# Dropout draws a mask per rank: never on partial sums (the addends would get different masks). Its backward
+# needs only the mask (1 byte per element; Korthikanti et al. 2022 Sec. 4.1).
+DROPOUT = [aten.dropout, aten.native_dropout]
 # Unary ops that are linear in their input (neg is linear; copies and casts keep sums).
 LINEAR_UNARY = [
     aten.neg, aten.clone, aten.contiguous, aten.alias, aten.detach, aten._to_copy,
@@ -26,7 +27,9 @@ LINEAR_UNARY = [
 # Binary ops: add/sub are linear in both operands together; mul/div only in one operand with the other fixed.
 ADDITIVE = [aten.add, aten.sub]
 SCALING = [aten.mul, aten.div]
-COMPARE_OR_SELECT = [aten.where, aten.masked_fill, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
+# Selection keeps only its boolean condition for backward (the gradient is routed by it, not by the values).
+SELECT = [aten.where, aten.masked_fill]
+COMPARE_OR_SELECT = [aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
                      aten.maximum, aten.minimum, aten.clamp, aten.bitwise_and, aten.bitwise_or, aten.logical_and,
                      # boolean mask algebra (`a & b` on tensors is aten.__and__, as in HF's attention masks)
                      aten.__and__, aten.__or__, aten.__xor__, aten.bitwise_xor, aten.logical_or, aten.logical_xor]
@@ -54,6 +57,7 @@ def _scalar_args(info: OpInfo) -> bool:
     return any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in info.node.args[1:2])
 
 
+@register(*DROPOUT, saves="mask")
 @register(*UNARY)
 def unary(info: OpInfo) -> list[Strategy1D]:
     skip = 2 if info.node.target.overloadpacket in _POSITIONAL else 0
@@ -74,7 +78,7 @@ def additive(info: OpInfo) -> list[Strategy1D]:
     return broadcast_shards(info) + extra
 
 
-@register(*SCALING)
+@register(*SCALING, saves="others")  # d(a*b)/da = b: each operand is kept for the other's gradient
 def scaling(info: OpInfo) -> list[Strategy1D]:
     n = len(info.in_shapes)
     extra = [linear_partial(n, [0])]  # (a1 + a2) * b = a1*b + a2*b, also for a python scalar b
@@ -83,6 +87,7 @@ def scaling(info: OpInfo) -> list[Strategy1D]:
     return broadcast_shards(info) + extra
 
 
+@register(*SELECT, saves="none")
 @register(*COMPARE_OR_SELECT)
 def compare_or_select(info: OpInfo) -> list[Strategy1D]:
     return broadcast_shards(info)

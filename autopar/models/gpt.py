@@ -23,16 +23,21 @@ class GPTConfig:
     dropout: float = 0.0  # residual/embedding dropout; attention dropout is always 0
     tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2/3)
     bias: bool = True  # biases on Linear and LayerNorm
+    attention: str = "sdpa"  # "eager": softmax(QK^T/sqrt(d))V with attention dropout, the layer Korthikanti et al.
+    # (2022) count activations for; "sdpa": F.scaled_dot_product_attention, which never stores the s x s scores
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.attention not in ("sdpa", "eager"):
+            raise ValueError(f"attention={self.attention!r} is not one of sdpa, eager")
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.eager = cfg.heads, cfg.attention == "eager"
+        self.attn_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and self.eager else nn.Identity()
         self.q = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
         self.k = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
         self.v = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
@@ -45,7 +50,12 @@ class Attention(nn.Module):
         q = self.q(x).view(b, s, self.heads, hd).transpose(1, 2)
         k = self.k(x).view(b, s, self.heads, hd).transpose(1, 2)
         v = self.v(x).view(b, s, self.heads, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.0)
+        if self.eager:
+            scores = (q @ k.transpose(-2, -1)) * hd**-0.5
+            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+            y = self.attn_drop(scores.masked_fill(causal, float("-inf")).softmax(-1)) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(b, s, h)))
 
 

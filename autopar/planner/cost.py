@@ -75,9 +75,12 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     saves = saved_kinds(p)
     scale = activation_scale(ctx.memory, p.info.out_dtypes[0].itemsize) if p.info.out_dtypes else 1.0
     out_bytes = scale * sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
-    act = sum(nbytes(ins[j], p.info.in_dtypes[j]) for j in p.saved_inputs) * scale if "inputs" in saves else 0.0
+    act = sum(nbytes(ins[j], p.info.in_dtypes[j]) for j in p.saved_inputs) * scale \
+        if "inputs" in saves or saves == "others" else 0.0
     if "output" in saves:
         act += out_bytes
+    elif saves == "mask":  # a boolean per element (aten.dropout runs native_dropout, which returns it)
+        act += float(math.prod(outs[-1]))
     return NodeCost(fwd, bwd, act, 0.0, out_bytes)
 
 

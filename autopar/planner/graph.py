@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
+import torch
 import torch.fx as fx
 
 from autopar.capture import Captured
@@ -110,26 +111,49 @@ def _count_saved_once(nodes: dict[str, PNode]) -> None:
     """Autograd keeps one copy of a tensor however many ops save it (q, k and v all save the same normed input):
     each saved tensor, traced back through views to the tensor that owns its storage, is counted by its producer
     when the producer saves its output, else by the first consumer that saves it (`saved_inputs` keeps only the
-    inputs counted there). A consumer that saves a redistributed copy is approximated by the tensor it came from."""
+    inputs counted there). A consumer that saves a redistributed copy is approximated by the tensor it came from.
+    A reshape of a transposed tensor copies (torch cannot view it), so its output owns new storage."""
     def root(key: tuple[str, int]) -> tuple[str, int]:
         p = nodes[key[0]]
-        while p.kind == "op" and p.rule is not None and p.rule.moves_no_data and len(p.inputs) == 1:
+        while p.kind == "op" and p.rule is not None and p.rule.moves_no_data and len(p.inputs) == 1 \
+                and not _copies(p, nodes):
             key = p.inputs[0]
             p = nodes[key[0]]
         return key
 
     counted: set[tuple[str, int]] = set()
     for name, p in nodes.items():
-        if p.kind == "op" and p.requires_grad and "output" in (p.rule.saves if p.rule else "inputs+output"):
+        saves = p.rule.saves if p.rule else "inputs+output"
+        if p.kind == "op" and p.requires_grad and "output" in saves:
             counted.update(root((name, k)) for k in range(len(p.info.out_shapes)))
+        elif p.kind == "op" and p.requires_grad and saves == "mask":
+            counted.add((name, 1))
     for p in nodes.values():
         keep = []
-        for j in p.saved_inputs:
+        saves = p.rule.saves if p.rule else "inputs+output"
+        saves_inputs = p.requires_grad and ("inputs" in saves or saves == "others")
+        for j in p.saved_inputs if saves_inputs else ():
             key = root(p.inputs[j])
             if key not in counted:
                 counted.add(key)
                 keep.append(j)
         p.saved_inputs = tuple(keep)
+
+
+_PERMUTING = ("transpose", "permute", "t", "numpy_T")
+
+
+def _copies(p: PNode, nodes: dict[str, PNode]) -> bool:
+    """A reshape whose input is (a view of) a transposed tensor: the data is copied. Except after attention:
+    the SDPA kernels (flash, memory-efficient, CPU) lay their output out as (batch, seq, heads, dim), so the usual
+    transpose-and-merge-heads is a view."""
+    if getattr(p.node.target, "overloadpacket", None) is not torch.ops.aten.reshape:
+        return False
+    q, permuted = nodes[p.inputs[0][0]], False
+    while q.kind == "op" and q.rule is not None and q.rule.moves_no_data and len(q.inputs) == 1:
+        permuted = permuted or q.node.target.overloadpacket.__name__ in _PERMUTING
+        q = nodes[q.inputs[0][0]]
+    return permuted and "scaled_dot_product" not in str(q.node.target)
 
 
 def _role_strategies(p: PNode, degrees: Sequence[int], axis_names: Sequence[str],
@@ -149,9 +173,12 @@ def _fits_role(p: PNode, s: Strategy, degrees: Sequence[int], axis_names: Sequen
     """What the axis names promise a user; everything else stays the solver's choice.
 
     dp: every rank works on its own slice of the batch: inputs S0, and matmul-like ops take their activation
-    operand batch-sharded (S0). tp: the ranks of a group see the same batch (inputs R) and every matmul-like op
+    operand batch-sharded (S0); parameters are replicated (ZeRO shards their states). tp: the ranks of a group see the same batch (inputs R) and every matmul-like op
     consumes its weight matrices split (column, row, heads, vocab: whichever dim is cheapest)."""
     is_matmul = p.kind == "op" and p.rule is not None and p.rule.is_matmul
+    if p.kind == "param" and "dp" in axis_names and p.info.out_shapes:  # dp replicates parameters; sharding their
+        dp = axis_names.index("dp")  # states over dp is the ZeRO stage's job (DESIGN decision 2), not a placement
+        return degrees[dp] == 1 or s.outs[0][dp] == R
     if p.kind != "input" and not is_matmul or not p.info.out_shapes:
         return True
     for axis, (name, degree) in enumerate(zip(axis_names, degrees)):
@@ -204,6 +231,8 @@ def _pnode(node: fx.Node, captured: Captured, graph_nodes, done: dict[str, PNode
     path = _module_path(node)
     saved = tuple(j for j, (n, k) in enumerate(inputs) if done[n].kind in ("op", "input")
                   and info.in_dtypes[j].is_floating_point)
+    if rule is not None and rule.saves == "others":  # x * c with c a constant or a buffer keeps nothing
+        saved = tuple(j for j in saved if any(done[n].requires_grad for i, (n, _) in enumerate(inputs) if i != j))
     return PNode(node, "op", info, rule, [], inputs, requires_grad, path, _block_of(path),
                  fallback=rule is None and bool(info.out_shapes), saved_inputs=saved)
 

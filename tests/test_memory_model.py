@@ -1,0 +1,133 @@
+"""The memory model against the papers it cites, and the planner's memory decisions (tier 0, no devices).
+
+ZeRO: Rajbhandari et al. 2020 (arXiv 1910.02054) Fig. 1, Psi = 7.5B, N_d = 64. Activations: Korthikanti et al. 2022
+(arXiv 2205.05198) Sec. 4, per-layer bytes of a GPT layer in 16-bit with dropout, a = heads, t = TP degree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autopar.capture import capture
+from autopar.cost_models import axis_links, load_hardware
+from autopar.errors import PlanError
+from autopar.models import sample_inputs
+from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.registry import ModelInfo
+from autopar.planner.cost import CostContext
+from autopar.planner.footprint import evaluate
+from autopar.planner.graph import build
+from autopar.planner.ilp import ShardingILP
+from autopar.planner.memory import MemoryConfig, zero_model_state_bytes
+from autopar.planning import make_plan
+from autopar.placement import R, S
+
+
+@pytest.mark.parametrize("zero, gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_model_state_bytes_match_the_paper(zero, gb):
+    assert zero_model_state_bytes(7.5e9, zero, 64) / 1e9 == pytest.approx(gb, abs=0.05)
+
+
+# ---------------------------------------------------------------- activations per layer, Korthikanti et al. 2022
+S_, B_, H_, A_, T_ = 256, 2, 512, 8, 4  # sequence, micro-batch, hidden, heads, TP degree
+
+
+def _layer_bytes(attention: str, ac: str, sp: bool, layers: int) -> float:
+    """Activation bytes per device the memory model predicts for a GPT of `layers` layers under TP=T_, with the
+    norms' outputs pinned replicated (TP) or sequence-sharded (TP+SP); the rest is the solver's choice."""
+    cfg = GPTConfig(layers=layers, hidden=H_, heads=A_, vocab=256, seq=S_, dropout=0.1, attention=attention)
+    with torch.device("meta"):
+        model = GPT(cfg).to(torch.bfloat16)
+    info = ModelInfo(name="gpt", seq=S_, vocab=cfg.vocab, layers=layers, hidden=H_, heads=A_, config=cfg)
+    captured = capture(model, sample_inputs(info, B_, S_, device="meta"))
+    hw = load_hardware("a100-80gb-sxm")
+    links = axis_links(hw, [("dp", 1), ("tp", T_)])
+    pg = build(captured, (1, T_), ("dp", "tp"))
+    ctx = CostContext(hw, (1, T_), (links["dp"], links["tp"]), MemoryConfig(ac=ac, precision="bf16"), 1)
+    ilp = ShardingILP(pg, ctx, 1e30)
+    want = S(1) if sp else R
+    for p in pg.owners():
+        if p.kind == "op" and "layer_norm" in str(p.node.target):
+            for x, s in zip(ilp.x[p.node.name], p.strategies):
+                if s.outs[0][1] != want and not isinstance(x, int):
+                    ilp.prob += x == 0
+    solution = ilp.solve()
+    parts = evaluate(ilp.terms, solution.choice)
+    return parts.get("activations", 0.0)
+
+
+def _per_layer(attention: str, ac: str = "none", sp: bool = False) -> float:
+    """One layer's share: the difference between a 2-layer and a 1-layer model (embeddings and head cancel)."""
+    return _layer_bytes(attention, ac, sp, 2) - _layer_bytes(attention, ac, sp, 1)
+
+
+SBH = S_ * B_ * H_
+ATT = 5 * A_ * S_ / H_
+
+
+# Korthikanti's sequence-parallel count stores the QKV and fc1 inputs sharded and all-gathers them again in
+# backward (Sec. 4.2.2); autopar's runtime keeps the gathered copy that autograd saves, 2sbh(1 - 1/t) more for each.
+REGATHER_GAP = 2 * 2 * SBH * (1 - 1 / T_)
+
+
+@pytest.mark.parametrize("name, attention, ac, sp, formula", [
+    ("TP", "eager", "none", False, SBH * (10 + 24 / T_ + ATT / T_)),
+    ("TP+SP", "eager", "none", True, SBH / T_ * (34 + ATT) + REGATHER_GAP),
+    # Selective recomputation (Sec. 5) drops exactly the attention core (the 5as/h term): SDPA never stores it,
+    # recomputing it in its backward, so the SDPA layer is the selective-recompute layer.
+    ("TP+SP+selective", "sdpa", "none", True, 34 * SBH / T_ + REGATHER_GAP),
+    ("TP+selective", "sdpa", "none", False, SBH * (10 + 24 / T_)),
+    ("full recompute", "eager", "full", False, 2 * SBH),
+])
+def test_activation_bytes_per_layer_match_korthikanti(name, attention, ac, sp, formula):
+    got = _per_layer(attention, ac, sp)
+    assert got == pytest.approx(formula, rel=0.05), f"{name}: model {got / SBH:.2f} sbh, paper {formula / SBH:.2f} sbh"
+
+
+# ---------------------------------------------------------------- budget behaviour
+
+
+MIB = 2**20
+
+
+def _plan(budget: float | None, **fix):
+    return make_plan("gpt-tiny", devices=4, hardware="cpu", batch=8, model_args={"hidden": 256, "layers": 4,
+                     "seq": 128}, fix={"dp": 4, **fix}, memory_budget_bytes=budget)
+
+
+def test_a_model_that_fits_only_with_zero3_and_full_checkpointing_gets_them():
+    roomy = _plan(None)
+    assert (roomy.zero, roomy.ac) == (0, "none")  # nothing to trade when memory is plentiful
+    need = {(z, a): _plan(None, zero=z, ac=a, mbs=8).predicted.memory_bytes_per_device
+            for z in (0, 1, 2, 3) for a in ("none", "selective", "full")}
+    ranked = sorted(need, key=need.get)
+    assert ranked[0] == (3, "full") and need[ranked[1]] > need[ranked[0]], need
+    budget = 0.5 * (need[ranked[0]] + need[ranked[1]])
+    tight = _plan(budget, mbs=8)
+    assert (tight.zero, tight.ac) == (3, "full")
+    assert tight.predicted.memory_bytes_per_device <= budget
+
+
+def test_impossible_budget_states_the_minimum_the_best_plan_needs():
+    floor = _plan(None, zero=3, ac="full", mbs=4).predicted.memory_bytes_per_device
+    with pytest.raises(PlanError, match=r"needs at least [\d.]+ (MiB|KiB)") as err:
+        _plan(0.5 * floor)
+    assert "--memory" in str(err.value)
+
+
+def test_fixed_zero_and_checkpointing_is_a_what_if():
+    free = _plan(None)
+    what_if = _plan(None, zero=2, ac="selective")
+    assert (what_if.zero, what_if.ac) == (2, "selective")
+    assert what_if.predicted.recompute_s > 0 and free.predicted.recompute_s == 0
+    assert what_if.predicted.step_time_s > free.predicted.step_time_s  # recomputation costs time
+    assert what_if.predicted.memory_bytes_per_device < free.predicted.memory_bytes_per_device
+
+
+def test_zero3_costs_half_again_the_gradient_traffic():
+    z0, z3 = _plan(None, zero=0, mbs=8), _plan(None, zero=3, mbs=8)
+    assert z3.predicted.grad_sync_s == pytest.approx(1.5 * z0.predicted.grad_sync_s, rel=1e-6)
+    assert math.isclose(z3.predicted.compute_s, z0.predicted.compute_s, rel_tol=1e-9)
