@@ -131,3 +131,22 @@ def test_zero3_costs_half_again_the_gradient_traffic():
     z0, z3 = _plan(None, zero=0, mbs=8), _plan(None, zero=3, mbs=8)
     assert z3.predicted.grad_sync_s == pytest.approx(1.5 * z0.predicted.grad_sync_s, rel=1e-6)
     assert math.isclose(z3.predicted.compute_s, z0.predicted.compute_s, rel_tol=1e-9)
+
+
+# ---------------------------------------------------------------- published case (../shared/reference)
+
+
+def test_megatron_1_7b_published_configuration_and_the_planner_beats_it():
+    """Narayanan et al. 2021 Table 1: 1.7B GPT (24 layers, hidden 2304, 24 heads, s=2048, V=51200) on 32 A100,
+    batch 512, micro-batch 16 per GPU, full recompute, TP=PP=1: 137 TFLOP/s per GPU, counted with
+    F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h)) (recompute included)."""
+    args = dict(layers=24, hidden=2304, heads=24, vocab=51200, seq=2048)
+    common = dict(model_args=args, devices=32, hardware="a100-80gb-sxm", batch=512)
+    published = make_plan("gpt", fix={"dp": 32, "tp": 1, "mbs": 512, "ac": "full", "zero": 0}, **common)
+    assert published.num_micro_batches == 1 and published.ac == "full"
+    b, s, l, h, v = 512, 2048, 24, 2304, 51200
+    flops = 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    tflops = flops / published.predicted.step_time_s / 32 / 1e12
+    assert tflops == pytest.approx(137, rel=0.20)
+    ours = make_plan("gpt", **common)
+    assert ours.predicted.tokens_per_s >= published.predicted.tokens_per_s
