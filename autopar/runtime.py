@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from autopar.checkpointing import apply_checkpointing
 from autopar.codegen.blocks import full_code, split_blocks
 from autopar.codegen.collectives import all_gather
+from autopar.codegen.regather import regather_saved
 from autopar.placement import Placement
 from autopar.zero import make_optimizer, shard_with_fsdp
 
@@ -58,7 +59,7 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         leaves = pytree.tree_leaves((args, kwargs))
-        with torch.autocast(leaves[0].device.type, torch.bfloat16, enabled=self._autocast):
+        with torch.autocast(leaves[0].device.type, torch.bfloat16, enabled=self._autocast), regather_saved():
             out = self.program(*leaves)
         return pytree.tree_unflatten(list(out) if isinstance(out, (list, tuple)) else [out], self._out_spec)
 

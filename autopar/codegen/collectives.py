@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopar.codegen.regather import remember
+
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -50,7 +52,10 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, bwd_reduce, group):
         ctx.dim, ctx.group, ctx.bwd_reduce = dim, group, bwd_reduce
-        return all_gather(x, dim, group)
+        out = all_gather(x, dim, group)
+        if bwd_reduce:  # a sequence-parallel gather: consumers that save it keep the shard instead (regather.py)
+            remember(out, x, dim, group)
+        return out
 
     @staticmethod
     def backward(ctx, g):

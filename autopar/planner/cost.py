@@ -118,6 +118,14 @@ def redistribution_time_s(ctx: CostContext, shape: Sequence[int], dtype: torch.d
     return total
 
 
+def _regather_saving(ctx: CostContext, shape, dtype, src, dst, partial) -> float:
+    moves = steps(src, dst, partial)
+    if not moves or any(m.kind != "all_gather" or m.bwd != "reduce_scatter" for m in moves):
+        return 0.0
+    scale = activation_scale(ctx.memory, dtype.itemsize)
+    return scale * (nbytes(local_shape(shape, src, ctx.degrees), dtype) - nbytes(local_shape(shape, dst, ctx.degrees), dtype))
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool, is_param: bool,
                src: tuple[Placement, ...], dst: tuple[Placement, ...], partial: tuple[int, ...],
@@ -127,10 +135,12 @@ def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, req
     Everything is exposed except a parameter's backward collectives: gradients are reduced once per step, off the
     critical path where backward can hide them (runtime.py), and priced by bandwidth only (see `bucketed`).
     A parameter gathered for a consumer that saves its inputs stays gathered until backward (`kept`): plain
-    autograd holds that copy, so it is memory the plan pays for."""
+    autograd holds that copy, so it is memory the plan pays for. An activation the consumer saves (`kept`, counted
+    at the consumer's placement by node_cost) that arrives through sequence-parallel all-gathers is stored as its
+    shard and gathered again in backward (codegen/regather.py): bytes kept is then the (negative) difference."""
     total = redistribution_time_s(ctx, shape, dtype, src, dst, requires_grad, partial)
     if not is_param:
-        return total, 0.0, 0.0
+        return total, 0.0, _regather_saving(ctx, shape, dtype, src, dst, partial) if kept else 0.0
     forward = redistribution_time_s(ctx, shape, dtype, src, dst, False)
     flat = ctx.bucketed
     sync = (redistribution_time_s(flat, shape, dtype, src, dst, True, partial)

@@ -107,8 +107,9 @@ class ShardingILP:
             if self._is_free_view(cp) and set(uo) <= {i for i, _ in ui}:
                 self._add_equal_placement(prod, outs, uo, cons, ins)
                 continue
-            kept = "inputs" in saved_kinds(cp)
-            price = {(o, i): self._edge_price(pp, k, o, i, mult, kept) for o in uo for i in ui}
+            kept = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
+            held_mult = 1 if cp.block is not None and self.ctx.memory.ac != "none" else mult  # recomputed: once
+            price = {(o, i): self._edge_price(pp, k, o, i, mult, kept, held_mult) for o in uo for i in ui}
             for part, terms in enumerate((self.time_terms, self.sync_terms, self.memory_terms)):
                 if len(uo) == 1:
                     self._add_time(cons, [price[(uo[0], i)][part] for i in ins], terms)
@@ -135,12 +136,13 @@ class ShardingILP:
             if inp not in allowed and not isinstance(x, int):
                 self.prob += x == 0
 
-    def _edge_price(self, pp: PNode, k: int, o, i, mult: int, kept: bool) -> tuple[float, float, float]:
+    def _edge_price(self, pp: PNode, k: int, o, i, mult: int, kept: bool,
+                    held_mult: int) -> tuple[float, float, float]:
         """(exposed seconds, gradient-sync seconds, bytes kept) per step for one edge class."""
         exposed, sync, held = edge_price(self.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
                                          pp.kind == "param", o, i[0], i[1], kept)
         sync, after_step = zero_sync(self.ctx, sync)
-        return self.m * mult * exposed + mult * after_step, mult * sync, mult * held
+        return self.m * mult * exposed + mult * after_step, mult * sync, held_mult * held
 
     def _add_transport(self, prod, outs, uo, cons, ins, ui, price) -> None:
         y = {}
@@ -214,6 +216,11 @@ def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], w
     and every parameter at the storage that minimises its state plus the copies its consumers keep gathered.
     `weight(p)` scales a block node's share (to extrapolate from a shallow copy of the model; one-block
     transients do not scale), `scale(part)` a part (activations per micro-batch)."""
+    users: dict[str, list[tuple[PNode, int]]] = defaultdict(list)
+    for u in pg.owners():
+        for j, (prod, _) in enumerate(u.inputs):
+            if pg.nodes[prod].kind == "param":
+                users[prod].append((u, j))
     best = 0.0
     for phase in ("start", "end"):
         per: dict[str, list[float]] = {}
@@ -225,17 +232,18 @@ def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], w
             row = per.setdefault(t.owner, [0.0] * len(p.strategies))
             for k, v in enumerate(t.values):
                 row[k] += w * v
-        total = sum(_least(pg, ctx, owner, row, weight, phase) for owner, row in per.items())
+        total = sum(_least(pg, ctx, owner, row, weight, users[owner]) if phase == "start" else min(row)
+                    for owner, row in per.items())
         best = max(best, total)
     return best
 
 
-def _least(pg: PlanGraph, ctx: CostContext, owner: str, row: list[float], weight, phase: str) -> float:
+def _least(pg: PlanGraph, ctx: CostContext, owner: str, row: list[float], weight, users) -> float:
+    """A node's least bytes; a parameter's with the copies its consumers keep gathered."""
     p = pg.nodes[owner]
-    if p.kind != "param" or phase != "start":
+    if p.kind != "param":
         return min(row)
     n = pg.counts[owner] * weight(p)
-    users = [(u, j) for u in pg.owners() for j, (prod, _) in enumerate(u.inputs) if prod == owner]
     return min(row[k] + n * sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True,
                                                s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
                                     for t in user.strategies) for user, j in users)

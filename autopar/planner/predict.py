@@ -42,8 +42,8 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     parts = {part: 0.0 for part in PARTS}
     parts.update(evaluate(terms(pg, ctx, costs), c.solution.choice))
     recompute = m * parts.pop("recompute_s", 0.0)
-    exposed, sync, held, after_step = _moves(c)
-    parts["activations"] += held
+    exposed, sync, held, after_step = redistributions(c)
+    parts["activations"] += held  # gathered parameters kept for backward; regathered activations (negative)
     moment, parts = peak(parts, m)
     compute += recompute
     sync_exposed = max(0.0, sync - bwd)
@@ -58,24 +58,28 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
                       model_flops_per_step=model_flops)
 
 
-def _moves(c: "Candidate") -> tuple[float, float, float, float]:
+def redistributions(c: "Candidate") -> tuple[float, float, float, float]:
     """(exposed, gradient-sync, bytes kept, exposed after the step) of the redistributions, consumers needing
     the same placement sharing one move (emit.py)."""
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
-    moves: dict[tuple, tuple[int, bool]] = {}
+    moves: dict[tuple, tuple[int, bool, int]] = {}
+    checkpointed = ctx.memory.ac != "none"
     for (prod, k, cons, j), mult in edge_classes(pg).items():
-        pp, s_c = pg.nodes[prod], chosen(c, cons)
+        pp, cp, s_c = pg.nodes[prod], pg.nodes[cons], chosen(c, cons)
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
         key = (prod, k, s_c.ins[j], partial)
-        seen, kept = moves.get(key, (0, False))
-        moves[key] = (max(seen, mult), kept or "inputs" in saved_kinds(pg.nodes[cons]))
+        seen, kept, held_mult = moves.get(key, (0, False, 0))
+        saves = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
+        if saves:
+            held_mult = max(held_mult, 1 if cp.block is not None and checkpointed else mult)
+        moves[key] = (max(seen, mult), kept or saves, held_mult)
     exposed = sync = held = after = 0.0
-    for (prod, k, dst, partial), (mult, kept) in moves.items():
+    for (prod, k, dst, partial), (mult, kept, held_mult) in moves.items():
         pp = pg.nodes[prod]
         e, s, h = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
                              pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept)
         s, a = zero_sync(ctx, s)
-        exposed, sync, held, after = exposed + m * mult * e, sync + mult * s, held + mult * h, after + mult * a
+        exposed, sync, held, after = exposed + m * mult * e, sync + mult * s, held + held_mult * h, after + mult * a
     return exposed, sync, held, after
 
 

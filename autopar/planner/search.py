@@ -140,11 +140,11 @@ def _frontier(configs: list[MemoryConfig], fits) -> list[MemoryConfig]:
     A mode is dominated once a cheaper mode fits without ZeRO-3."""
     out: list[MemoryConfig] = []
     for ac in AC_MODES:
-        row = [c for c in configs if c.ac == ac and fits(c)]
-        if not row:
+        first = next((c for c in configs if c.ac == ac and fits(c)), None)
+        if first is None:
             continue
-        out.append(row[0])
-        if row[0].zero < 3:
+        out.append(first)
+        if first.zero < 3:
             break
     return out
 
@@ -286,7 +286,10 @@ def _graph(req: SearchRequest, captured: Captured, degrees: dict[str, int],
            cfg: MemoryConfig = MemoryConfig()) -> tuple[PlanGraph, CostContext]:
     deg = tuple(degrees[a] for a in AXES)
     links = axis_links(req.hardware, list(zip(AXES, deg)))
-    return build(captured, deg, AXES), CostContext(req.hardware, deg, tuple(links[a] for a in AXES), cfg,
+    graphs = captured.__dict__.setdefault("_plan_graphs", {})  # one PlanGraph per mesh, whatever the memory config
+    if deg not in graphs:
+        graphs[deg] = build(captured, deg, AXES)
+    return graphs[deg], CostContext(req.hardware, deg, tuple(links[a] for a in AXES), cfg,
                                                    degrees.get("dp", 1))
 
 
