@@ -114,7 +114,7 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
                 seq=req.seq, micro_batch_size=req.batch // best.micro_batches,
                 num_micro_batches=best.micro_batches, dtype=req.dtype, zero=best.memory.zero if best.ctx.dp > 1 else 0,
                 ac=best.memory.ac, precision=best.memory.precision, memory_budget_bytes=budget, params=params,
-                strategies=decisions, predicted=_with_binding(predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
+                strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
                 alternatives=others)
 
 

@@ -21,14 +21,13 @@ from typing import Callable
 from autopar.capture import Captured
 from autopar.cost_models import Hardware, axis_links
 from autopar.errors import MeshError, PlanError
-from autopar.plan import Plan
+from autopar.plan import Plan, Prediction
 from autopar.checkpointing import AC_MODES
 from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
 from autopar.planner.memory import MemoryConfig
-from autopar.zero import ZERO_STAGES
 from autopar.planner.pins import pinned_strategies
 from autopar.planner.predict import predict, to_plan
 
@@ -58,9 +57,17 @@ class Candidate:
     ctx: CostContext
     solution: Solution
 
+    prediction: Prediction | None = None  # filled once by `predicted`
+
     @property
     def memory(self) -> MemoryConfig:
         return self.ctx.memory
+
+
+def predicted(req: "SearchRequest", c: Candidate) -> Prediction:
+    if c.prediction is None:
+        c.prediction = predict(req, c)
+    return c.prediction
 
 
 def mesh_candidates(req: SearchRequest) -> list[dict[str, int]]:
@@ -115,7 +122,7 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
                         "tp=2), or drop the pins")
     if not results:
         raise PlanError(_infeasible_message(req, trace, meshes))
-    results.sort(key=lambda c: c.solution.objective_s)
+    results.sort(key=lambda c: predicted(req, c).step_time_s)  # rank by what the plan reports
     best = results[0]
     stats = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(results),
              "status": best.solution.status, "variables": best.solution.variables,
@@ -129,7 +136,9 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
 def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
     """ZeRO stage x checkpointing candidates (pins respected), cheapest first within each checkpointing mode."""
     precision = str(req.fix.get("precision") or ("bf16" if req.dtype in ("bfloat16", "float16") else "fp32"))
-    zeros = [int(req.fix["zero"])] if "zero" in req.fix else (list(ZERO_STAGES) if dp > 1 else [0])
+    # Unpinned, ZeRO-1 is left out: torch's ZeroRedundancyOptimizer adds an exposed broadcast after the step, so
+    # ZeRO-2 (FSDP2, same traffic as DP, overlapped) is never slower and needs less memory.
+    zeros = [int(req.fix["zero"])] if "zero" in req.fix else ([0, 2, 3] if dp > 1 else [0])
     acs = [str(req.fix["ac"])] if "ac" in req.fix else list(AC_MODES)
     return [MemoryConfig(z, ac, precision) for ac in acs for z in zeros]
 
@@ -183,7 +192,7 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Cand
                 solved_here.setdefault(i, False)
                 continue
             cand = _candidate(req, trace, job[0], job[1], sol, job[2])
-            if i not in best or sol.objective_s < best[i].solution.objective_s:
+            if i not in best or predicted(req, cand).step_time_s < predicted(req, best[i]).step_time_s:
                 best[i] = cand
             solved_here[i] = True
         _advance(pending, best, extra, solved_here, refused)
@@ -299,7 +308,7 @@ def _candidate(req, trace, degrees, m, solution, cfg: MemoryConfig) -> Candidate
 
 
 def _alternative(req: SearchRequest, c: Candidate) -> dict:
-    p = predict(req, c)
+    p = predicted(req, c)
     return {"degrees": c.degrees, "num_micro_batches": c.micro_batches, "zero": c.memory.zero if c.ctx.dp > 1 else 0,
             "ac": c.memory.ac, "step_time_s": p.step_time_s,
             "memory_bytes_per_device": p.memory_bytes_per_device, "tokens_per_s": p.tokens_per_s}
