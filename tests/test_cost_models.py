@@ -254,7 +254,7 @@ def test_missing_link_section_is_named(tmp_path):
         ("efficiency = 0.8", "efficiency = 1.5", "memory.efficiency", "(0, 1]"),
         ("devices_per_node = 8", 'devices_per_node = "8"', "devices_per_node", "whole number"),
         ("capacity_bytes = 80_000_000_000", "capacity_bytes = 80.5", "memory.capacity_bytes", "whole number"),
-        ("matmul_efficiency = 0.6", "matmul_efficiency = true", "compute.matmul_efficiency", "(0, 1]"),
+        ("matmul_efficiency = 0.5", "matmul_efficiency = true", "compute.matmul_efficiency", "(0, 1]"),
         ("peak_float32_flops_per_s = 19.5e12", "peak_float32_flops_per_s = nan", "compute.peak_float32", "> 0"),
     ],
 )

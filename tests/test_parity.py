@@ -71,3 +71,20 @@ def test_bf16_mixed_precision_tracks_fp32(fix, reference):
     assert rc == 0, err[-3000:]
     assert max_rel_diff(ref_losses, losses) <= BF16_TOLERANCE, (ref_losses, losses)
     assert max_rel_diff(ref_losses, losses) > 1e-6  # it really ran in bf16: fp32 would agree to rounding
+
+
+def test_checkpointing_per_layer_from_a_plan_file(reference, tmp_path):
+    """A plan that checkpoints some blocks and not others (what the planner writes when the budget allows giving
+    blocks back) trains like the reference."""
+    from dataclasses import replace
+
+    from autopar.planning import make_plan
+
+    plan = make_plan("gpt-tiny", devices=4, hardware="cpu", batch=8, fix={"dp": 2, "tp": 2, "mbs": 8, "zero": 2})
+    replace(plan, ac="full", ac_layers={"blocks.1": "none"}).save(tmp_path / "plan.json")
+    ref_losses, ref_dump = reference("gpt-tiny")
+    dump = tmp_path / "par.pt"
+    rc, losses, err = run_train(["--model", "gpt-tiny", *COMMON, "--plan", str(tmp_path / "plan.json")], 4, dump)
+    assert rc == 0, err[-3000:]
+    assert max_rel_diff(ref_losses, losses) <= 1e-5, (ref_losses, losses)
+    assert grad_mismatches(ref_dump, dump) == []

@@ -39,11 +39,9 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     for p in pg.nodes.values():
         if p.kind == "op" and p.rule is not None and p.info.out_shapes:
             flops += p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info)
-    parts = {part: 0.0 for part in PARTS}
-    parts.update(evaluate(terms(pg, ctx, costs), c.solution.choice))
-    recompute = m * parts.pop("recompute_s", 0.0)
-    exposed, sync, held, after_step = redistributions(c)
-    parts["activations"] += held  # gathered parameters kept for backward; regathered activations (negative)
+    parts, recompute = memory_parts(c, costs)
+    recompute *= m
+    exposed, sync, _, after_step = redistributions(c)
     moment, parts = peak(parts, m)
     compute += recompute
     sync_exposed = max(0.0, sync - bwd)
@@ -56,6 +54,15 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
                       tokens_per_s=req.batch * req.seq / step if step else math.inf,
                       tflops_per_device=model_flops / step / req.devices / 1e12 if step else 0.0,
                       model_flops_per_step=model_flops)
+
+
+def memory_parts(c: "Candidate", costs: dict) -> tuple[dict[str, float], float]:
+    """(every memory part of the candidate, before choosing the peak's moment; recompute seconds per micro-batch)."""
+    parts = {part: 0.0 for part in PARTS}
+    parts.update(evaluate(terms(c.graph, c.ctx, costs), c.solution.choice))
+    recompute = parts.pop("recompute_s", 0.0)
+    parts["activations"] += redistributions(c)[2]  # parameters kept gathered; regathered activations (negative)
+    return parts, recompute
 
 
 def redistributions(c: "Candidate") -> tuple[float, float, float, float]:
@@ -95,7 +102,8 @@ def binding(p: Prediction, budget: float) -> str:
             f"({100 * parts[largest] / total:.0f}%)")
 
 
-def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict, others: list[dict]) -> Plan:
+def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict, others: list[dict],
+            ac_layers: dict[str, str] | None = None) -> Plan:
     pg = best.graph
     decisions, params, fallbacks = {}, {}, Counter()
     for name, p in pg.nodes.items():
@@ -113,7 +121,7 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
                 degrees={**dict(zip(pg.axis_names, pg.degrees)), "pp": 1, "cp": 1}, batch=req.batch,
                 seq=req.seq, micro_batch_size=req.batch // best.micro_batches,
                 num_micro_batches=best.micro_batches, dtype=req.dtype, zero=best.memory.zero if best.ctx.dp > 1 else 0,
-                ac=best.memory.ac, precision=best.memory.precision, memory_budget_bytes=budget, params=params,
+                ac=best.memory.ac, ac_layers=dict(ac_layers or {}), precision=best.memory.precision, memory_budget_bytes=budget, params=params,
                 strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
                 alternatives=others)
 

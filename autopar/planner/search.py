@@ -27,6 +27,7 @@ from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
+from autopar.planner.layers import relax
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.pins import pinned_strategies
 from autopar.planner.predict import predict, to_plan
@@ -124,13 +125,16 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: predicted(req, c).step_time_s)  # rank by what the plan reports
     best = results[0]
+    ac_layers: dict[str, str] = {}
+    if "ac" not in req.fix:  # a pinned mode is a what-if for every block; a searched one gives back what fits
+        ac_layers, best.prediction = relax(best, predicted(req, best), budget, req)
     stats = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(results),
              "status": best.solution.status, "variables": best.solution.variables,
              "constraints": best.solution.constraints, "solve_s": round(best.solution.solve_s, 3)}
     if req.fix.get("pins"):
         stats["pins"] = dict(req.fix["pins"])  # module glob -> intent, as asked (the strategies show the result)
     others = [_alternative(req, c) for c in results[1:]]
-    return to_plan(req, best, budget, stats, others)
+    return to_plan(req, best, budget, stats, others, ac_layers)
 
 
 def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
