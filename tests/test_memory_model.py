@@ -148,3 +148,16 @@ def test_megatron_1_7b_published_configuration_and_the_planner_beats_it():
     assert tflops == pytest.approx(137, rel=0.20)
     ours = make_plan("gpt", **common)
     assert ours.predicted.tokens_per_s >= published.predicted.tokens_per_s
+
+
+def test_blocks_are_given_back_from_checkpointing_while_the_budget_allows():
+    full = _plan(None, zero=3, ac="full", mbs=8).predicted.memory_bytes_per_device
+    none = _plan(None, zero=3, ac="none", mbs=8).predicted.memory_bytes_per_device
+    budget = full + 0.75 * (none - full)
+    plan = _plan(budget, mbs=8)
+    uniform = _plan(budget, zero=plan.zero, ac=plan.ac, mbs=8)  # the same mode pinned: every block checkpointed
+    assert plan.ac != "none" and plan.ac_layers and set(plan.ac_layers.values()) == {"none"}
+    assert not uniform.ac_layers
+    assert plan.predicted.memory_bytes_per_device <= budget
+    assert plan.predicted.recompute_s < uniform.predicted.recompute_s
+    assert plan.predicted.step_time_s < uniform.predicted.step_time_s

@@ -19,7 +19,10 @@ from autopar.errors import AutoparError
 from autopar.fixspec import (FIX_KEYS, PIN_INTENTS, merge_mesh, parse_fix, parse_memory, parse_mesh, parse_pins,
                              planner_fix)
 from autopar.models.registry import PRESETS, parse_model_args
+from autopar.cli.report import explain_table
+from autopar.explain import explain
 from autopar.plan import Plan
+from autopar.plot import plot_memory
 from autopar.planning import make_plan
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -72,6 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", metavar="SIZE", help="memory budget per device, e.g. 80GiB, 80GB, 512MiB "
                                                    "(default: the hardware's capacity minus its reserve)")
     p.add_argument("--dtype", choices=list(DTYPES), help="training dtype (default: bf16 on GPUs, fp32 on cpu)")
+    p.add_argument("--explain", action="store_true",
+                   help="also price the best alternative along each dimension (tp, ZeRO, checkpointing, "
+                        "micro-batch size) as a what-if, with its delta and what moved")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the predicted memory per device, part by part")
     p.add_argument("--verbose", action="store_true", help="also list every node's placements; log progress")
     p.error = functools.partial(usage_error, p)
     p.set_defaults(run=run)
@@ -83,13 +90,24 @@ def run(args: argparse.Namespace) -> int:
     model_args = parse_model_args(args.model_args)
     hardware = load_hardware(args.hardware)
     console = _console()
-    with _progress(args.verbose) as progress:
-        plan = make_plan(args.model, devices=devices, hardware=hardware, batch=args.batch, seq=args.seq,
-                         model_args=model_args, fix={**planner_fix(fix), **pins}, memory_budget_bytes=memory,
+    def plan_with(pins_: dict, progress=None) -> Plan:
+        return make_plan(args.model, devices=devices, hardware=hardware, batch=args.batch, seq=args.seq,
+                         model_args=model_args, fix=pins_, memory_budget_bytes=memory,
                          dtype=DTYPES.get(args.dtype), progress=progress)
+
+    with _progress(args.verbose) as progress:
+        plan = plan_with({**planner_fix(fix), **pins}, progress)
     label = f"{args.model} ({args.model_args})" if args.model_args else args.model
     console.print(header(plan, label, hardware))
     render(plan, console, hardware=hardware, verbose=args.verbose)
+    if args.explain:
+        with _progress(True) as progress:
+            progress("pricing the alternatives (one what-if plan each)")
+            alternatives = explain(plan, lambda f: plan_with({**f, **pins}))
+        console.print(explain_table(alternatives))
+    if args.plot:
+        plot_memory(plan, args.plot)
+        console.print(f"wrote the memory plot to {args.plot}", highlight=False)
     if args.json:
         _save(plan, args.json)
         console.print(f"wrote the plan to {args.json}", highlight=False)

@@ -298,3 +298,16 @@ def fallback_table(plan: Plan) -> Table | None:
     for op, n in sorted(plan.fallback_ops.items(), key=lambda kv: -kv[1]):
         table.add_row(op, str(n))
     return table
+
+
+def explain_table(alternatives) -> Table:
+    """`--explain`: the best alternative along each dimension, as a what-if (`--fix` reproduces each row)."""
+    table = _table("best alternative per dimension (--explain; each row is `--fix` of its pins)", "dimension",
+                   "pins", ">step time", ">vs chosen", "what moved")
+    for a in alternatives:
+        pins = ",".join(f"{k}={v}" for k, v in a.fix.items())
+        if a.step_time_s is None:
+            table.add_row(a.dimension, pins, "-", "-", a.reason)
+        else:
+            table.add_row(a.dimension, pins, seconds(a.step_time_s), f"{a.delta:+.1%}", a.reason)
+    return table

@@ -1,0 +1,48 @@
+"""`autopar plan --explain` and `--plot` (tier 0)."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopar.cli.main import main
+from autopar.explain import explain
+from autopar.planning import make_plan
+
+SETUP = dict(devices=4, hardware="cpu", batch=8)
+
+
+def test_each_alternative_is_its_fix_evaluation():
+    plan = make_plan("gpt-tiny", **SETUP)
+    evaluated = {}
+
+    def evaluate(fix):
+        evaluated[tuple(sorted(fix.items()))] = make_plan("gpt-tiny", fix=fix, **SETUP)
+        return evaluated[tuple(sorted(fix.items()))]
+
+    alternatives = explain(plan, evaluate)
+    assert len([a for a in alternatives if a.step_time_s is not None]) >= 3
+    assert {a.dimension for a in alternatives} >= {"tp", "ac", "mbs"}
+    for a in alternatives:
+        if a.step_time_s is None:
+            continue
+        again = make_plan("gpt-tiny", fix=a.fix, **SETUP).predicted.step_time_s  # what --fix prints
+        assert a.delta == pytest.approx(again / plan.predicted.step_time_s - 1, rel=1e-6, abs=1e-9)
+        changed = {k for k, v in a.fix.items() if v != {"dp": plan.degrees["dp"], "tp": plan.degrees["tp"],
+                   "mbs": plan.micro_batch_size, "zero": plan.zero, "ac": plan.ac}[k]}
+        assert changed and changed <= {"dp", "tp", "zero", "ac", "mbs"}
+
+
+def test_explain_and_plot_on_the_command_line(tmp_path, capsys):
+    png = tmp_path / "memory.png"
+    assert main(["plan", "gpt-tiny", "--devices", "4", "--batch", "8", "--hardware", "cpu", "--explain",
+                 "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "best alternative per dimension" in out and "vs chosen" in out
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_to_a_missing_directory_is_one_error_line(tmp_path, capsys):
+    code = main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", "cpu", "--plot",
+                 str(tmp_path / "nope" / "m.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--plot" in err and "Traceback" not in err
