@@ -69,6 +69,7 @@ class Plan:
     predicted: Prediction
     solver: dict[str, Any] = field(default_factory=dict)  # status, seconds, variables, constraints, candidates
     fallback_ops: dict[str, int] = field(default_factory=dict)  # op without a rule -> count (replicated)
+    fallback_seconds: dict[str, float] = field(default_factory=dict)  # op without a rule -> its time per step
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # other degrees evaluated, with predictions
 
     def to_json(self) -> str:

@@ -46,3 +46,35 @@ def test_plot_to_a_missing_directory_is_one_error_line(tmp_path, capsys):
                  str(tmp_path / "nope" / "m.png")])
     err = capsys.readouterr().err
     assert code == 2 and "--plot" in err and "Traceback" not in err
+
+
+FLIP_MODEL = '''
+import torch
+from torch import nn
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(64, 32), nn.Linear(32, 64)
+        self.config = type("C", (), {"vocab": 64, "seq": 16})()
+
+    def forward(self, tokens, targets):
+        h = torch.flip(self.emb(tokens), dims=[-1])  # aten.flip has no sharding rule
+        return nn.functional.cross_entropy(self.lin(h).flatten(0, 1), targets.flatten())
+
+
+def build():
+    return M()
+'''
+
+
+def test_ops_without_a_rule_are_listed_with_their_cost(tmp_path, capsys):
+    path = tmp_path / "flip_model.py"
+    path.write_text(FLIP_MODEL)
+    plan = make_plan(f"{path}:build", devices=2, hardware="cpu", batch=4, seq=16)
+    assert plan.fallback_ops == {"aten.flip.default": 1}
+    assert 0 < plan.fallback_seconds["aten.flip.default"] < plan.predicted.step_time_s
+    assert main(["plan", f"{path}:build", "--devices", "2", "--batch", "4", "--seq", "16", "--hardware", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ops without a sharding rule" in out and "aten.flip.default" in out and "time per step" in out

@@ -294,9 +294,11 @@ def fallback_table(plan: Plan) -> Table | None:
     if not plan.fallback_ops:
         return None
     table = _table("ops without a sharding rule (replicated; add a rule under strategies/ to shard them)",
-                   "op", ">nodes")
-    for op, n in sorted(plan.fallback_ops.items(), key=lambda kv: -kv[1]):
-        table.add_row(op, str(n))
+                   "op", ">nodes", ">time per step", ">share of step")
+    step = plan.predicted.step_time_s
+    for op, n in sorted(plan.fallback_ops.items(), key=lambda kv: -plan.fallback_seconds.get(kv[0], 0.0)):
+        t = plan.fallback_seconds.get(op, 0.0)
+        table.add_row(op, str(n), seconds(t), f"{t / step:.1%}" if step else "-")
     return table
 
 

@@ -105,7 +105,7 @@ def binding(p: Prediction, budget: float) -> str:
 def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict, others: list[dict],
             ac_layers: dict[str, str] | None = None) -> Plan:
     pg = best.graph
-    decisions, params, fallbacks = {}, {}, Counter()
+    decisions, params, fallbacks, fallback_s = {}, {}, Counter(), Counter()
     for name, p in pg.nodes.items():
         if p.kind == "output":
             continue
@@ -116,6 +116,8 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
             params[p.fqn] = fmt(s.outs[0])
         if p.fallback:
             fallbacks[str(p.node.target)] += 1
+            cost = node_cost(best.ctx, p, s)
+            fallback_s[str(p.node.target)] += best.micro_batches * (cost.fwd_s + cost.bwd_s)
     return Plan(model=req.model, n_params=req.n_params, graph_fingerprint=fingerprint(pg), hardware=req.hardware.name,
                 devices=req.devices, axis_names=list(pg.axis_names),
                 degrees={**dict(zip(pg.axis_names, pg.degrees)), "pp": 1, "cp": 1}, batch=req.batch,
@@ -123,6 +125,7 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
                 num_micro_batches=best.micro_batches, dtype=req.dtype, zero=best.memory.zero if best.ctx.dp > 1 else 0,
                 ac=best.memory.ac, ac_layers=dict(ac_layers or {}), precision=best.memory.precision, memory_budget_bytes=budget, params=params,
                 strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
+                fallback_seconds=dict(fallback_s),
                 alternatives=others)
 
 
