@@ -78,7 +78,3 @@ def _try(dimension: str, fix: dict, chosen: Prediction, evaluate) -> Alternative
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
-
-
-def fix_text(fix: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in fix.items())

@@ -21,7 +21,7 @@ _ACTIVE = [0]  # nesting depth of regather_saved(); gathers outside it (recomput
 
 
 class _Shard:
-    __slots__ = ("gathered", "shard", "dim", "group", "full", "__weakref__")
+    __slots__ = ("gathered", "shard", "dim", "group", "full")
 
     def __init__(self, gathered: torch.Tensor, shard: torch.Tensor, dim: int, group):
         self.gathered = weakref.ref(gathered)

@@ -20,7 +20,8 @@ from autopar.checkpointing import KEEP_UNDER_SELECTIVE
 from autopar.placement import local_shape
 from autopar.planner.cost import CostContext, NodeCost, nbytes
 from autopar.planner.graph import PlanGraph, PNode
-from autopar.planner.memory import GRAD_BUCKET_BYTES, state_bytes_per_element, transient_bytes_per_element
+from autopar.planner.memory import state_bytes_per_element, transient_bytes_per_element
+from autopar.runtime import BUCKET_BYTES
 
 # part -> the moments it is present at ("start", "end" of backward)
 PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gathered": ("start", "end"),
@@ -61,7 +62,7 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
             out.append(Term(name, "inputs", tuple(n * c.activation_bytes for c in cs)))
         else:
             out += _activation_terms(p, n, cs, ctx.memory.ac)
-    out += _block_input_terms(pg, ctx)
+    out += block_input_terms(pg, ctx)
     return [t for t in out if any(t.values)]
 
 
@@ -86,14 +87,14 @@ def _bucket_share(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCos
     per = max(ctx.state_bytes_per_element, 1e-30)
     most = sum(pg.counts[p.node.name] * max(c.state_bytes for c in costs[p.node.name]) / per * grad_bytes
                for p in pg.owners() if p.kind == "param")
-    return min(1.0, GRAD_BUCKET_BYTES / most) if most else 0.0
+    return min(1.0, BUCKET_BYTES / most) if most else 0.0
 
 
 def _activation_terms(p: PNode, n: int, cs: list[NodeCost], ac: str) -> list[Term]:
     name = p.node.name
     if ac == "none" or p.block is None:
         return [Term(name, "activations", tuple(n * c.activation_bytes for c in cs))]
-    # A checkpointed block keeps only its inputs (added by _block_input_terms) and, under selective, the outputs of
+    # A checkpointed block keeps only its inputs (added by block_input_terms) and, under selective, the outputs of
     # its weight matmuls; the block being recomputed holds its activations once; recomputation costs the forward
     # again for every op not kept.
     out = [Term(name, "recompute", tuple(c.activation_bytes for c in cs))]
@@ -104,7 +105,7 @@ def _activation_terms(p: PNode, n: int, cs: list[NodeCost], ac: str) -> list[Ter
     return out
 
 
-def _block_input_terms(pg: PlanGraph, ctx: CostContext) -> list[Term]:
+def block_input_terms(pg: PlanGraph, ctx: CostContext) -> list[Term]:
     """Under checkpointing each block keeps the activations it receives from outside (the residual stream), at
     the placement their producer made them in."""
     if ctx.memory.ac == "none":

@@ -15,7 +15,7 @@ from dataclasses import replace
 from autopar.checkpointing import KEEP_UNDER_SELECTIVE
 from autopar.plan import Prediction
 from autopar.planner.cost import node_cost
-from autopar.planner.footprint import _block_input_terms, evaluate, peak, phases
+from autopar.planner.footprint import block_input_terms, evaluate, peak, phases
 from autopar.planner.predict import memory_parts
 
 
@@ -31,7 +31,7 @@ def relax(c, p: Prediction, budget: float, req) -> tuple[dict[str, str], Predict
     kept = sum(costs[o.node.name][c.solution.choice[o.node.name]].out_bytes * pg.counts[o.node.name]
                for o in pg.owners() if o.block in blocks and ctx.memory.ac == "selective"
                and o.node.target in KEEP_UNDER_SELECTIVE)
-    inputs = sum(evaluate(_block_input_terms(pg, ctx), c.solution.choice).values())
+    inputs = sum(evaluate(block_input_terms(pg, ctx), c.solution.choice).values())
     extra = one_block - (kept + inputs) / n  # bytes per block given back
     start = sum(v for part, v in parts.items() if "start" in phases(part, m))
     fits = [k for k in range(n + 1) if start + k * extra - (one_block if k == n else 0.0) <= budget]

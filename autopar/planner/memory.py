@@ -22,7 +22,6 @@ from autopar.zero import PRECISIONS, ZERO_STAGES
 ADAM_MOMENTS = 8.0  # fp32 exp_avg + exp_avg_sq
 FP32 = 4.0
 BF16 = 2.0
-GRAD_BUCKET_BYTES = 25 * 2**20  # runtime.BUCKET_BYTES: one bucket is held twice while it is flattened
 
 
 def zero_model_state_bytes(n_params: float, zero: int, dp: int, param_bytes: float = 2.0, grad_bytes: float = 2.0,
