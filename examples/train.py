@@ -108,6 +108,7 @@ def _report(m, model, rank0: bool) -> None:
     if rank0:
         print(json.dumps({"measured_peak_bytes": peak[0].item(), "measured_step_s": peak[1].item(),
                           "predicted_peak_bytes": plan.predicted.memory_bytes_per_device if plan else None,
+                          "predicted_step_s": plan.predicted.step_time_s if plan else None,
                           "predicted_memory_parts": plan.predicted.memory_parts if plan else None}), flush=True)
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib import metadata
 
-from autopar.cli import plan_cmd, profile_cmd
+from autopar.cli import plan_cmd, profile_cmd, validate_cmd
 from autopar.errors import AutoparError
 
 EXIT_USAGE = 2  # argparse's own code for bad usage; user errors share it
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     plan_cmd.add_parser(sub)
     profile_cmd.add_parser(sub)
+    validate_cmd.add_parser(sub)
     return parser
 
 

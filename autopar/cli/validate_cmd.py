@@ -1,0 +1,48 @@
+"""`autopar validate`: predicted vs measured step time and peak memory of several plans on this machine."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from autopar.cli.plan_cmd import positive_int
+from autopar.validate import DEFAULT_PLANS, run_plan, statistics
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="train several plans here and compare predicted with measured time and memory",
+                       description="Run each plan of a small model on the live ranks (torchrun), measure its step "
+                                   "time and peak memory, and print them beside the planner's predictions.")
+    p.add_argument("--model", default="gpt-tiny", help="model spec (as for `autopar plan`)")
+    p.add_argument("--model-args", default="hidden=256,layers=4,seq=128", metavar="K=V,...")
+    p.add_argument("--plans", default=";".join(DEFAULT_PLANS), metavar="FIX;FIX;...",
+                   help="`;`-separated --fix strings, one per plan")
+    p.add_argument("--nproc", type=positive_int, default=2, metavar="N", help="ranks to launch")
+    p.add_argument("--batch", type=positive_int, default=8, metavar="B")
+    p.add_argument("--steps", type=positive_int, default=4, metavar="S", help="steps per plan (the last is measured)")
+    p.add_argument("--hardware", default="cpu", metavar="NAME_OR_TOML", help="the cost model to check")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    rows = []
+    for fix in (f.strip() for f in args.plans.split(";") if f.strip()):
+        console.print(f"running --fix {fix} on {args.nproc} ranks", highlight=False)
+        rows.append(run_plan(args.model, args.model_args, fix, args.nproc, args.batch, args.hardware, args.steps))
+    table = Table(title=f"predicted vs measured on this machine ({args.model}, {args.nproc} ranks, {args.hardware})",
+                  title_justify="left")
+    for col in ("plan", ">predicted step", ">measured step", ">error", ">predicted MiB", ">measured MiB", ">error"):
+        table.add_column(col.lstrip(">"), justify="right" if col.startswith(">") else "left")
+    for r in rows:
+        table.add_row(r.fix, f"{r.predicted_s * 1e3:.1f} ms", f"{r.measured_s * 1e3:.1f} ms",
+                      f"{r.predicted_s / r.measured_s - 1:+.0%}", f"{r.predicted_bytes / 2**20:.1f}",
+                      f"{r.measured_bytes / 2**20:.1f}", f"{r.predicted_bytes / r.measured_bytes - 1:+.0%}")
+    console.print(table)
+    s = statistics(rows)
+    console.print(f"step time: mean |error| {s['step_mape']:.0%}, {s['step_within_25']}/{len(rows)} within ±25%, "
+                  f"Spearman {s['spearman']:.2f}; memory: mean |error| {s['memory_mape']:.0%}, "
+                  f"{s['memory_within_15']}/{len(rows)} within ±15%", highlight=False)
+    return 0
