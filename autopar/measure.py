@@ -2,8 +2,8 @@
 
 CUDA has allocator statistics; a CPU build has none, so the peak is reconstructed from the allocator's own events:
 the bytes held by live tensors when the step starts (every tensor the garbage collector can reach, each storage
-counted once) plus the highest running sum of the allocations and frees the profiler records during the step
-(`profile_memory=True` records every CPU allocator call with its size in the profiler's event tree).
+counted once) plus the highest total of the blocks allocated during the step and live at once, from the CPU
+allocator's events in the profiler's event tree (`profile_memory=True`), each free matched to its allocation.
 """
 
 from __future__ import annotations
@@ -61,16 +61,23 @@ def measure_step(step: Callable[[], None]) -> StepMeasurement:
 
 
 def _peak_allocated(prof) -> float:
-    """Highest running sum of the CPU allocator's allocations (+) and frees (-) during the profile."""
-    sizes: list[tuple[int, int]] = []
+    """Highest total of the CPU allocations live at once during the profile, matching each free to its allocation
+    by address. A free the profiler did not see (a tensor released on a collective's worker thread) shows up as its
+    address being handed out again; that earlier block is then no longer counted."""
+    events: list[tuple[int, int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
         if event.tag == torch._C._profiler._EventType.Allocation and event.extra_fields.device.type == "cpu":
-            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
+            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.ptr))
         stack.extend(event.children)
+    live: dict[int, int] = {}
     running = peak = 0
-    for _, size in sorted(sizes):
-        running += size
+    for _, size, ptr in sorted(events):
+        if size > 0:
+            running += size - live.get(ptr, 0)
+            live[ptr] = size
+        elif ptr in live:
+            running -= live.pop(ptr)
         peak = max(peak, running)
     return float(peak)
