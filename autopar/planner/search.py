@@ -148,8 +148,8 @@ def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
 
 
 def _frontier(configs: list[MemoryConfig], fits) -> list[MemoryConfig]:
-    """The configurations worth solving: per checkpointing mode the lowest ZeRO stage that fits (stages 0-2 cost
-    the same time, ZeRO-1 a little more exposed, ZeRO-3 more communication; checkpointing only adds recompute).
+    """The configurations worth solving: per checkpointing mode the lowest ZeRO stage that fits (stages 0 and 2
+    cost the same time, ZeRO-1 more exposed time, ZeRO-3 more communication; checkpointing only adds recompute).
     A mode is dominated once a cheaper mode fits without ZeRO-3."""
     out: list[MemoryConfig] = []
     for ac in AC_MODES:
@@ -184,8 +184,8 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Cand
             for cfg in _frontier(cfgs, fits):
                 jobs.append((meshes[i], m, cfg))
                 owners.append(i)
-        for d, m, _ in jobs:
-            build(trace(req.batch // m), [d[a] for a in AXES], AXES)
+        for d, m, cfg in jobs:  # here, so that forked workers inherit the traces and planning graphs
+            _graph(req, trace(req.batch // m), d, cfg)
         if progress and jobs:
             progress(f"solving {len(jobs)} candidate(s): " + ", ".join(
                 f"dp={d['dp']} tp={d['tp']} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
