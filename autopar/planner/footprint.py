@@ -25,6 +25,7 @@ from autopar.runtime import BUCKET_BYTES
 
 # part -> the moments it is present at ("start", "end" of backward)
 PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gathered": ("start", "end"),
+          "block_grads": ("end",),
           "activations": ("start",), "inputs": ("start",), "recompute": ("start",), "autocast": ("start",),
           "grads": ("end",), "buckets": ("end",)}
 PARTS = tuple(PHASES)
@@ -56,7 +57,7 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
         if p.kind == "param":
             elems = [c.state_bytes / max(ctx.state_bytes_per_element, 1e-30) for c in cs]
             out += [Term(name, part, tuple(n * e * b for e in elems)) for part, b in state.items()]
-            per = _param_transients(p, n, first_block, transient, bucket * state["grads"])
+            per = _param_transients(p, n, first_block, transient, bucket * state["grads"], ctx.memory.ac)
             out += [Term(name, part, tuple(e * b for e in elems)) for part, b in per.items()]
         elif p.kind != "op":
             out.append(Term(name, "inputs", tuple(n * c.activation_bytes for c in cs)))
@@ -66,16 +67,19 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
     return [t for t in out if any(t.values)]
 
 
-def _param_transients(p: PNode, n: int, first_block: str | None, t: dict[str, float],
-                      bucket: float) -> dict[str, float]:
+def _param_transients(p: PNode, n: int, first_block: str | None, t: dict[str, float], bucket: float,
+                      ac: str) -> dict[str, float]:
     """Bytes per element of this parameter: ZeRO gathers and gradient buffers concern one block (the template's
     parameters stand for it) or, for top-level parameters, every one of them; buckets and autocast copies every
-    parameter."""
-    if p.block is None:
-        gathered = n * t["gathered_top"]
-    else:
-        gathered = t["gathered_block"] + t["block_grad"] if p.block == first_block else 0.0
-    return {"gathered": gathered, "buckets": n * bucket, "autocast": n * t["autocast_copy"]}
+    parameter. A block's unsharded gradient appears as its backward runs, after the activations saved for it are
+    freed, so without full checkpointing it counts at backward end only; under full checkpointing the peak is
+    inside a block's backward (recomputed activations and its gradient together)."""
+    first = p.block is not None and p.block == first_block
+    gathered = n * t["gathered_top"] if p.block is None else (t["gathered_block"] if first else 0.0)
+    block_grad = t["block_grad"] if first else 0.0
+    if ac == "full":
+        return {"gathered": gathered + block_grad, "buckets": n * bucket, "autocast": n * t["autocast_copy"]}
+    return {"gathered": gathered, "block_grads": block_grad, "buckets": n * bucket, "autocast": n * t["autocast_copy"]}
 
 
 def _bucket_share(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]], grad_bytes: float) -> float:
