@@ -19,8 +19,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 AC_MODES = ("none", "selective", "full")
 
 _aten = torch.ops.aten
-# Outputs worth keeping under selective recompute: the weight matmuls (linear layers) and the matmul-based
-# embedding lookups' peers. Attention's own batched matmuls (bmm / SDPA) are the core that is recomputed.
+# Outputs worth keeping under selective recompute: the weight matmuls (linear layers lower to mm/addmm below
+# autograd, where the policy sees them). Attention's batched matmuls (bmm / SDPA) are the core that is recomputed.
 KEEP_UNDER_SELECTIVE = frozenset({_aten.mm.default, _aten.addmm.default, _aten.linear.default})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autopar.cli.main import main
-from autopar.explain import explain
+from autopar.explain import explain, pins_of
 from autopar.planning import make_plan
 
 SETUP = dict(devices=4, hardware="cpu", batch=8)
@@ -13,13 +13,7 @@ SETUP = dict(devices=4, hardware="cpu", batch=8)
 
 def test_each_alternative_is_its_fix_evaluation():
     plan = make_plan("gpt-tiny", **SETUP)
-    evaluated = {}
-
-    def evaluate(fix):
-        evaluated[tuple(sorted(fix.items()))] = make_plan("gpt-tiny", fix=fix, **SETUP)
-        return evaluated[tuple(sorted(fix.items()))]
-
-    alternatives = explain(plan, evaluate)
+    alternatives = explain(plan, lambda fix: make_plan("gpt-tiny", fix=fix, **SETUP))
     assert len([a for a in alternatives if a.step_time_s is not None]) >= 3
     assert {a.dimension for a in alternatives} >= {"tp", "ac", "mbs"}
     for a in alternatives:
@@ -27,9 +21,9 @@ def test_each_alternative_is_its_fix_evaluation():
             continue
         again = make_plan("gpt-tiny", fix=a.fix, **SETUP).predicted.step_time_s  # what --fix prints
         assert a.delta == pytest.approx(again / plan.predicted.step_time_s - 1, rel=1e-6, abs=1e-9)
-        changed = {k for k, v in a.fix.items() if v != {"dp": plan.degrees["dp"], "tp": plan.degrees["tp"],
-                   "mbs": plan.micro_batch_size, "zero": plan.zero, "ac": plan.ac}[k]}
-        assert changed and changed <= {"dp", "tp", "zero", "ac", "mbs"}
+        changed = {k for k, v in a.fix.items() if v != pins_of(plan)[k]}
+        # one decision changed (a tp change moves dp with it, and drops ZeRO when dp becomes 1)
+        assert changed == {a.dimension} or a.dimension == "tp" and {"tp", "dp"} <= changed <= {"tp", "dp", "zero"}
 
 
 def test_explain_and_plot_on_the_command_line(tmp_path, capsys):

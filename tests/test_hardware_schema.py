@@ -3,7 +3,6 @@ names the file and the field and says what to write instead; and every shipped n
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

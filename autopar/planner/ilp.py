@@ -20,7 +20,6 @@ Edges whose producer or consumer has a single placement need no y: their cost fo
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from dataclasses import dataclass
 import pulp
 
 from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, saved_kinds
-from autopar.planner.footprint import ONE_BLOCK_PARTS, Term, phases, terms
+from autopar.planner.footprint import ONE_BLOCK_PARTS, Term, phases
+from autopar.planner.footprint import terms as footprint_terms
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.strategies import grad_partial_axes
 
@@ -59,7 +59,7 @@ class ShardingILP:
         self.memory_terms: dict = defaultdict(float)  # same, bytes per device
         self.n_y = 0
         self._price_nodes()
-        self.terms = terms(pg, ctx, self.costs)
+        self.terms = footprint_terms(pg, ctx, self.costs)
         self.add_choice_constraints()
         self.add_edge_constraints()
         self.add_memory_constraint()
