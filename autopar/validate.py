@@ -47,7 +47,8 @@ def run_plan(model: str, model_args: str, fix: str, nproc: int, batch: int, hard
             return Row(fix, d["predicted_step_s"], d["measured_step_s"], d["predicted_peak_bytes"],
                        d["measured_peak_bytes"])
     last = next((ln for ln in reversed(proc.stderr.splitlines()) if "autopar: error" in ln), None)
-    raise AutoparError(f"plan --fix {fix} did not run: {last or f'torchrun exited {proc.returncode}'}")
+    reason = last.split("autopar: error: ", 1)[-1] if last else f"torchrun exited {proc.returncode}"
+    raise AutoparError(f"plan --fix {fix} did not run: {reason}")
 
 
 def spearman(a: list[float], b: list[float]) -> float:
