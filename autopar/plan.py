@@ -23,12 +23,13 @@ class Prediction:
     exposed_comm_s: float  # collectives on the critical path (activations, resharding)
     grad_sync_s: float  # parameter-gradient collectives, before overlap
     grad_sync_exposed_s: float  # the part backward could not hide
-    bubble_s: float = 0.0  # pipeline bubble (no pipeline parallelism yet)
+    bubble_s: float = 0.0  # pipeline bubble: time the slowest stage's device waits, fill and drain (pp > 1)
     recompute_s: float = 0.0  # activation recomputation (forward re-run in backward), part of compute_s
     memory_bytes_per_device: float  # peak, the sum of the parts below
     memory_parts: dict[str, float]  # the parts present at the peak (planner/footprint.py), summing to it
     memory_peak_at: str = ""  # the moment of the peak: "backward start" (activations) or "backward end" (gradients)
     memory_binding: str = ""  # what limits memory: the largest part, and whether the budget binds
+    stages: list[dict[str, Any]] = field(default_factory=list)  # pp > 1: per stage, its layers, time and memory
     tokens_per_s: float
     tflops_per_device: float  # model FLOPs (6N-style, from the traced graph) per second per device
     model_flops_per_step: float
@@ -60,8 +61,12 @@ class Plan:
     ac: str = "none"  # activation checkpointing of every block not named in ac_layers: none | selective | full
     ac_layers: dict[str, str] = field(default_factory=dict)  # block ("blocks.3") -> mode, where it differs from ac
     precision: str = "fp32"  # fp32, or bf16: bf16 parameters/compute, fp32 master weights and gradient reduction
-    schedule: str | None = None
-    virtual_stages: int = 1
+    schedule: str | None = None  # pp > 1: gpipe | 1f1b | interleaved | zero-bubble
+    virtual_stages: int = 1  # pipeline stages per pp rank (interleaved and zero-bubble schedules)
+    # pp > 1: the blocks ("blocks.0", ...) of each pipeline stage, pp * virtual_stages lists in pipeline order;
+    # stage c runs on pp rank c % pp; the first stage also runs the code before the first block (embeddings), the
+    # last the code after the last block (head, loss)
+    stages: list[list[str]] = field(default_factory=list)
     dtype: str = "float32"
     memory_budget_bytes: float
     params: dict[str, str]  # parameter FQN -> placement
