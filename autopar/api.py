@@ -3,8 +3,10 @@ that trains with any torch optimizer under torchrun."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,7 @@ from autopar.codegen.collectives import AxisComm
 from autopar.codegen.emit import emit
 from autopar.cost_models import load_hardware
 from autopar.errors import MeshError, PlanError
+from autopar.pipeline import check_stages
 from autopar.placement import parse
 from autopar.plan import Plan
 from autopar.planner.graph import build
@@ -31,34 +34,41 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     """Parallelise `model` over the ranks of the current process group.
 
     sample_inputs: the forward's arguments at the training batch shape (the global batch; every rank passes the
-    same global batch at run time and works on its share). mesh: a DeviceMesh with axes named from ("dp", "tp")
-    pins the degrees; None lets the planner choose them for the world size. plan: a plan file or Plan to run
-    instead of searching. fix: pins such as {"dp": 2, "tp": 2}.
+    same global batch at run time and works on its share; the model is captured at the plan's micro-batch, the
+    first samples of each input). mesh: a DeviceMesh with axes named from ("dp", "tp"), or ("pp", "dp", "tp") with
+    pp outermost, pins the degrees; None lets the planner choose them for the world size. plan: a plan file or
+    Plan to run instead of searching. fix: pins such as {"dp": 2, "tp": 2} (or {"pp": 2, "schedule": "1f1b"}).
+    Train with `compiled.train_step(*batch)`.
     """
     if not dist.is_initialized():
         raise MeshError("torch.distributed is not initialised; run under torchrun (or call "
                         "torch.distributed.init_process_group) before autopar.compile")
     world = dist.get_world_size()
     sample_inputs = tuple(sample_inputs)
-    captured = capture(model, sample_inputs)
     pins = dict(fix or {})
     if mesh is not None:
         pins.update(_mesh_degrees(mesh, world))
+    trace = _tracer(model, sample_inputs)
     if plan is None:
-        plan = _search_on_rank0(model, captured, sample_inputs, world, pins, hardware, memory_budget_bytes)
+        plan = _search_on_rank0(model, trace, sample_inputs, world, pins, hardware, memory_budget_bytes)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     _check_pins(plan, pins)
+    pp = plan.degrees.get("pp", 1)
     degrees = tuple(plan.degrees[a] for a in AXES)
-    if math.prod(degrees) != world:
-        raise MeshError(f"the plan's mesh {_fmt(plan.degrees)} has {math.prod(degrees)} devices but the world size "
-                        f"is {world}; launch with --nproc_per_node {math.prod(degrees)} or re-plan")
+    if pp * math.prod(degrees) != world:
+        raise MeshError(f"the plan's mesh {_fmt(plan.degrees)} has {pp * math.prod(degrees)} devices but the world "
+                        f"size is {world}; launch with --nproc_per_node {pp * math.prod(degrees)} or re-plan")
+    captured = trace(plan.micro_batch_size)  # the plan's graph runs one micro-batch
     pg = build(captured, degrees, AXES)
     if fingerprint(pg) != plan.graph_fingerprint:
         raise PlanError(f"the plan was made for another model or input shape ({plan.model}, batch {plan.batch} x seq "
                         f"{plan.seq}: fingerprint {plan.graph_fingerprint}; this model and sample inputs trace to "
                         f"{fingerprint(pg)}); re-plan for this model and batch")
-    mesh = mesh or init_device_mesh(_device_type(), degrees, mesh_dim_names=AXES)
+    if pp > 1:
+        check_stages(plan, list(dict.fromkeys(p.block for p in pg.nodes.values() if p.block)))
+    names = (("pp",) if pp > 1 else ()) + AXES  # the pipeline axis outermost: stages talk least often
+    mesh = mesh or init_device_mesh(_device_type(), ((pp,) if pp > 1 else ()) + degrees, mesh_dim_names=names)
     coords = tuple(mesh.get_local_rank(a) for a in AXES)
     decisions = {name: Strategy(outs=tuple(parse(o) for o in d.outs), ins=tuple(parse(i) for i in d.ins))
                  for name, d in plan.strategies.items()}
@@ -68,6 +78,23 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
     return CompiledModel(root, emitted.graph, plan, mesh, captured.program.call_spec.out_spec, placements,
                          deferred, aliases)
+
+
+def _tracer(model: nn.Module, sample_inputs: tuple) -> Callable[[int], Captured]:
+    """trace(micro_batch): the model captured on the first `micro_batch` samples of every input (batch-first)."""
+    @functools.lru_cache(maxsize=None)
+    def trace(micro_batch: int) -> Captured:
+        batch = _batch_of(sample_inputs)
+        if micro_batch > batch or batch % micro_batch:
+            raise PlanError(f"the plan's micro_batch_size {micro_batch} does not divide the batch {batch} of "
+                            "sample_inputs; pass sample inputs at the plan's global batch")
+        return capture(model, tuple(x[:micro_batch] if isinstance(x, torch.Tensor) and x.dim() else x
+                                    for x in sample_inputs))
+    return trace
+
+
+def _batch_of(sample_inputs: tuple) -> int:
+    return sample_inputs[0].shape[0] if sample_inputs and sample_inputs[0].dim() else 1
 
 
 def _search_on_rank0(*args) -> Plan:
@@ -85,27 +112,29 @@ def _search_on_rank0(*args) -> Plan:
     return box[0]
 
 
-def _search(model, captured: Captured, sample_inputs, world, pins, hardware, budget) -> Plan:
-    batch = sample_inputs[0].shape[0] if sample_inputs and sample_inputs[0].dim() else 1
+def _search(model, trace, sample_inputs, world, pins, hardware, budget) -> Plan:
+    batch = _batch_of(sample_inputs)
     seq = sample_inputs[0].shape[1] if sample_inputs and sample_inputs[0].dim() > 1 else 1
     hw = load_hardware(hardware or ("h100-80gb-sxm" if torch.cuda.is_available() else "cpu"))
-    pins.setdefault("mbs", batch)  # the compiled forward runs the whole batch it is given as one micro-batch
+    if int(pins.get("pp", 1)) <= 1:  # without a pipeline, the forward runs the whole batch as one micro-batch
+        pins.setdefault("mbs", batch)
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     req = SearchRequest(model=type(model).__name__, n_params=n, hardware=hw, devices=world, batch=batch, seq=seq,
                         fix=pins, memory_budget_bytes=budget,
                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-    return search(req, lambda micro_batch: captured)
+    return search(req, trace)
 
 
 def _mesh_degrees(mesh: DeviceMesh, world: int) -> dict[str, int]:
     names = mesh.mesh_dim_names or ()
-    if not names or any(n not in AXES for n in names):
-        raise MeshError(f"mesh axes {names} must be named from {AXES}, e.g. "
+    if not names or any(n not in AXES + ("pp",) for n in names):
+        raise MeshError(f"mesh axes {names} must be named from {AXES + ('pp',)}, e.g. "
                         "init_device_mesh('cpu', (2, 2), mesh_dim_names=('dp', 'tp'))")
     if mesh.size() != world:
         raise MeshError(f"the mesh has {mesh.size()} devices but the world size is {world}; make the mesh cover "
                         "every rank")
-    return {a: (mesh.size(names.index(a)) if a in names else 1) for a in AXES}
+    axes = AXES + (("pp",) if "pp" in names else ())  # pp is pinned only by a mesh that names it
+    return {a: (mesh.size(names.index(a)) if a in names else 1) for a in axes}
 
 
 def _device_type() -> str:
@@ -114,7 +143,7 @@ def _device_type() -> str:
 
 def _check_pins(plan: Plan, pins: dict) -> None:
     """A plan file is run as it is: degrees pinned by `fix` or `mesh` that it contradicts are an error, not ignored."""
-    clash = {a: pins[a] for a in AXES if a in pins and pins[a] != plan.degrees.get(a, 1)}
+    clash = {a: pins[a] for a in AXES + ("pp",) if a in pins and pins[a] != plan.degrees.get(a, 1)}
     if clash:
         asked = ", ".join(f"{a}={d}" for a, d in clash.items())
         raise PlanError(f"the plan's mesh {_fmt(plan.degrees)} contradicts {asked} given by fix/mesh; drop those "
@@ -122,7 +151,7 @@ def _check_pins(plan: Plan, pins: dict) -> None:
 
 
 def _fmt(degrees: dict) -> str:
-    return " x ".join(f"{k}={v}" for k, v in degrees.items() if k in AXES)
+    return " x ".join(f"{k}={v}" for k, v in degrees.items() if k in AXES + ("pp",))
 
 
 def _shard_parameters(model: nn.Module, captured: Captured, pg, decisions, mesh, coords):

@@ -10,7 +10,7 @@ of backward waits for the buckets.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
@@ -23,6 +23,8 @@ from autopar.checkpointing import apply_checkpointing
 from autopar.codegen.blocks import full_code, split_blocks
 from autopar.codegen.collectives import all_gather
 from autopar.codegen.regather import regather_saved
+from autopar.errors import NotSupportedYet, PlanError
+from autopar.pipeline import Pipeline, local_stages
 from autopar.placement import Placement
 from autopar.zero import make_optimizer, shard_with_fsdp
 
@@ -41,27 +43,73 @@ class CompiledModel(nn.Module):
         program, self.blocks = split_blocks(fx.GraphModule(root, graph, class_name="AutoparRank"))
         self.plan, self.mesh = plan, mesh
         self.zero = plan.zero if "dp" in plan.axis_names and plan.degrees["dp"] > 1 else 0
+        self._autocast = plan.precision == "bf16" and self.zero < 2
         apply_checkpointing(program, {name: ac_mode(plan, name) for name in self.blocks})
+        self.pp = plan.degrees.get("pp", 1)
+        shared: dict[str, tuple[int, ...]] = {}
+        if self.pp > 1:  # keep only this rank's pipeline stages (autopar/pipeline.py)
+            program, shared = local_stages(program, plan, mesh.get_local_rank("pp"), self._autocast)
         self.param_paths = _param_paths(program, param_placements)  # FQN -> attribute path in `program`
         if self.zero >= 2:  # FSDP owns the dp reduction of the parameters the graph leaves dp-partial on every use
-            keep = {program.get_parameter(self.param_paths[f]) for f in param_placements if f not in deferred}
-            shard_with_fsdp(program, self.blocks, mesh["dp"], self.zero, plan.precision, keep)
+            keep = {program.get_parameter(p) for f, p in self.param_paths.items() if f not in deferred}
+            for root in (program if self.pp > 1 else [program]):  # one FSDP root per pipeline stage
+                body = getattr(root, "body", root)
+                blocks = [getattr(body, b) for b in self.blocks if hasattr(body, b)]
+                shard_with_fsdp(root, blocks, mesh["dp"], self.zero, plan.precision, keep)
         self.program = program
         self._out_spec = out_spec
         self.param_placements = param_placements  # FQN -> placement per axis
         self.aliases = aliases  # tied FQN -> the FQN that holds the tensor
+        deferred = {f: axes for f, axes in deferred.items() if f in self.param_paths}  # this rank's stages
         self._sync = _GradSync(self, deferred) if deferred and self.zero < 2 else None
-        self._autocast = plan.precision == "bf16" and self.zero < 2
+        self.pipeline = None
+        if self.pp > 1:
+            held = {f: (ranks, self.local_parameter(f) if f in self.param_paths else None)
+                    for f, ranks in shared.items() if f in param_placements}
+            self.pipeline = Pipeline(program, plan, mesh, held)
 
     @property
     def code(self) -> str:
-        return full_code(self.program, self.blocks)
+        if self.pp == 1:
+            return full_code(self.program, self.blocks)
+        return "\n".join(f"# ==== pipeline stage {s.index}\n{full_code(s.body, self.blocks)}" for s in self.program)
 
     def forward(self, *args, **kwargs):
-        leaves = pytree.tree_leaves((args, kwargs))
-        with torch.autocast(leaves[0].device.type, torch.bfloat16, enabled=self._autocast), regather_saved():
-            out = self.program(*leaves)
+        """The model's forward on one micro-batch (the plan's micro_batch_size samples); pp = 1 only."""
+        out = self._run(pytree.tree_leaves((args, kwargs)))
         return pytree.tree_unflatten(list(out) if isinstance(out, (list, tuple)) else [out], self._out_spec)
+
+    def _run(self, leaves: list):
+        if self.pipeline is not None:
+            raise NotSupportedYet("a pipelined model (pp > 1) runs whole training steps: call "
+                                  "compiled.train_step(*batch), not compiled(*batch)")
+        with torch.autocast(leaves[0].device.type, torch.bfloat16, enabled=self._autocast), regather_saved():
+            return self.program(*leaves)
+
+    def train_step(self, *args, **kwargs) -> torch.Tensor:
+        """Forward and backward of one global batch (the arguments of the model's forward, batch-first), in the
+        plan's micro-batches; gradients are synchronised once, after the last. Returns the mean loss over the
+        micro-batches, the same value on every rank. The forward must return the loss."""
+        leaves = pytree.tree_leaves((args, kwargs))
+        m, batch = self.plan.num_micro_batches, leaves[0].shape[0] if leaves[0].dim() else 0
+        if batch != self.plan.micro_batch_size * m:
+            raise PlanError(f"train_step got a batch of {batch} samples but the plan runs {m} micro-batches of "
+                            f"{self.plan.micro_batch_size}; pass the plan's global batch ({self.plan.batch})")
+        if self.pipeline is not None:
+            with self.no_sync():  # the schedule runs every backward; reduce once after them
+                loss = self.pipeline.step(leaves)
+            if self._sync is not None:
+                self._sync.reduce_all()
+            self.pipeline.sum_shared_grads()
+            return loss
+        losses = []
+        for i, chunk in enumerate(zip(*(leaf.chunk(m) for leaf in leaves))):
+            with self.no_sync() if i < m - 1 else nullcontext():  # gradient accumulation
+                loss = self._run(list(chunk))
+                loss = loss[0] if isinstance(loss, (list, tuple)) else loss
+                (loss / m if m > 1 else loss).backward()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean() if m > 1 else losses[0]
 
     def optimizer(self, cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs) -> torch.optim.Optimizer:
         """The optimizer for this rank's shards, with its state partitioned over dp under ZeRO-1."""
@@ -74,15 +122,20 @@ class CompiledModel(nn.Module):
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Skip gradient synchronisation (gradient accumulation over micro-batches, like DDP.no_sync)."""
-        if self._sync is None:
-            yield
-            return
-        self._sync.enabled = False
+        """Skip gradient synchronisation (gradient accumulation over micro-batches, like DDP.no_sync): the dp
+        bucket reductions, or FSDP's reduce-scatter under ZeRO-2/3 (pp = 1; pipelining drives FSDP itself)."""
+        fsdp = self.zero >= 2 and self.pipeline is None
+        if self._sync is not None:
+            self._sync.enabled = False
+        if fsdp:
+            self.program.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            self._sync.enabled = True
+            if self._sync is not None:
+                self._sync.enabled = True
+            if fsdp:
+                self.program.set_requires_gradient_sync(True)
 
     def full_tensor(self, fqn: str, local: torch.Tensor) -> torch.Tensor:
         """All-gather a local shard (a parameter or its gradient) of parameter `fqn` into the full tensor."""
@@ -94,14 +147,17 @@ class CompiledModel(nn.Module):
         return out
 
     def full_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        """Full parameters (or gradients) by original FQN, identical on every rank."""
+        """Full parameters (or gradients) by original FQN, identical on every rank (gathered from every pipeline
+        stage when pp > 1)."""
         out = {}
         for fqn in list(self.param_placements) + list(self.aliases):
+            if self.aliases.get(fqn, fqn) not in self.param_paths:  # held by another pipeline rank
+                continue
             p = self.local_parameter(fqn)
             t = p.grad if grads else p.detach()
             if t is not None:
                 out[fqn] = self.full_tensor(fqn, t)
-        return out
+        return self.pipeline.gather(out) if self.pipeline is not None else out
 
 
 class _GradSync:
@@ -129,6 +185,14 @@ class _GradSync:
                 self._launch(b)
 
         return hook
+
+    def reduce_all(self) -> None:
+        """Reduce every bucket now: after a pipeline schedule, whose micro-batches' backward passes ran with
+        synchronisation off (pipelining calls backward once per micro-batch and stage)."""
+        for b, bucket in enumerate(self.buckets):
+            if all(p.grad is not None for p in bucket["params"]):
+                self._launch(b)
+        self._finish()
 
     def _launch(self, b: int) -> None:
         """Flatten the bucket and make its gradients views of the flat buffer (DDP's gradient_as_bucket_view):

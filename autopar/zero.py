@@ -24,16 +24,17 @@ ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
 
 
-def shard_with_fsdp(program: nn.Module, blocks: list[str], dp_mesh: DeviceMesh, stage: int, precision: str,
+def shard_with_fsdp(program: nn.Module, blocks: list[nn.Module], dp_mesh: DeviceMesh, stage: int, precision: str,
                     replicated: set[nn.Parameter]) -> None:
-    """FSDP2 on every block submodule, then on the top (embeddings, head: everything the blocks do not own).
+    """FSDP2 on every block submodule, then on `program` (embeddings, head: everything the blocks do not own).
+    `program` is the whole rank's program, or one pipeline stage: the root torch.distributed.pipelining's
+    PipelineStage drives (no reduction per micro-batch, one after the last backward).
     `replicated` parameters stay outside FSDP: the generated graph reduces their gradient itself (e.g. a position
     embedding whose gradient becomes a dp sum where it meets the batch, not at the parameter)."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
-    for name in blocks:
-        fully_shard(getattr(program, name), mesh=dp_mesh, reshard_after_forward=stage == 3, mp_policy=mp,
-                    ignored_params=replicated)
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=stage == 3, mp_policy=mp, ignored_params=replicated)
     fully_shard(program, mesh=dp_mesh, reshard_after_forward=stage == 3, mp_policy=mp, ignored_params=replicated)
     for module in program.modules():
         if isinstance(module, FSDPModule):

@@ -76,8 +76,11 @@ def train(args: argparse.Namespace) -> list[float]:
         out = {}
 
         def one_step():
-            out["loss"] = loss = model(tokens, targets)
-            loss.backward()
+            if args.reference:
+                out["loss"] = loss = model(tokens, targets)
+                loss.backward()
+            else:  # one call for every plan: micro-batches, pipeline schedule, gradient synchronisation
+                out["loss"] = model.train_step(tokens, targets)
             if step == 0 and args.dump:
                 dump["grads"] = _full(model, grads=True)
             opt.step()

@@ -3,7 +3,7 @@
 A transformer block becomes `program.blocks_3` (a GraphModule holding that block's parameter shards under their
 original paths), called in order from the top graph; code outside blocks (embeddings, head, loss) stays in
 contiguous top-level segments. Blocks are the unit of FSDP sharding and of activation checkpointing
-(DESIGN decision 6), and will be the unit of pipeline stages. Segments are maximal runs of consecutive nodes of one
+(DESIGN decision 6), and of pipeline stages. Segments are maximal runs of consecutive nodes of one
 block, so the segments form a chain in program order. (torch.fx's `split_module` passes parameters in as arguments,
 which would leave FSDP nothing to shard per block; hence this small pass.)
 """
@@ -36,6 +36,7 @@ def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
         inputs, outputs, sub = _segment(nodes)
         root.add_module(name, fx.GraphModule(gm, sub, class_name=name))
         call = top.call_module(name, tuple(env[n] for n in inputs))
+        call.meta[BLOCK_META] = label  # pipeline stages are cut along these labels (autopar/pipeline.py)
         for k, out in enumerate(outputs):
             env[out] = top.call_function(operator.getitem, (call, k))
         if label:
