@@ -13,6 +13,7 @@ Constraints
     sum_s x[n,s] = 1                                            add_choice_constraints
     sum_i y[e,o,i] = sum_{s: out(s)=o} x[p,s]; same for i      add_edge_constraints (y is integral when x is)
     states + activations of one micro-batch <= budget           add_memory_constraint
+      (pipeline stages: each term weighted by what one rank holds of it, planner/pipeline.py)
     z >= G - B                                                  add_overlap_constraint
     x[n,s] = 0 for s outside a per-module pin (planner/pins.py)  add_pin_constraints
 Edges whose producer or consumer has a single placement need no y: their cost folds into the other node's c.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import pulp
 
 from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, saved_kinds
-from autopar.planner.footprint import ONE_BLOCK_PARTS, Term, phases
+from autopar.planner.footprint import Term, phases
 from autopar.planner.footprint import terms as footprint_terms
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.strategies import grad_partial_axes
@@ -47,8 +48,9 @@ class Solution:
 
 class ShardingILP:
     def __init__(self, pg: PlanGraph, ctx: CostContext, budget_bytes: float, micro_batches: int = 1,
-                 pinned: dict[str, list[int]] | None = None, objective: str = "time"):
+                 pinned: dict[str, list[int]] | None = None, objective: str = "time", weight=None):
         self.pg, self.ctx, self.budget, self.m = pg, ctx, budget_bytes, micro_batches
+        self.weight = weight or _unit  # (owner, part) -> share of that memory term one device holds
         self.objective = objective  # "time" (step time), or "memory": the least memory any plan needs
         self.pinned = pinned or {}  # owner -> the strategy indices its pins allow
         self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
@@ -109,6 +111,7 @@ class ShardingILP:
                 continue
             kept = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
             held_mult = 1 if cp.block is not None and self.ctx.memory.ac != "none" else mult  # recomputed: once
+            held_mult *= self.weight(cons, "activations")
             price = {(o, i): self._edge_price(pp, k, o, i, mult, kept, held_mult) for o in uo for i in ui}
             for part, terms in enumerate((self.time_terms, self.sync_terms, self.memory_terms)):
                 if len(uo) == 1:
@@ -165,12 +168,13 @@ class ShardingILP:
         consumer's backward (edge terms, already in memory_terms) count at the start."""
         at = {"start": self.memory_terms, "end": defaultdict(float)}
         for t in self.terms:
+            w = self.weight(t.owner, t.part)
             for phase in phases(t.part, self.m):
-                self._add_time(t.owner, list(t.values), at[phase])
+                self._add_time(t.owner, [w * v for v in t.values], at[phase])
         return {phase: _expr(terms) for phase, terms in at.items()}
 
     def memory_lower_bound(self) -> float:
-        return memory_lower_bound(self.pg, self.ctx, self.terms, micro_batches=self.m)
+        return memory_lower_bound(self.pg, self.ctx, self.terms, self.weight, micro_batches=self.m)
 
     def add_memory_constraint(self) -> None:
         self.peak = self._var("peak_bytes", lowBound=0)
@@ -210,12 +214,15 @@ class ShardingILP:
                         self.prob.numVariables(), self.prob.numConstraints())
 
 
-def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], weight=lambda p: 1.0,
-                       micro_batches: int = 1, scale=lambda part: 1.0) -> float:
+def _unit(owner: str, part: str) -> float:
+    return 1.0
+
+
+def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], weight=_unit,
+                       micro_batches: int = 1) -> float:
     """No plan needs less: at each moment of the peak (footprint.py), every node at its least-memory strategy,
     and every parameter at the storage that minimises its state plus the copies its consumers keep gathered.
-    `weight(p)` scales a block node's share (to extrapolate from a shallow copy of the model; one-block
-    transients do not scale), `scale(part)` a part (activations per micro-batch)."""
+    `weight(owner, part)` scales a term (a pipeline rank's share; an extrapolation from a shallow copy)."""
     users: dict[str, list[tuple[PNode, int]]] = defaultdict(list)
     for u in pg.owners():
         for j, (prod, _) in enumerate(u.inputs):
@@ -228,7 +235,7 @@ def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], w
             if phase not in phases(t.part, micro_batches):
                 continue
             p = pg.nodes[t.owner]
-            w = (1.0 if t.part in ONE_BLOCK_PARTS else weight(p)) * scale(t.part)
+            w = weight(t.owner, t.part)
             row = per.setdefault(t.owner, [0.0] * len(p.strategies))
             for k, v in enumerate(t.values):
                 row[k] += w * v
@@ -243,7 +250,7 @@ def _least(pg: PlanGraph, ctx: CostContext, owner: str, row: list[float], weight
     p = pg.nodes[owner]
     if p.kind != "param":
         return min(row)
-    n = pg.counts[owner] * weight(p)
+    n = pg.counts[owner] * weight(owner, "params")
     return min(row[k] + n * sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True,
                                                s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
                                     for t in user.strategies) for user, j in users)

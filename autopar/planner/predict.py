@@ -13,6 +13,8 @@ from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.cost import edge_price, node_cost, saved_kinds
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
+from autopar.planner.pipeline import rank_sync, stage_time
+from autopar.planner.staging import pieces
 from autopar.strategies import grad_partial_axes
 
 if TYPE_CHECKING:
@@ -27,8 +29,10 @@ def chosen(c: "Candidate", name: str):
 def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     """Step time and memory of the chosen strategies, priced afresh (the solver's objective is not trusted); the
     memory parts and recompute come from the same terms the ILP constrained (footprint.py)."""
+    if c.layout is not None:
+        return _pipeline_prediction(req, c)
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
-    compute = bwd = flops = 0.0
+    compute = bwd = 0.0
     costs = {}
     for owner in pg.owners():
         costs[owner.node.name] = [node_cost(ctx, owner, s) for s in owner.strategies]
@@ -36,9 +40,6 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
         n = pg.counts[owner.node.name]
         compute += n * m * (cost.fwd_s + cost.bwd_s)
         bwd += n * cost.bwd_s
-    for p in pg.nodes.values():
-        if p.kind == "op" and p.rule is not None and p.info.out_shapes:
-            flops += p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info)
     parts, recompute = memory_parts(c, costs)
     recompute *= m
     exposed, sync, _, after_step = redistributions(c)
@@ -46,14 +47,45 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     compute += recompute
     sync_exposed = max(0.0, sync - bwd)
     step = compute + exposed + after_step + sync_exposed
-    model_flops = 3.0 * flops * m  # forward + backward (2x); recomputation is not model FLOPs
+    flops = model_flops(c)
     total = sum(parts.values())
     return Prediction(step_time_s=step, compute_s=compute, exposed_comm_s=exposed + after_step, grad_sync_s=sync,
                       grad_sync_exposed_s=sync_exposed, recompute_s=recompute, memory_bytes_per_device=total,
                       memory_parts=parts, memory_peak_at=f"backward {moment}",
                       tokens_per_s=req.batch * req.seq / step if step else math.inf,
-                      tflops_per_device=model_flops / step / req.devices / 1e12 if step else 0.0,
-                      model_flops_per_step=model_flops)
+                      tflops_per_device=flops / step / req.devices / 1e12 if step else 0.0,
+                      model_flops_per_step=flops)
+
+
+def model_flops(c: "Candidate") -> float:
+    """Model FLOPs of one step: forward + backward (2x) of every micro-batch; recomputation is not model FLOPs."""
+    flops = sum(p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) for p in c.graph.nodes.values()
+                if p.kind == "op" and p.rule is not None and p.info.out_shapes)
+    return 3.0 * flops * c.micro_batches
+
+
+def _pipeline_prediction(req: "SearchRequest", c: "Candidate") -> Prediction:
+    """A pipeline's prediction from its layout (staging.py): the slowest rank's micro-batches, the bubble, the
+    stage-boundary sends and the exposed gradient sync; memory of the rank with the highest peak."""
+    lay, m = c.layout, c.micro_batches
+    pcs = pieces(c)
+    worst = max(range(len(lay.memory)), key=lambda r: sum(lay.memory[r].values()))
+    slowest = max(range(len(lay.rank_s)), key=lay.rank_s.__getitem__)
+    mine = [st for st in lay.stages if st.rank == slowest]
+    recompute = m * sum(len(st.blocks) for st in mine) * pcs.recompute_s.get("block", 0.0)
+    names = max(c.graph.block_classes, key=len) if c.graph.block_classes else []
+    stages = [{"stage": st.index, "rank": st.rank, "layers": [names[b] for b in st.blocks],
+               "time_s": stage_time(pcs, st), "memory_bytes": sum(lay.memory[st.rank].values())} for st in lay.stages]
+    flops = model_flops(c)
+    step = lay.step_s
+    return Prediction(step_time_s=step, compute_s=m * lay.rank_s[slowest], exposed_comm_s=lay.p2p_s,
+                      grad_sync_s=max(rank_sync(pcs, [st for st in lay.stages if st.rank == r]) for r in range(len(lay.rank_s))), grad_sync_exposed_s=lay.sync_exposed_s,
+                      bubble_s=lay.bubble_s, recompute_s=recompute,
+                      memory_bytes_per_device=sum(lay.memory[worst].values()), memory_parts=lay.memory[worst],
+                      memory_peak_at=f"{lay.peak_at[worst]} on pipeline rank {worst}", stages=stages,
+                      tokens_per_s=req.batch * req.seq / step if step else math.inf,
+                      tflops_per_device=flops / step / req.devices / 1e12 if step else 0.0,
+                      model_flops_per_step=flops)
 
 
 def memory_parts(c: "Candidate", costs: dict) -> tuple[dict[str, float], float]:
@@ -120,13 +152,22 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
             fallback_s[str(p.node.target)] += best.micro_batches * (cost.fwd_s + cost.bwd_s)
     return Plan(model=req.model, n_params=req.n_params, graph_fingerprint=fingerprint(pg), hardware=req.hardware.name,
                 devices=req.devices, axis_names=list(pg.axis_names),
-                degrees={**dict(zip(pg.axis_names, pg.degrees)), "pp": 1, "cp": 1}, batch=req.batch,
+                degrees={**dict(zip(pg.axis_names, pg.degrees)), "pp": best.degrees.get("pp", 1), "cp": 1},
+                batch=req.batch,
                 seq=req.seq, micro_batch_size=req.batch // best.micro_batches,
                 num_micro_batches=best.micro_batches, dtype=req.dtype, zero=best.memory.zero if best.ctx.dp > 1 else 0,
                 ac=best.memory.ac, ac_layers=dict(ac_layers or {}), precision=best.memory.precision, memory_budget_bytes=budget, params=params,
                 strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
                 fallback_seconds=dict(fallback_s),
-                alternatives=others)
+                alternatives=others, **_pipeline_fields(best))
+
+
+def _pipeline_fields(c: "Candidate") -> dict:
+    if c.layout is None:
+        return {}
+    names = max(c.graph.block_classes, key=len)
+    return {"schedule": c.layout.schedule, "virtual_stages": c.layout.v,
+            "stages": [[names[b] for b in st.blocks] for st in c.layout.stages]}
 
 
 def _with_binding(p: Prediction, budget: float) -> Prediction:

@@ -30,6 +30,8 @@ from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
 from autopar.planner.layers import relax
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.pins import pinned_strategies
+from autopar.planner.proxy import deepen
+from autopar.planner.staging import Layout, layouts, rank_weight
 from autopar.planner.predict import predict, to_plan
 
 AXES = ("dp", "tp")
@@ -44,7 +46,7 @@ class SearchRequest:
     devices: int
     batch: int  # global batch per optimizer step
     seq: int
-    fix: dict[str, object] = field(default_factory=dict)  # parsed --fix: dp, tp, mbs (others refused earlier)
+    fix: dict[str, object] = field(default_factory=dict)  # parsed --fix: pp, dp, tp, mbs, zero, ac, schedule, v
     memory_budget_bytes: float | None = None  # default: capacity minus reserve
     time_limit_s: float = 30.0  # per ILP; the best incumbent is used when reached
     dtype: str = "float32"
@@ -59,6 +61,7 @@ class Candidate:
     solution: Solution
 
     prediction: Prediction | None = None  # filled once by `predicted`
+    layout: "Layout | None" = None  # pp > 1: schedule, stage cut and their predictions (staging.py)
 
     @property
     def memory(self) -> MemoryConfig:
@@ -71,35 +74,46 @@ def predicted(req: "SearchRequest", c: Candidate) -> Prediction:
     return c.prediction
 
 
-def mesh_candidates(req: SearchRequest) -> list[dict[str, int]]:
+def mesh_candidates(req: SearchRequest, blocks: int = 1) -> list[dict[str, int]]:
+    """pp x dp x tp factorisations: tp inside a node (unless pinned), pp at most the number of blocks (one block per stage);
+    pipeline parallelism is only searched when the model has repeated blocks to cut between."""
     per_node = req.hardware.devices_per_node
     out = []
-    for tp in _divisors(req.devices):
-        dp = req.devices // tp
-        if tp > per_node or per_node % tp:
-            continue
-        if any(k in req.fix and req.fix[k] != v for k, v in (("dp", dp), ("tp", tp))):
-            continue
-        out.append({"dp": dp, "tp": tp})
+    for pp in _divisors(req.devices):
+        for tp in _divisors(req.devices // pp):
+            dp = req.devices // (pp * tp)
+            spans_nodes = tp > per_node or per_node % tp  # allowed when pinned: a what-if across nodes
+            if spans_nodes and "tp" not in req.fix or (pp > 1 and pp > blocks and "pp" not in req.fix):
+                continue
+            if any(k in req.fix and req.fix[k] != v for k, v in (("pp", pp), ("dp", dp), ("tp", tp))):
+                continue
+            out.append({"pp": pp, "dp": dp, "tp": tp})
     if not out:
         raise MeshError(_no_mesh_message(req))
     return out
 
 
 def _no_mesh_message(req: SearchRequest) -> str:
-    pins = ",".join(f"{k}={req.fix[k]}" for k in ("dp", "tp") if k in req.fix)
-    return (f"no mesh dp x tp = {req.devices} devices matches {pins or 'the device count'} with tp inside one "
-            f"{req.hardware.name} node ({req.hardware.devices_per_node} devices); make dp*tp equal --devices "
-            "and tp divide the devices per node")
+    pins = ",".join(f"{k}={req.fix[k]}" for k in ("pp", "dp", "tp") if k in req.fix)
+    return (f"no mesh pp x dp x tp = {req.devices} devices matches {pins or 'the device count'} with tp inside "
+            f"one {req.hardware.name} node ({req.hardware.devices_per_node} devices); make pp*dp*tp equal "
+            "--devices and tp divide the devices per node")
 
 
-def micro_batch_counts(req: SearchRequest, dp: int) -> list[int]:
+def micro_batch_counts(req: SearchRequest, dp: int, pp: int = 1) -> list[int]:
+    """Micro-batch counts m whose micro-step batch divides by dp. With pipeline parallelism, m >= pp (fewer leave
+    ranks idle) and the micro-batch per data-parallel replica is one of 8, 4, 2, 1 samples (more micro-batches
+    shrink the bubble, larger ones run matmuls more efficiently; Narayanan et al. 2021 Sec. 3.4 sweeps the same
+    range)."""
     if "mbs" in req.fix:
         mbs = int(req.fix["mbs"])
         if req.batch % mbs:
             raise MeshError(f"--fix mbs={mbs} does not divide the batch {req.batch}; choose a divisor of the batch")
         return [req.batch // mbs]
-    return [m for m in _divisors(req.batch) if (req.batch // m) % dp == 0]
+    counts = [m for m in _divisors(req.batch) if (req.batch // m) % dp == 0]
+    if pp > 1:
+        counts = [m for m in counts if m >= pp and req.batch // (m * dp) in (8, 4, 2, 1)]
+    return counts
 
 
 def _divisors(n: int) -> list[int]:
@@ -108,12 +122,16 @@ def _divisors(n: int) -> list[int]:
 
 def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None) -> Plan:
     """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch; `proxy`,
-    optional, is (trace of a shallower copy, depth ratio), used only to guess the micro-batching to try first."""
+    optional, is (trace of a copy with two blocks, depth ratio): candidates are then planned on that copy
+    deepened to the model's depth (proxy.py), and only the chosen one is traced and solved at full depth."""
     t0 = time.perf_counter()
     budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
-    meshes = [d for d in mesh_candidates(req) if micro_batch_counts(req, d["dp"])]
+    full_trace, blocks = trace, _depth(req, trace, proxy)
+    if proxy is not None:
+        trace = _deepened(proxy[0], blocks)
+    meshes = [d for d in mesh_candidates(req, blocks) if micro_batch_counts(req, d["dp"], d["pp"])]
     if not meshes:
-        dps = sorted({d["dp"] for d in mesh_candidates(req)})
+        dps = sorted({d["dp"] for d in mesh_candidates(req, blocks)})
         raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))} (with mbs "
                         f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
     results = [c for c in _solve_meshes(req, trace, meshes, budget, progress, proxy) if c.solution is not None]
@@ -125,8 +143,10 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: predicted(req, c).step_time_s)  # rank by what the plan reports
     best = results[0]
+    if proxy is not None:
+        best = _at_full_depth(req, full_trace, budget, best)
     ac_layers: dict[str, str] = {}
-    if "ac" not in req.fix:  # a pinned mode is a what-if for every block; a searched one gives back what fits
+    if "ac" not in req.fix and best.degrees["pp"] == 1:  # a pinned mode is a what-if for every block; a searched one gives back what fits
         ac_layers, best.prediction = relax(best, predicted(req, best), budget, req)
     stats = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(results),
              "status": best.solution.status, "variables": best.solution.variables,
@@ -135,6 +155,40 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         stats["pins"] = dict(req.fix["pins"])  # module glob -> intent, as asked (the strategies show the result)
     others = [_alternative(req, c) for c in results[1:]]
     return to_plan(req, best, budget, stats, others, ac_layers)
+
+
+def _depth(req: SearchRequest, trace, proxy) -> int:
+    """Repeated blocks of the model (the most pipeline stages it can be cut into)."""
+    if proxy is not None:
+        return round(2 * proxy[1])
+    captured = trace(req.batch // int(req.batch // int(req.fix.get("mbs", req.batch))))
+    classes = captured.block_classes if captured.block_classes is not None else \
+        build(captured, (1, 1), AXES).block_classes
+    return max((len(c) for c in classes), default=1)
+
+
+def _deepened(proxy_trace, depth: int):
+    """The proxy's traces, marked to be planned at the model's depth (`_graph` deepens them)."""
+    def trace(micro_batch: int) -> Captured:
+        captured = proxy_trace(micro_batch)
+        captured.__dict__["_deepen_to"] = depth
+        return captured
+    return trace
+
+
+def _at_full_depth(req, trace, budget, c: Candidate) -> Candidate:
+    """The chosen candidate solved again on the full trace, for the node names a plan records (the deepened proxy
+    and the full trace give the same costs: proxy.py)."""
+    sol = _solve_one(req, trace, budget, c.degrees, c.micro_batches, c.memory)
+    if sol is None:
+        raise PlanError(f"the chosen plan ({_fmt_mesh(c.degrees)}, zero={c.memory.zero}, ac={c.memory.ac}) does "
+                        "not solve on the full model as it did on its two-block copy; report this with the command")
+    full = _candidate(req, trace, c.degrees, c.micro_batches, sol, c.memory, budget)
+    return full if full.solution is not None else c
+
+
+def _fmt_mesh(degrees: dict[str, int]) -> str:
+    return " ".join(f"{a}={degrees[a]}" for a in ("pp", "dp", "tp") if a in degrees)
 
 
 def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
@@ -168,7 +222,8 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Cand
     configurations, in parallel worker processes where that is safe (no process group), in order otherwise.
     A mesh is done once it fits without checkpointing or ZeRO-3 (more micro-batches cannot be faster then), or
     after two micro-batch counts past its first fit."""
-    pending = {i: (micro_batch_counts(req, d["dp"]), memory_configs(req, d["dp"])) for i, d in enumerate(meshes)}
+    pending = {i: (micro_batch_counts(req, d["dp"], d["pp"]), memory_configs(req, d["dp"])) for i, d in
+               enumerate(meshes)}
     proxy = (*proxy, {}) if proxy is not None else None  # + a cache of bounds per (mesh, configuration)
     if proxy is not None:  # skip micro-batchings (and meshes) whose memory lower bound already exceeds the budget
         first = {i: _likely_first(req, meshes[i], c, budget, proxy, cfgs[-1]) for i, (c, cfgs) in pending.items()}
@@ -188,32 +243,36 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Cand
             _graph(req, trace(req.batch // m), d, cfg)
         if progress and jobs:
             progress(f"solving {len(jobs)} candidate(s): " + ", ".join(
-                f"dp={d['dp']} tp={d['tp']} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
+                f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
         solved_here: dict[int, bool] = {}
         for i, job, sol in zip(owners, jobs, _run_jobs(req, trace, budget, jobs)):
             if sol is None:
                 refused.add((i, job[1], job[2]))
                 solved_here.setdefault(i, False)
                 continue
-            cand = _candidate(req, trace, job[0], job[1], sol, job[2])
+            cand = _candidate(req, trace, job[0], job[1], sol, job[2], budget)
+            if cand.solution is None:  # no pipeline schedule fits the budget
+                refused.add((i, job[1], job[2]))
+                solved_here.setdefault(i, False)
+                continue
             if i not in best or predicted(req, cand).step_time_s < predicted(req, best[i]).step_time_s:
                 best[i] = cand
             solved_here[i] = True
-        _advance(pending, best, extra, solved_here, refused)
+        _advance(pending, best, extra, solved_here, refused, meshes)
     return [best[i] for i in sorted(best)]
 
 
-def _advance(pending, best, extra, solved_here, refused) -> None:
+def _advance(pending, best, extra, solved_here, refused, meshes) -> None:
     """Move each mesh on: retry the same micro-batch count if a frontier job failed the ILP (the frontier then
-    moves up), else the next count, until done."""
+    moves up), else the next count, until done. Pipelines try every count (more micro-batches, less bubble)."""
     for i in list(pending):
         counts, cfgs = pending[i]
         if i in solved_here and not solved_here[i] and any((i, counts[0], c) not in refused for c in cfgs):
             continue  # same m, next frontier
-        done = i in best and best[i].memory.ac == "none" and best[i].memory.zero < 3
+        done = i in best and best[i].memory.ac == "none" and best[i].memory.zero < 3 and meshes[i]["pp"] == 1
         if i in best:
             extra[i] = extra.get(i, 0) + 1
-        if done or extra.get(i, 0) > 2 or len(counts) == 1:
+        if done or extra.get(i, 0) > (3 if meshes[i]["pp"] > 1 else 2) or len(counts) == 1:
             del pending[i]
         else:
             pending[i] = (counts[1:], cfgs)
@@ -258,7 +317,7 @@ def _solve_one(req, trace, budget, degrees, m, cfg: MemoryConfig, threads: int =
     pinned = pinned_strategies(pg, req.fix.get("pins") or {})
     if pinned is None:  # the per-module pins cannot hold on this mesh (e.g. a tp pin where tp=1)
         return None
-    ilp = ShardingILP(pg, ctx, budget, m, pinned)
+    ilp = ShardingILP(pg, ctx, budget, m, pinned, weight=rank_weight(req, pg, degrees, m))
     if ilp.memory_lower_bound() > budget:  # certainly infeasible: no need to ask the solver
         return None
     return ilp.solve(req.time_limit_s, threads)
@@ -275,18 +334,22 @@ PER_MICRO_BATCH = ("activations", "inputs", "recompute")  # parts that shrink wi
 
 
 def _proxy_bound(req, degrees, proxy, cfg: MemoryConfig, m: int) -> float:
-    """Memory lower bound at m micro-batches, extrapolated from a shallow copy of the model traced at the whole
-    batch (same blocks, fewer of them; `proxy = (trace, depth ratio, cache)`): activations scale with the
-    micro-batch, model state does not."""
+    """Memory lower bound at m micro-batches, from the model traced at the whole batch (on its two-block copy,
+    deepened; `proxy = (trace, depth ratio, cache)`): activations scale with the micro-batch, model state does
+    not."""
     proxy_trace, ratio, cache = proxy
     key = (tuple(degrees.items()), cfg)
     if key not in cache:
-        pg, ctx = _graph(req, proxy_trace(req.batch), degrees, cfg)
+        pg, ctx = _graph(req, _deepened(proxy_trace, round(2 * ratio))(req.batch), degrees, cfg)
         costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
         cache[key] = pg, ctx, terms(pg, ctx, costs)
     pg, ctx, all_terms = cache[key]
-    return memory_lower_bound(pg, ctx, all_terms, lambda p: ratio if p.block is not None else 1.0, m,
-                              lambda part: 1.0 / m if part in PER_MICRO_BATCH else 1.0)
+    rank = rank_weight(req, pg, degrees, m)
+
+    def weight(owner: str, part: str) -> float:
+        return rank(owner, part) / (m if part in PER_MICRO_BATCH else 1)
+
+    return memory_lower_bound(pg, ctx, all_terms, weight, m)
 
 
 def _distributed() -> bool:
@@ -301,14 +364,22 @@ def _graph(req: SearchRequest, captured: Captured, degrees: dict[str, int],
     links = axis_links(req.hardware, list(zip(AXES, deg)))
     graphs = captured.__dict__.setdefault("_plan_graphs", {})  # one PlanGraph per mesh, whatever the memory config
     if deg not in graphs:
-        graphs[deg] = build(captured, deg, AXES)
+        depth = captured.__dict__.get("_deepen_to")
+        graphs[deg] = deepen(build(captured, deg, AXES), depth) if depth else build(captured, deg, AXES)
     return graphs[deg], CostContext(req.hardware, deg, tuple(links[a] for a in AXES), cfg,
                                                    degrees.get("dp", 1))
 
 
-def _candidate(req, trace, degrees, m, solution, cfg: MemoryConfig) -> Candidate:
+def _candidate(req, trace, degrees, m, solution, cfg: MemoryConfig, budget: float) -> Candidate:
+    """The solved candidate; with pipeline parallelism, with its best layout (no solution when none fits)."""
     pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
-    return Candidate(degrees, m, pg, ctx, solution)
+    c = Candidate(degrees, m, pg, ctx, solution)
+    if degrees.get("pp", 1) > 1:
+        fitting = [lay for lay in layouts(c, req, budget) if max(sum(r.values()) for r in lay.memory) <= budget]
+        c.layout = fitting[0] if fitting else None
+        if c.layout is None:
+            c.solution = None
+    return c
 
 
 def _alternative(req: SearchRequest, c: Candidate) -> dict:

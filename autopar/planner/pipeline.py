@@ -1,0 +1,148 @@
+"""Pipeline parallelism: stage cuts, schedules and their bubble, per-stage memory.
+
+The sharding ILP runs on one stage's (dp, tp) mesh over the whole model (repeated blocks share decisions, so each
+block's cost is the same wherever it is cut); here its priced pieces are split by where they run: `pre` (the code
+before the first block: embeddings), `block` (one block), `post` (the code after the last block: head, loss).
+A pipeline of p ranks and v virtual stages per rank cuts the L blocks into S = p*v contiguous stages, stage c on
+rank c % p (torch.distributed.pipelining's loop placement).
+
+Step time of m micro-batches, t the slowest rank's forward+backward of one micro-batch (its stages together):
+  GPipe, 1F1B        (m - 1) t + sum_s t_s          = (m + p - 1) t when balanced  (Narayanan et al. 2021, Sec. 2.2)
+  interleaved        m t + (p - 1) t / v                                          (ibid., Sec. 2.2.2)
+  zero-bubble        m t + (p - 1) t_F / v    backward split into input and weight gradients, the weight half
+                     filling the bubble: ZB-H1's (p-1)(T_F + T_B - T_W) with T_B = T_W (Qi et al. 2023, Sec. 3)
+plus the point-to-point sends of stage boundaries (forward activation and backward gradient per micro-batch and
+per boundary; interleaving multiplies them by v, ibid.).
+Activation memory: a rank holds the activations of the micro-batches in flight at its peak: GPipe all m; 1F1B
+p - r on rank r (the first rank p, Korthikanti et al. 2022 Sec. 4.2.3); interleaved (p - r - 1)*2 + (v - 1)*p + 1
+stage-micro-batches of its v stages (Megatron-LM's warm-up count), so the first rank holds p + (p-1)/v layer-sets,
+Korthikanti's 1 + (p-1)/(p v) factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
+INTERLEAVED = ("interleaved", "zero-bubble")  # v >= 2 stages per rank
+STATE = ("params", "optimizer_state", "grads", "buckets", "autocast")  # parts that scale with the parameters held
+ONE_BLOCK = ("gathered", "recompute", "block_grads")  # the block at work: once per rank, whatever it holds
+SIDES = ("pre", "block", "post")
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A solved candidate split by where it runs, per micro-batch (times) and per device (memory parts)."""
+    time_s: dict[str, float]  # side -> forward + backward (+ recompute, exposed collectives); block: one block
+    fwd_s: dict[str, float]  # side -> forward only (zero-bubble's bubble)
+    recompute_s: dict[str, float]  # side -> forward rerun by checkpointing (part of time_s)
+    sync_s: dict[str, float]  # side -> gradient collectives per step (one block for "block")
+    memory: dict[str, dict[str, float]]  # side -> part -> bytes (one block for "block")
+    p2p_bytes: float  # what crosses one stage boundary per micro-batch, each way
+    blocks: int  # L
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    rank: int
+    blocks: list[int]  # block indices
+    first: bool
+    last: bool
+
+
+def in_flight(schedule: str, p: int, m: int, v: int, rank: int) -> float:
+    """Micro-batches of activations rank `rank` holds at its peak, in units of all its blocks' activations."""
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "1f1b":
+        return float(min(m, p - rank))
+    chunks = (p - rank - 1) * 2 + (v - 1) * p + 1
+    return min(m * v, chunks) / v
+
+
+def step_time(schedule: str, p: int, m: int, v: int, stage_s: list[float], rank_s: list[float],
+              rank_fwd_s: list[float]) -> tuple[float, float]:
+    """(pipeline time of one step without p2p, bubble) from per-stage and per-rank micro-batch times."""
+    t = max(rank_s)
+    if p == 1:
+        return m * t, 0.0
+    if schedule in ("gpipe", "1f1b"):
+        total = (m - 1) * t + sum(stage_s)
+    elif schedule == "interleaved":
+        total = m * t + (p - 1) * t / v
+    else:
+        total = m * t + (p - 1) * max(rank_fwd_s) / v
+    return total, total - m * t
+
+
+def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
+    """Bubble over ideal time for balanced stages: (p-1)/m, and (1/v)(p-1)/m interleaved (the formulas of
+    Narayanan et al. 2021 that `step_time` reproduces)."""
+    t = 1.0
+    stages = [t / v] * (p * v)
+    _, bubble = step_time(schedule, p, m, v, stages, [t] * p, [t / 3] * p)
+    return bubble / (m * t)
+
+
+def partition(blocks: int, stages: int, cost) -> list[int] | None:
+    """Blocks per stage (contiguous, in order) minimising the largest stage cost; `cost(s, n)` prices stage s
+    holding n blocks (math.inf when it does not fit its memory). Dynamic programming over (stage, blocks so far):
+    best[s][j] = min over n of max(best[s-1][j-n], cost(s-1, n)). None when no cut fits."""
+    inf = math.inf
+    best = [[inf] * (blocks + 1) for _ in range(stages + 1)]
+    cut = [[0] * (blocks + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for j in range(blocks + 1):
+            for n in range(0, j + 1):
+                if best[s - 1][j - n] == inf:
+                    continue
+                c = max(best[s - 1][j - n], cost(s - 1, n))
+                if c < best[s][j]:
+                    best[s][j], cut[s][j] = c, n
+    if best[stages][blocks] == inf:
+        return None
+    sizes, j = [], blocks
+    for s in range(stages, 0, -1):
+        sizes.append(cut[s][j])
+        j -= cut[s][j]
+    return sizes[::-1]
+
+
+def stages_of(sizes: list[int], p: int) -> list[Stage]:
+    out, start = [], 0
+    for c, n in enumerate(sizes):
+        out.append(Stage(c, c % p, list(range(start, start + n)), c == 0, c == len(sizes) - 1))
+        start += n
+    return out
+
+
+def stage_time(pieces: Pieces, stage: Stage) -> float:
+    t = len(stage.blocks) * pieces.time_s["block"]
+    return t + (pieces.time_s["pre"] if stage.first else 0.0) + (pieces.time_s["post"] if stage.last else 0.0)
+
+
+def stage_fwd(pieces: Pieces, stage: Stage) -> float:
+    t = len(stage.blocks) * pieces.fwd_s["block"]
+    return t + (pieces.fwd_s["pre"] if stage.first else 0.0) + (pieces.fwd_s["post"] if stage.last else 0.0)
+
+
+def rank_memory(pieces: Pieces, stages: list[Stage], flight: float) -> dict[str, float]:
+    """Bytes per part on the rank holding `stages`, with `flight` micro-batches of activations in flight."""
+    n = sum(len(s.blocks) for s in stages)
+    sides = [("block", n)] + [("pre", 1)] * any(s.first for s in stages) + [("post", 1)] * any(s.last for s in stages)
+    parts: dict[str, float] = {}
+    for side, count in sides:
+        for part, v in pieces.memory[side].items():
+            scale = 1.0 if part in STATE or part in ONE_BLOCK else flight
+            times = (1 if n else 0) if side == "block" and part in ONE_BLOCK else count
+            parts[part] = parts.get(part, 0.0) + v * scale * times
+    return parts
+
+
+def rank_sync(pieces: Pieces, stages: list[Stage]) -> float:
+    n = sum(len(s.blocks) for s in stages)
+    first, last = any(s.first for s in stages), any(s.last for s in stages)
+    return n * pieces.sync_s["block"] + first * pieces.sync_s["pre"] + last * pieces.sync_s["post"]

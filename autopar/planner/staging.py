@@ -1,0 +1,229 @@
+"""A solved candidate as a pipeline: its costs split by where they run (pipeline.py's pieces), the stage cut by
+dynamic programming, the schedule and virtual stages that predict the shortest step within the memory budget."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from autopar.cost_models import axis_links, collective_time_s
+from autopar.planner.cost import edge_price, nbytes, node_cost, saved_kinds
+from autopar.planner.footprint import peak, terms
+from autopar.planner.ilp import edge_classes, zero_sync
+from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
+                                      rank_memory, rank_sync, stage_fwd, stage_time, stages_of, step_time)
+from autopar.placement import local_shape
+from autopar.strategies import grad_partial_axes
+
+if TYPE_CHECKING:
+    from autopar.planner.search import Candidate
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The pipeline decisions of a candidate and what they predict."""
+    schedule: str
+    v: int
+    stages: list[Stage]
+    step_s: float
+    bubble_s: float
+    p2p_s: float
+    sync_exposed_s: float
+    rank_s: list[float]  # forward + backward of one micro-batch per rank
+    memory: list[dict[str, float]]  # per rank: the parts at its peak
+    peak_at: list[str]
+
+
+def sides(pg) -> dict[str, tuple[str, ...]]:
+    """Node -> where it runs: ("block",), ("pre",) before the first block, ("post",) after it; a placeholder runs
+    where its users do (a tied embedding is on both ends)."""
+    first = next((i for i, p in enumerate(pg.nodes.values()) if p.block is not None and p.kind == "op"), None)
+    out: dict[str, tuple[str, ...]] = {}
+    users: dict[str, set[str]] = defaultdict(set)
+    for i, (name, p) in enumerate(pg.nodes.items()):
+        if p.block is not None:
+            out[name] = ("block",)
+        elif p.kind in ("op", "output"):
+            out[name] = ("pre",) if first is not None and i < first else ("post",)
+        for prod, _ in p.inputs:
+            users[prod].add(name)
+    for name, p in pg.nodes.items():
+        if p.block is None and p.kind not in ("op", "output"):
+            where = {s for u in users[name] for s in out.get(u, ()) if s != "block"}
+            out[name] = tuple(sorted(where)) or ("pre",)
+    return out
+
+
+def pieces(c: "Candidate") -> Pieces:
+    pg, ctx, choice = c.graph, c.ctx, c.solution.choice
+    where = sides(pg)
+    L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
+            len({p.block for p in pg.nodes.values() if p.block}))
+    time, fwd, sync, recompute = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
+    memory: dict[str, dict[str, float]] = {s: defaultdict(float) for s in ("pre", "block", "post")}
+
+    def add(acc, name, value, part=None):
+        for side in where[name]:
+            share = value / L if side == "block" and part not in ONE_BLOCK else value
+            if part is None:
+                acc[side] += share
+            else:
+                acc[side][part] += share
+
+    costs = {}
+    for o in pg.owners():
+        costs[o.node.name] = [node_cost(ctx, o, s) for s in o.strategies]
+        cost, n = costs[o.node.name][choice[o.node.name]], pg.counts[o.node.name]
+        add(time, o.node.name, n * (cost.fwd_s + cost.bwd_s))
+        add(fwd, o.node.name, n * cost.fwd_s)
+    for t in terms(pg, ctx, costs):
+        if t.part == "recompute_s":
+            add(time, t.owner, t.values[choice[t.owner]])
+            add(recompute, t.owner, t.values[choice[t.owner]])
+        else:
+            add(memory, t.owner, t.values[choice[t.owner]], t.part)
+    _edges(c, where, add, time, sync, memory)
+    return Pieces(dict(time), dict(fwd), dict(recompute), dict(sync), {s: dict(v) for s, v in memory.items()},
+                  _boundary_bytes(c), L)
+
+
+def _edges(c, where, add, time, sync, memory) -> None:
+    """Resharding time (exposed) by consumer, gradient sync by parameter, bytes kept by consumer; consumers needing
+    the same placement share one move (as in predict.redistributions)."""
+    pg, ctx = c.graph, c.ctx
+    moves: dict[tuple, list] = {}  # key -> [largest multiplicity, its consumer, copies kept, a keeping consumer]
+    for (prod, k, cons, j), mult in edge_classes(pg).items():
+        pp, cp = pg.nodes[prod], pg.nodes[cons]
+        s_c = cp.strategies[c.solution.choice[cons]]
+        partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
+        move = moves.setdefault((prod, k, s_c.ins[j], partial), [0, cons, 0, None])
+        if move[0] < mult:
+            move[0], move[1] = mult, cons
+        if "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs):
+            held = 1 if cp.block is not None and ctx.memory.ac != "none" else mult
+            if held > move[2]:
+                move[2], move[3] = held, cons
+    for (prod, k, dst, partial), (mult, cons, held, keeper) in moves.items():
+        e, s, h = _price(c, prod, k, dst, partial, keeper is not None)
+        s, after = zero_sync(ctx, s)
+        add(time, cons, mult * e)
+        add(sync, prod if pg.nodes[prod].kind == "param" else cons, mult * (s + after))
+        if keeper is not None:
+            add(memory, keeper, held * h, "activations")
+
+
+def _price(c, prod: str, k: int, dst, partial, kept: bool):
+    pp = c.graph.nodes[prod]
+    return edge_price(c.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad, pp.kind == "param",
+                      pp.strategies[c.solution.choice[prod]].outs[k], dst, partial, kept)
+
+
+def _boundary_bytes(c) -> float:
+    """Bytes entering one block from outside it (the residual stream), at their producers' placements."""
+    pg, ctx = c.graph, c.ctx
+    blocks = max(pg.block_classes, key=len) if pg.block_classes else []
+    if len(blocks) < 2:
+        return 0.0
+    second, moved = blocks[1], set()
+    for p in pg.nodes.values():
+        if p.block == second and p.kind == "op":
+            for prod, k in p.inputs:
+                q = pg.nodes[prod]
+                if q.block not in (None, second) and q.info.out_dtypes[k].is_floating_point:
+                    moved.add((prod, k))
+    total = 0.0
+    for prod, k in moved:
+        q = pg.nodes[prod]
+        s = q.strategies[c.solution.choice[q.owner]]
+        total += nbytes(local_shape(q.info.out_shapes[k], s.outs[k], ctx.degrees), q.info.out_dtypes[k])
+    return total
+
+
+def layouts(c: "Candidate", req, budget: float) -> list[Layout]:
+    """Every schedule (and v) the pins allow, each with its best stage cut; those that fit first, fastest first."""
+    p, m = c.degrees.get("pp", 1), c.micro_batches
+    pcs = pieces(c)
+    link = axis_links(req.hardware, [("pp", p), ("dp", c.degrees["dp"]), ("tp", c.degrees["tp"])])["pp"]
+    t_p2p = collective_time_s("send_recv", pcs.p2p_bytes, 2, link) if p > 1 else 0.0
+    out = []
+    for schedule, v in _schedules(req, p, m, pcs.blocks):
+        lay = _layout(pcs, schedule, p, m, v, t_p2p, budget, c)
+        if lay is not None:
+            out.append(lay)
+    out.sort(key=lambda lay: (max(sum(mem.values()) for mem in lay.memory) > budget, lay.step_s))
+    return out
+
+
+def _schedules(req, p: int, m: int, blocks: int) -> list[tuple[str, int]]:
+    pinned_s, pinned_v = req.fix.get("schedule"), req.fix.get("v")
+    out = []
+    for schedule in SCHEDULES if pinned_s is None else [pinned_s]:
+        if schedule in INTERLEAVED:
+            vs = [pinned_v] if pinned_v else [v for v in (2, 3, 4, 6, 8) if p * v <= blocks]
+            out += [(schedule, v) for v in vs if p > 1 and m % p == 0 and p * v <= blocks]
+        elif not pinned_v or pinned_v == 1:
+            out.append((schedule, 1))
+    return out
+
+
+def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, budget: float, c) -> Layout | None:
+    S = p * v
+    flight = [in_flight(schedule, p, m, v, r) for r in range(p)]
+
+    def cost(s: int, n: int) -> float:
+        st = Stage(s, s % p, list(range(n)), s == 0, s == S - 1)
+        if v == 1 and sum(rank_memory(pcs, [st], flight[s]).values()) > budget:
+            return math.inf
+        return stage_time(pcs, st)
+
+    sizes = partition(pcs.blocks, S, cost) or partition(pcs.blocks, S, lambda s, n: stage_time(
+        pcs, Stage(s, s % p, list(range(n)), s == 0, s == S - 1)))
+    if sizes is None:
+        return None
+    stages = stages_of(sizes, p)
+    mine = [[st for st in stages if st.rank == r] for r in range(p)]
+    rank_s = [sum(stage_time(pcs, st) for st in ss) for ss in mine]
+    rank_fwd = [sum(stage_fwd(pcs, st) for st in ss) for ss in mine]
+    total, bubble = step_time(schedule, p, m, v, [stage_time(pcs, st) for st in stages], rank_s, rank_fwd)
+    p2p = 2 * t_p2p * (m * v + p - 1) if p > 1 else 0.0
+    backward_window = max(rank_s) * 2 / 3  # backward is 2/3 of forward + backward (cost.py's 1:2 split)
+    sync = max(rank_sync(pcs, ss) for ss in mine)
+    exposed = sync if c.memory.zero < 2 else max(0.0, sync - backward_window)
+    memory, peak_at = [], []
+    for r, ss in enumerate(mine):
+        moment, at = peak(rank_memory(pcs, ss, flight[r]), m)
+        memory.append(at)
+        peak_at.append(f"backward {moment}")
+    return Layout(schedule, v, stages, total + p2p + exposed, bubble, p2p, exposed, rank_s, memory, peak_at)
+
+
+def rank_weight(req, pg, degrees: dict[str, int], m: int):
+    """(owner, part) -> the share of a whole-model memory term that the most loaded pipeline rank holds, for the
+    ILP's memory constraint: ceil(L/p) of the blocks, activations times the fewest micro-batches in flight any
+    allowed schedule keeps on the first rank; the code before and after the blocks both counted (one rank holds
+    at most one of them unless p = 1, so this errs on the safe side; the layout then checks every rank)."""
+    p = degrees.get("pp", 1)
+    if p == 1:
+        return _unit
+    where = pg.__dict__.setdefault("_sides", None) or sides(pg)
+    pg.__dict__["_sides"] = where
+    blocks = max(1, max((len(c) for c in pg.block_classes), default=1))
+    share = math.ceil(blocks / p) / blocks
+    options = _schedules(req, p, m, blocks) or [("gpipe", 1)]
+    first = min(in_flight(s, p, m, v, 0) for s, v in options)
+    last = min(in_flight(s, p, m, v, p - 1) for s, v in options)
+
+    def weight(owner: str, part: str) -> float:
+        side = where[owner]
+        if part in ONE_BLOCK:
+            return 1.0
+        flight = 1.0 if part in STATE else first if "pre" in side or "block" in side else last
+        return flight * (share if side == ("block",) else 1.0)
+
+    return weight
+
+
+def _unit(owner: str, part: str) -> float:
+    return 1.0
