@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 INTERLEAVED = ("interleaved", "zero-bubble")  # v >= 2 stages per rank
 STATE = ("params", "optimizer_state", "grads", "buckets", "autocast")  # parts that scale with the parameters held
@@ -86,28 +88,29 @@ def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
     return bubble / (m * t)
 
 
-def partition(blocks: int, stages: int, cost) -> list[int] | None:
-    """Blocks per stage (contiguous, in order) minimising the largest stage cost; `cost(s, n)` prices stage s
-    holding n blocks (math.inf when it does not fit its memory). Dynamic programming over (stage, blocks so far):
-    best[s][j] = min over n of max(best[s-1][j-n], cost(s-1, n)). None when no cut fits."""
-    inf = math.inf
-    best = [[inf] * (blocks + 1) for _ in range(stages + 1)]
-    cut = [[0] * (blocks + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for j in range(blocks + 1):
-            for n in range(0, j + 1):
-                if best[s - 1][j - n] == inf:
-                    continue
-                c = max(best[s - 1][j - n], cost(s - 1, n))
-                if c < best[s][j]:
-                    best[s][j], cut[s][j] = c, n
-    if best[stages][blocks] == inf:
+def partition(blocks: int, stages: int, cost_row) -> list[int] | None:
+    """Blocks per stage (contiguous, in order) minimising the largest stage cost; `cost_row(s)` prices stage s
+    holding n = 0..blocks blocks (an array; inf where it does not fit its memory). Dynamic programming over
+    (stage, blocks so far): best[s][j] = min over n of max(best[s-1][j-n], cost(s-1, n)), vectorised over j.
+    None when no cut fits."""
+    best = np.full(blocks + 1, np.inf)
+    best[0] = 0.0
+    cuts = np.zeros((stages, blocks + 1), dtype=np.int64)
+    for s in range(stages):
+        row = np.asarray(cost_row(s), dtype=float)
+        new = np.full(blocks + 1, np.inf)
+        for n in np.flatnonzero(np.isfinite(row)):
+            cand = np.maximum(best[: blocks + 1 - n], row[n])
+            better = cand < new[n:]
+            new[n:][better] = cand[better]
+            cuts[s, n:][better] = n
+        best = new
+    if not np.isfinite(best[blocks]):
         return None
     sizes, j = [], blocks
-    for s in range(stages, 0, -1):
-        sizes.append(cut[s][j])
-        j -= cut[s][j]
+    for s in range(stages - 1, -1, -1):
+        sizes.append(int(cuts[s, j]))
+        j -= sizes[-1]
     return sizes[::-1]
 
 

@@ -12,7 +12,6 @@ plan records.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from autopar.planner.graph import PlanGraph, PNode
@@ -54,7 +53,6 @@ def _key(name: str, i: int) -> str:
 
 def _relabel(text: str | None, second: str, i: int) -> str | None:
     """'blocks.1.attn.q' -> 'blocks.i.attn.q'."""
-    if text is None:
-        return None
-    prefix = second.rsplit(".", 1)[0]
-    return re.sub(rf"^{re.escape(second)}(?=\.|$)", f"{prefix}.{i}", text)
+    if text is None or not (text == second or text.startswith(second + ".")):
+        return text
+    return f"{second.rsplit('.', 1)[0]}.{i}{text[len(second):]}"

@@ -102,9 +102,9 @@ def _no_mesh_message(req: SearchRequest) -> str:
 
 def micro_batch_counts(req: SearchRequest, dp: int, pp: int = 1) -> list[int]:
     """Micro-batch counts m whose micro-step batch divides by dp. With pipeline parallelism, m >= pp (fewer leave
-    ranks idle) and the micro-batch per data-parallel replica is one of 8, 4, 2, 1 samples (more micro-batches
-    shrink the bubble, larger ones run matmuls more efficiently; Narayanan et al. 2021 Sec. 3.4 sweeps the same
-    range)."""
+    ranks idle) and the micro-batch per data-parallel replica is 2 or 1 samples: more micro-batches shrink the
+    bubble, and a larger micro-batch needs more memory while the cost model gains little from it once matmuls
+    are large (Narayanan et al. 2021 Fig. 18 finds the best micro-batch at 1-2 for the 91B model)."""
     if "mbs" in req.fix:
         mbs = int(req.fix["mbs"])
         if req.batch % mbs:
@@ -112,7 +112,7 @@ def micro_batch_counts(req: SearchRequest, dp: int, pp: int = 1) -> list[int]:
         return [req.batch // mbs]
     counts = [m for m in _divisors(req.batch) if (req.batch // m) % dp == 0]
     if pp > 1:
-        counts = [m for m in counts if m >= pp and req.batch // (m * dp) in (8, 4, 2, 1)]
+        counts = [m for m in counts if m >= pp and req.batch // (m * dp) in (2, 1)]
     return counts
 
 
@@ -134,7 +134,10 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         dps = sorted({d["dp"] for d in mesh_candidates(req, blocks)})
         raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))} (with mbs "
                         f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
-    results = [c for c in _solve_meshes(req, trace, meshes, budget, progress, proxy) if c.solution is not None]
+    flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy)
+            if c.solution is not None]
+    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy)
+    results = flat + [c for c in piped if c.solution is not None]
     if not results and req.fix.get("pins"):
         pins = ",".join(f"{g}={i}" for g, i in req.fix["pins"].items())
         raise PlanError(f"no mesh meets --pin {pins} within the memory budget; tp pins need tp > 1 (e.g. --fix "
@@ -262,6 +265,53 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Cand
     return [best[i] for i in sorted(best)]
 
 
+def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy) -> list[Candidate]:
+    """Each pipeline mesh's best candidate. A stage's intra-stage problem is the same sharding problem as the
+    pp = 1 mesh with the same tp on a smaller batch, so pipeline meshes first take the solved sharding of that
+    mesh (the same placements, priced afresh on their own graph) under each micro-batching and the cheapest
+    ZeRO/checkpointing whose layout fits; the ILP is solved only for meshes where that does not fit, or that have
+    no such donor (pp pinned)."""
+    if not meshes:
+        return []
+    donor = {}
+    for c in sorted(donors, key=lambda c: predicted(req, c).step_time_s):
+        donor.setdefault(c.degrees["tp"], c)
+    out, unsolved = [], []
+    for d in meshes:
+        found = [c for m in micro_batch_counts(req, d["dp"], d["pp"]) if d["tp"] in donor
+                 for c in [_transferred(req, trace, d, m, donor[d["tp"]], budget)] if c is not None]
+        if found:
+            out.append(min(found, key=lambda c: predicted(req, c).step_time_s))
+        else:
+            unsolved.append(d)
+    if progress and out:
+        progress(f"priced {len(out)} pipeline mesh(es) with their pp=1 sharding; solving {len(unsolved)}")
+    return out + _solve_meshes(req, trace, unsolved, budget, progress, proxy)
+
+
+def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate | None:
+    """The donor's placements on this mesh and micro-batching, with the first ZeRO/checkpointing configuration
+    (frontier order) whose pipeline layout fits; None when a placement does not exist here or nothing fits."""
+    for cfg in _frontier(memory_configs(req, degrees["dp"]), lambda cfg: True) + \
+            [c for c in memory_configs(req, degrees["dp"]) if c.zero == 3]:
+        pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+        choice = {}
+        for o in pg.owners():
+            theirs = donor.graph.nodes.get(o.node.name)
+            if theirs is None:
+                return None
+            want = theirs.strategies[donor.solution.choice[o.node.name]]
+            k = next((k for k, s in enumerate(o.strategies) if s == want), None)
+            if k is None:
+                return None
+            choice[o.node.name] = k
+        sol = Solution(choice, "pp=1 sharding", 0.0, 0.0, donor.solution.variables, donor.solution.constraints)
+        c = _candidate(req, trace, degrees, m, sol, cfg, budget)
+        if c.solution is not None:
+            return c
+    return None
+
+
 def _advance(pending, best, extra, solved_here, refused, meshes) -> None:
     """Move each mesh on: retry the same micro-batch count if a frontier job failed the ILP (the frontier then
     moves up), else the next count, until done. Pipelines try every count (more micro-batches, less bubble)."""
@@ -272,7 +322,7 @@ def _advance(pending, best, extra, solved_here, refused, meshes) -> None:
         done = i in best and best[i].memory.ac == "none" and best[i].memory.zero < 3 and meshes[i]["pp"] == 1
         if i in best:
             extra[i] = extra.get(i, 0) + 1
-        if done or extra.get(i, 0) > (3 if meshes[i]["pp"] > 1 else 2) or len(counts) == 1:
+        if done or extra.get(i, 0) > 2 or len(counts) == 1:
             del pending[i]
         else:
             pending[i] = (counts[1:], cfgs)

@@ -8,6 +8,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from autopar.cost_models import axis_links, collective_time_s
 from autopar.planner.cost import edge_price, nbytes, node_cost, saved_kinds
 from autopar.planner.footprint import peak, terms
@@ -147,9 +149,9 @@ def layouts(c: "Candidate", req, budget: float) -> list[Layout]:
     pcs = pieces(c)
     link = axis_links(req.hardware, [("pp", p), ("dp", c.degrees["dp"]), ("tp", c.degrees["tp"])])["pp"]
     t_p2p = collective_time_s("send_recv", pcs.p2p_bytes, 2, link) if p > 1 else 0.0
-    out = []
+    out, cuts = [], {}
     for schedule, v in _schedules(req, p, m, pcs.blocks):
-        lay = _layout(pcs, schedule, p, m, v, t_p2p, budget, c)
+        lay = _layout(pcs, schedule, p, m, v, t_p2p, budget, c, cuts)
         if lay is not None:
             out.append(lay)
     out.sort(key=lambda lay: (max(sum(mem.values()) for mem in lay.memory) > budget, lay.step_s))
@@ -168,21 +170,16 @@ def _schedules(req, p: int, m: int, blocks: int) -> list[tuple[str, int]]:
     return out
 
 
-def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, budget: float, c) -> Layout | None:
+def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, budget: float, c,
+            cuts: dict) -> Layout | None:
     S = p * v
     flight = [in_flight(schedule, p, m, v, r) for r in range(p)]
-
-    def cost(s: int, n: int) -> float:
-        st = Stage(s, s % p, list(range(n)), s == 0, s == S - 1)
-        if v == 1 and sum(rank_memory(pcs, [st], flight[s]).values()) > budget:
-            return math.inf
-        return stage_time(pcs, st)
-
-    sizes = partition(pcs.blocks, S, cost) or partition(pcs.blocks, S, lambda s, n: stage_time(
-        pcs, Stage(s, s % p, list(range(n)), s == 0, s == S - 1)))
-    if sizes is None:
+    key = (S, tuple(flight) if v == 1 else None)  # interleaved cuts ignore memory: one cut per v
+    if key not in cuts:
+        cuts[key] = _cut(pcs, p, S, flight if v == 1 else None, budget)
+    if cuts[key] is None:
         return None
-    stages = stages_of(sizes, p)
+    stages = stages_of(cuts[key], p)
     mine = [[st for st in stages if st.rank == r] for r in range(p)]
     rank_s = [sum(stage_time(pcs, st) for st in ss) for ss in mine]
     rank_fwd = [sum(stage_fwd(pcs, st) for st in ss) for ss in mine]
@@ -197,6 +194,27 @@ def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, bu
         memory.append(at)
         peak_at.append(f"backward {moment}")
     return Layout(schedule, v, stages, total + p2p + exposed, bubble, p2p, exposed, rank_s, memory, peak_at)
+
+
+def _cut(pcs: Pieces, p: int, S: int, flight: list[float] | None, budget: float) -> list[int] | None:
+    """The stage cut: fastest slowest stage, each stage within the budget when `flight` is given (one stage per
+    rank); if no cut fits, the fastest one (the caller reports the memory). A stage never needs more blocks than
+    the even cut plus what the embedding or head costs in blocks, so sizes stop there."""
+    L, t = pcs.blocks, pcs.time_s.get("block", 0.0)
+    extra = max(pcs.time_s.get("pre", 0.0), pcs.time_s.get("post", 0.0)) / t if t > 0 else L
+    most = min(L, math.ceil(L / S) + math.ceil(extra))
+    n = np.arange(L + 1)
+
+    def row(s: int, check: bool):
+        st0, st1 = (Stage(s, s % p, list(range(k)), s == 0, s == S - 1) for k in (0, 1))
+        base, per = stage_time(pcs, st0), stage_time(pcs, st1) - stage_time(pcs, st0)
+        cost = np.where(n <= most, base + per * n, np.inf)
+        if check and flight is not None:
+            m0, m1 = (sum(rank_memory(pcs, [st], flight[s]).values()) for st in (st0, st1))
+            cost = np.where(m0 + (m1 - m0) * n <= budget, cost, np.inf)
+        return cost
+
+    return partition(L, S, lambda s: row(s, True)) or partition(L, S, lambda s: row(s, False))
 
 
 def rank_weight(req, pg, degrees: dict[str, int], m: int):
