@@ -151,7 +151,7 @@ def _check_pins(plan: Plan, pins: dict) -> None:
 
 
 def _fmt(degrees: dict) -> str:
-    return " x ".join(f"{k}={v}" for k, v in degrees.items() if k in AXES + ("pp",))
+    return " x ".join(f"{a}={degrees[a]}" for a in ("pp",) + AXES if a in degrees and (a != "pp" or degrees[a] > 1))
 
 
 def _shard_parameters(model: nn.Module, captured: Captured, pg, decisions, mesh, coords):

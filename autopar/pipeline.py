@@ -31,7 +31,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 
 from autopar.codegen.emit import BLOCK_META
 from autopar.codegen.regather import regather_saved
-from autopar.errors import MeshError, ModelError, PlanError
+from autopar.errors import MeshError, ModelError, NotSupportedYet, PlanError
 
 # Plan schedule -> torch schedule. Zero-bubble is ZB-H1 on the loop placement (Qi et al. 2023, arXiv 2401.10241);
 # torch's ZBV variant needs the "V" placement (stage c and 2pp-1-c on one rank), which plans do not describe.
@@ -58,6 +58,21 @@ def check_stages(plan, blocks: list[str]) -> None:
     if [b for stage in plan.stages for b in stage] != blocks:
         raise PlanError(f"the plan's stages {plan.stages} must list the model's layers {blocks} once each, in "
                         "order; re-plan for this model")
+    if plan.schedule == "zero-bubble":
+        _check_zero_bubble(plan)
+
+
+def _check_zero_bubble(plan) -> None:
+    """Zero-bubble splits each backward into an input-gradient and a weight-gradient pass over one autograd graph
+    (torch's stage_backward_input / stage_backward_weight). Two combinations do not survive that here."""
+    if "selective" in {plan.ac, *plan.ac_layers.values()}:
+        raise NotSupportedYet("the zero-bubble schedule with selective activation checkpointing: torch allows one "
+                              "backward per selectively checkpointed region and zero-bubble runs two (input, then "
+                              "weight gradients); use ac=full or ac=none, or the interleaved schedule")
+    if plan.zero == 3 and plan.degrees.get("dp", 1) > 1:
+        raise NotSupportedYet("the zero-bubble schedule with ZeRO-3: torch's pipelining runtime deadlocks when "
+                              "FSDP reshards parameters between the input and weight passes (seen with torch 2.13 "
+                              "on gloo); use zero=2, or the interleaved schedule")
 
 
 class StageModule(nn.Module):
@@ -165,7 +180,7 @@ class Pipeline:
                                 loss_fn=_stage_output_is_loss, scale_grads=True)
         except ValueError as e:  # torch's own rules: 1F1B needs m >= stages, interleaved m a multiple of rounds
             raise PlanError(f"schedule {self.schedule_name} with pp={self.pp}, {self.n} stages and "
-                            f"num_micro_batches={self.m}: {e}; choose another num_micro_batches") from None
+                            f"num_micro_batches={self.m}: {str(e).rstrip('.')}; choose another num_micro_batches") from None
 
     def step(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward of every micro-batch; returns their mean loss, the same on every rank."""

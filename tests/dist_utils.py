@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,18 @@ def run_train(args: list[str], nproc: int | None, dump: Path | None = None, time
     if dump is not None:
         cmd += ["--dump", str(dump)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    losses = [json.loads(line)["loss"] for line in proc.stdout.splitlines() if line.startswith("{")]
-    return proc.returncode, losses, proc.stderr
+    # A session of its own: a run that hangs (ranks waiting on each other) is killed with every rank it started,
+    # not just the launcher.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    losses = [json.loads(line)["loss"] for line in stdout.splitlines() if line.startswith("{")]
+    return proc.returncode, losses, stderr
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:

@@ -201,8 +201,10 @@ def test_megatron_1_7b_on_32_a100_chooses_no_tensor_parallelism():
     plan = make_plan("gpt", model_args=dict(layers=24, hidden=2304, heads=24, vocab=51200, seq=2048), devices=32,
                      hardware="a100-80gb-sxm", batch=512, seq=2048)
     assert plan.degrees["tp"] == 1, plan.degrees
-    assert plan.degrees["dp"] == 32
-    assert {a["degrees"]["tp"] for a in plan.alternatives} == {2, 4, 8}  # they were evaluated, and lost
+    assert plan.degrees["dp"] == 32 and plan.degrees["pp"] == 1  # and PP=1, as published
+    flat = [a for a in plan.alternatives if a["degrees"]["pp"] == 1]
+    assert {a["degrees"]["tp"] for a in flat} == {2, 4, 8}  # they were evaluated, and lost
+    assert any(a["degrees"]["pp"] > 1 for a in plan.alternatives)  # so were pipelines
     assert all(a["step_time_s"] > plan.predicted.step_time_s for a in plan.alternatives)
 
 
@@ -290,13 +292,13 @@ def test_batch_not_divisible_by_pinned_dp_raises_mesh_error():
 
 
 def test_batch_not_divisible_by_any_dp_raises_mesh_error():
-    # 16 A100s: tp <= 8 inside a node, so dp is one of 2, 4, 8, 16; none divides 3.
+    # 16 A100s without pipelining: tp <= 8 inside a node, so dp is one of 2, 4, 8, 16; none divides 3.
     with pytest.raises(MeshError, match="divisible"):
-        make_plan("gpt-tiny", devices=16, hardware="a100-80gb-sxm", batch=3)
+        make_plan("gpt-tiny", devices=16, hardware="a100-80gb-sxm", batch=3, fix={"pp": 1})
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="meshes are solved in forked workers only with 2+ CPUs")
 def test_planning_after_an_in_process_solve_still_finds_a_plan(mlp_captured):
     _solve(mlp_captured, (1, 4))  # any earlier plan in this process, e.g. a pinned (single-mesh) make_plan
     plan = make_plan("gpt-tiny", devices=4, hardware="cpu", batch=4)  # 3 meshes: solved in forked workers
-    assert plan.solver["candidates"] == 3
+    assert 1 + sum(a["degrees"]["pp"] == 1 for a in plan.alternatives) == 3

@@ -85,6 +85,8 @@ def mesh_candidates(req: SearchRequest, blocks: int = 1) -> list[dict[str, int]]
             spans_nodes = tp > per_node or per_node % tp  # allowed when pinned: a what-if across nodes
             if spans_nodes and "tp" not in req.fix or (pp > 1 and pp > blocks and "pp" not in req.fix):
                 continue
+            if pp == 1 and ("schedule" in req.fix or int(req.fix.get("v", 1)) > 1):
+                continue
             if any(k in req.fix and req.fix[k] != v for k, v in (("pp", pp), ("dp", dp), ("tp", tp))):
                 continue
             out.append({"pp": pp, "dp": dp, "tp": tp})
@@ -129,6 +131,7 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     full_trace, blocks = trace, _depth(req, trace, proxy)
     if proxy is not None:
         trace = _deepened(proxy[0], blocks)
+    _check_pipeline_pins(req, blocks)
     meshes = [d for d in mesh_candidates(req, blocks) if micro_batch_counts(req, d["dp"], d["pp"])]
     if not meshes:
         dps = sorted({d["dp"] for d in mesh_candidates(req, blocks)})
@@ -158,6 +161,18 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         stats["pins"] = dict(req.fix["pins"])  # module glob -> intent, as asked (the strategies show the result)
     others = [_alternative(req, c) for c in results[1:]]
     return to_plan(req, best, budget, stats, others, ac_layers)
+
+
+def _check_pipeline_pins(req: SearchRequest, blocks: int) -> None:
+    pp, v = int(req.fix.get("pp", 0)), int(req.fix.get("v", 1))
+    if pp == 1 and ("schedule" in req.fix or v > 1):
+        raise MeshError("a pipeline schedule needs pp > 1; drop schedule/v from --fix or pin pp=2 or more")
+    if pp > 1 and pp * v > blocks:
+        raise MeshError(f"pp={pp}{f' x v={v}' if v > 1 else ''} cuts the model into more stages than its {blocks} "
+                        "blocks (repeated layers); lower pp (or v), or use a deeper model")
+    if req.fix.get("schedule") in ("gpipe", "1f1b") and v > 1:
+        raise MeshError(f"schedule {req.fix['schedule']} runs one stage per rank; v > 1 needs interleaved or "
+                        "zero-bubble")
 
 
 def _depth(req: SearchRequest, trace, proxy) -> int:
