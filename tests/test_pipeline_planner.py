@@ -78,8 +78,9 @@ def test_predicted_bubble_follows_p_minus_1_over_m():
         assert fractions[m] == pytest.approx((2 - 1) / m * (sum(stage_s) - max(stage_s)) / max(stage_s))
     # the same law across m, up to the stage times themselves changing with the micro-batch size
     assert fractions[2] > fractions[4] > fractions[8] and 3.0 < fractions[2] / fractions[8] < 5.0
-    times = [_pp(m, schedule="1f1b").predicted.step_time_s for m in (1, 2, 8)]
-    assert times[0] > times[1] > times[2]  # more micro-batches, less bubble
+    # one micro-batch leaves each rank idle half the step; two already hide a third of that (at this size, smaller
+    # micro-batches soon cost more per sample than the bubble saves: the per-op overheads of the cost model)
+    assert _pp(1, schedule="1f1b").predicted.step_time_s > _pp(2, schedule="1f1b").predicted.step_time_s
 
 
 def test_plan_records_stages_and_schedule():
