@@ -13,7 +13,7 @@ from typing import Callable, NoReturn
 from rich.console import Console
 from rich.table import Table
 
-from autopar.cli.report import count, mesh, render
+from autopar.cli.report import count, mesh, pipeline_summary, render
 from autopar.cost_models import Hardware, available_hardware, load_hardware
 from autopar.errors import AutoparError
 from autopar.fixspec import (FIX_KEYS, PIN_INTENTS, merge_mesh, parse_fix, parse_memory, parse_mesh, parse_pins,
@@ -148,6 +148,7 @@ def header(plan: Plan, model_label: str, hardware: Hardware) -> Table:
             ("devices", str(plan.devices)), ("mesh", mesh(plan.degrees, plan.axis_names)),
             ("batch × seq", f"{plan.batch} × {plan.seq}"),
             ("micro-batches", f"{mbs} samples × {plan.num_micro_batches} ({per_rank} per dp rank)"),
+            *([("pipeline", pipeline_summary(plan))] if plan.degrees.get("pp", 1) > 1 else []),
             ("memory", _memory_decisions(plan)),
             ("dtype", plan.dtype), ("planner", f"{s.get('seconds', 0):.2f} s; ILP {ilp}")]
     table = Table.grid(padding=(0, 2))

@@ -181,7 +181,8 @@ def render(plan: Plan, console: Console, *, hardware: Hardware | None, verbose: 
     """Per-layer decisions, step time and memory with their parts, other meshes, fallbacks."""
     tables = list(map(_group_table, groups(plan)))
     tables += [_nodes_table(plan)] if verbose else []
-    tables += [step_table(plan, hardware), memory_table(plan), alternatives_table(plan), fallback_table(plan)]
+    tables += [step_table(plan, hardware), stages_table(plan), memory_table(plan), alternatives_table(plan),
+               fallback_table(plan)]
     for table in tables:
         if table is not None:
             console.print(table)
@@ -235,7 +236,34 @@ def gib(n: float) -> str:
 
 
 def mesh(degrees: dict[str, int], axes: list[str]) -> str:
-    return " ".join(f"{axis}={degrees.get(axis, 1)}" for axis in axes)
+    pipeline = [f"pp={degrees['pp']}"] if degrees.get("pp", 1) > 1 else []
+    return " ".join(pipeline + [f"{axis}={degrees.get(axis, 1)}" for axis in axes])
+
+
+def pipeline_summary(plan: Plan) -> str:
+    """'1f1b over 2 ranks, 1 stage each: blocks 0-3 | 4-7'."""
+    cuts = " | ".join(_span(layers) for layers in plan.stages)
+    per = f"{plan.virtual_stages} stages each (interleaved)" if plan.virtual_stages > 1 else "1 stage each"
+    return f"{plan.schedule} over {plan.degrees['pp']} ranks, {per}: blocks {cuts}"
+
+
+def _span(layers: list[str]) -> str:
+    idx = [int(name.rsplit(".", 1)[1]) for name in layers]
+    return "none" if not idx else str(idx[0]) if len(idx) == 1 else f"{idx[0]}-{idx[-1]}"
+
+
+def stages_table(plan: Plan) -> Table | None:
+    """Each pipeline stage: its rank, blocks (the first also runs the embeddings, the last the head and loss),
+    forward + backward of one micro-batch, and the peak memory of its rank."""
+    if not plan.predicted.stages:
+        return None
+    table = _table("pipeline stages", ">stage", ">rank", "blocks", ">time / micro-batch", ">rank memory")
+    last = len(plan.predicted.stages) - 1
+    for st in plan.predicted.stages:
+        extra = " + embeddings" if st["stage"] == 0 else " + head, loss" if st["stage"] == last else ""
+        table.add_row(str(st["stage"]), str(st["rank"]), _span(st["layers"]) + extra, seconds(st["time_s"]),
+                      gib(st["memory_bytes"]))
+    return table
 
 
 def step_table(plan: Plan, hardware: Hardware | None) -> Table:
@@ -243,7 +271,8 @@ def step_table(plan: Plan, hardware: Hardware | None) -> Table:
     recompute once those exist). Collectives appear only as time; the Plan does not record the edges."""
     p, m = plan.predicted, plan.num_micro_batches
     rows = [("compute", p.compute_s, f"forward + backward, {m} micro-batch{'es' if m > 1 else ''}"),
-            ("communication, exposed", p.exposed_comm_s, "activation resharding on the critical path"),
+            ("communication, exposed", p.exposed_comm_s, "stage-boundary sends" if p.stages else
+             "activation resharding on the critical path"),
             ("gradient sync, exposed", p.grad_sync_exposed_s,
              f"of {seconds(p.grad_sync_s)} gradient collectives; the rest overlaps backward"),
             ("pipeline bubble", p.bubble_s, ""), ("recompute", p.recompute_s, "")]

@@ -450,7 +450,7 @@ def _candidate(req, trace, degrees, m, solution, cfg: MemoryConfig, budget: floa
 def _alternative(req: SearchRequest, c: Candidate) -> dict:
     p = predicted(req, c)
     return {"degrees": c.degrees, "num_micro_batches": c.micro_batches, "zero": c.memory.zero if c.ctx.dp > 1 else 0,
-            "ac": c.memory.ac, "step_time_s": p.step_time_s,
+            "ac": c.memory.ac, "schedule": c.layout.schedule if c.layout else None, "step_time_s": p.step_time_s,
             "memory_bytes_per_device": p.memory_bytes_per_device, "tokens_per_s": p.tokens_per_s}
 
 
