@@ -150,7 +150,7 @@ def layouts(c: "Candidate", req, budget: float) -> list[Layout]:
     link = axis_links(req.hardware, [("pp", p), ("dp", c.degrees["dp"]), ("tp", c.degrees["tp"])])["pp"]
     t_p2p = collective_time_s("send_recv", pcs.p2p_bytes, 2, link) if p > 1 else 0.0
     out, cuts = [], {}
-    for schedule, v in _schedules(req, p, m, pcs.blocks):
+    for schedule, v in _schedules(req, p, m, pcs.blocks, c):
         lay = _layout(pcs, schedule, p, m, v, t_p2p, budget, c, cuts)
         if lay is not None:
             out.append(lay)
@@ -158,10 +158,15 @@ def layouts(c: "Candidate", req, budget: float) -> list[Layout]:
     return out
 
 
-def _schedules(req, p: int, m: int, blocks: int) -> list[tuple[str, int]]:
+def _schedules(req, p: int, m: int, blocks: int, c=None) -> list[tuple[str, int]]:
+    """(schedule, v) pairs the pins allow. Zero-bubble is left out where the runtime refuses it (pipeline.py):
+    under selective checkpointing and under ZeRO-3."""
     pinned_s, pinned_v = req.fix.get("schedule"), req.fix.get("v")
+    runs_zb = c is None or not (c.memory.ac == "selective" or c.memory.zero == 3 and c.ctx.dp > 1)
     out = []
     for schedule in SCHEDULES if pinned_s is None else [pinned_s]:
+        if schedule == "zero-bubble" and not runs_zb:
+            continue
         if schedule in INTERLEAVED:
             vs = [pinned_v] if pinned_v else [v for v in (2, 3, 4, 6, 8) if p * v <= blocks]
             out += [(schedule, v) for v in vs if p > 1 and m % p == 0 and p * v <= blocks]
