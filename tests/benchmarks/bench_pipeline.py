@@ -1,14 +1,14 @@
 """Pipeline bubble, measured: step time of pp=2 for one global batch cut into m = 1, 2, 4, 8 micro-batches.
 
-    python tests/benchmarks/bench_pipeline.py [--ms 1,2,4,8] [--schedule gpipe] [--steps 5] [--json OUT]
+    python tests/benchmarks/bench_pipeline.py [--ms 1,2,4,8] [--schedule gpipe] [--rounds 4] [--json OUT]
 
 The bubble model (GPipe, Huang et al. 2019, arXiv 1811.06965; Narayanan et al. 2021, arXiv 2104.04473 Sec. 2.2):
 with p stages and m micro-batches, a step lasts m + p - 1 micro-batch slots, each 1/m of one stage's work on the
 whole batch, so t(m) / t(1) = (m + p - 1) / (m p): 1, 0.75, 0.625, 0.5625 for p = 2. Smaller micro-batches also
 run less efficiently (fixed per-op and per-message costs), which the model leaves out; the table shows both.
 Two gloo ranks this script spawns (OMP_NUM_THREADS=1 each), the stage plan made by today's planner at each
-micro-batch size. A step's time is the slower rank's; the median over --steps after --warmup. Measures, never
-asserts.
+micro-batch size. A step's time is the slower rank's; every m is timed in each of --rounds rounds (order
+alternating) and the median kept. Measures, never asserts.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ PP = 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt")
-    ap.add_argument("--model-args", default="layers=4,hidden=128,heads=4,vocab=512,seq=64")
-    ap.add_argument("--batch", type=int, default=16, help="global batch per step, the same for every m")
+    ap.add_argument("--model-args", default="layers=4,hidden=256,heads=8,vocab=1024,seq=128")
+    ap.add_argument("--batch", type=int, default=32, help="global batch per step, the same for every m")
     ap.add_argument("--ms", default="1,2,4,8", help="micro-batch counts to measure")
     ap.add_argument("--schedule", default="gpipe", choices=("gpipe", "1f1b"), help="1f1b needs m >= 2")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per m")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per m and round")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds over every m, the order alternating")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     return ap.parse_args(argv)
@@ -71,33 +72,47 @@ def worker(rank: int, args: argparse.Namespace, plans: list[str], port: int, out
     dist.init_process_group("gloo", rank=rank, world_size=PP)
     torch.set_num_threads(1)
     try:
-        result = [measure(args, Plan.load(p)) for p in plans]
+        result = measure(args, [Plan.load(p) for p in plans])
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def measure(args: argparse.Namespace, plan: Plan) -> dict:
-    torch.manual_seed(args.seed)
-    model, info = build_model(args.model, parse_model_args(args.model_args))
-    compiled = autopar.compile(model, sample_inputs=sample_inputs(info, args.batch, info.seq), plan=plan)
-    opt = compiled.optimizer(torch.optim.AdamW, lr=1e-4)
+def measure(args: argparse.Namespace, plans: list[Plan]) -> list[dict]:
+    """Every m compiled side by side, then timed in rounds that rotate the order, so the load other work puts on
+    the machine drifts over all of them alike."""
+    variants = []
+    for plan in plans:
+        torch.manual_seed(args.seed)
+        model, info = build_model(args.model, parse_model_args(args.model_args))
+        compiled = autopar.compile(model, sample_inputs=sample_inputs(info, args.batch, info.seq), plan=plan)
+        variants.append((plan, compiled, compiled.optimizer(torch.optim.AdamW, lr=1e-4)))
     gen = torch.Generator().manual_seed(args.seed + 1)
     batch = tuple(torch.randint(0, info.vocab, (args.batch, info.seq), generator=gen) for _ in range(2))
-    times = []
-    for step in range(args.warmup + args.steps):
+    times: list[list[float]] = [[] for _ in variants]
+    for _, compiled, opt in variants:
+        run_steps(compiled, opt, batch, args.warmup)
+    for r in range(args.rounds):
+        for i in (range(len(variants)) if r % 2 == 0 else reversed(range(len(variants)))):
+            times[i] += run_steps(variants[i][1], variants[i][2], batch, args.steps)
+    return [{"m": plan.num_micro_batches, "micro_batch": plan.micro_batch_size, "median_s": statistics.median(t),
+             "times": t} for (plan, _, _), t in zip(variants, times)]
+
+
+def run_steps(compiled, opt, batch: tuple, steps: int) -> list[float]:
+    """Seconds per training step (train_step + optimizer), the slower rank's."""
+    out = []
+    for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
-        loss = compiled.train_step(*batch)
+        compiled.train_step(*batch)
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # a step lasts as long as its slower rank
-        if step >= args.warmup:
-            times.append(seconds.item())
-    return {"m": plan.num_micro_batches, "micro_batch": plan.micro_batch_size, "median_s": statistics.median(times),
-            "times": times, "loss": loss.item()}
+        out.append(seconds.item())
+    return out
 
 
 # -- driver -----------------------------------------------------------------------------------------------------
