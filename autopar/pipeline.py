@@ -161,31 +161,35 @@ class Pipeline:
     and losses. So the first step runs its first micro-batch forward through the stages once, passing the real
     values along (`_probe`), and builds static stages from what it saw."""
 
-    def __init__(self, stages: nn.ModuleList, plan, mesh, shared: dict[str, tuple[tuple[int, ...], torch.Tensor | None]]):
+    def __init__(self, stages: nn.ModuleList, plan, mesh,
+                 shared: dict[str, tuple[tuple[int, ...], torch.Tensor | None]]):
+        """shared: parameter FQN -> (the pp ranks holding it, this rank's tensor or None), the same on all ranks."""
         self.modules, self.group = list(stages), mesh.get_group("pp")
-        self.n, self.pp, self.m, self.schedule_name = len(plan.stages), plan.degrees["pp"], plan.num_micro_batches, \
-            plan.schedule
+        self.n, self.pp, self.m = len(plan.stages), plan.degrees["pp"], plan.num_micro_batches
+        self.schedule_name = plan.schedule
         self.device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
             else torch.device(mesh.device_type)
-        self.schedule = None
+        # torch's own rules for m and the stage count, checked at compile time on stages without metadata; the
+        # first step builds the schedule it runs (see the class docstring)
         self._make_schedule([PipelineStage(s, s.index, self.n, self.device, group=self.group) for s in self.modules])
-        self.schedule = None  # that one only checked the plan at compile time; the first step builds the real one
+        self.schedule = None
         self.shared = _shared_groups(mesh, shared)
 
-    def _make_schedule(self, stages: list[PipelineStage]) -> None:
+    def _make_schedule(self, stages: list[PipelineStage]):
         cls = SCHEDULES[self.schedule_name]
         try:
             # scale_grads: each micro-batch's loss is its own mean, so the step's gradient is their sum over m
-            self.schedule = cls(stages[0] if self.schedule_name in SINGLE_STAGE else stages, self.m,
-                                loss_fn=_stage_output_is_loss, scale_grads=True)
-        except ValueError as e:  # torch's own rules: 1F1B needs m >= stages, interleaved m a multiple of rounds
+            return cls(stages[0] if self.schedule_name in SINGLE_STAGE else stages, self.m,
+                       loss_fn=_stage_output_is_loss, scale_grads=True)
+        except ValueError as e:  # 1F1B needs m >= stages, interleaved m a multiple of its rounds
             raise PlanError(f"schedule {self.schedule_name} with pp={self.pp}, {self.n} stages and "
-                            f"num_micro_batches={self.m}: {str(e).rstrip('.')}; choose another num_micro_batches") from None
+                            f"num_micro_batches={self.m}: {str(e).rstrip('.')}; choose another num_micro_batches") \
+                from None
 
     def step(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward of every micro-batch; returns their mean loss, the same on every rank."""
         if self.schedule is None:
-            self._make_schedule(self._probe([x.tensor_split(self.m)[0] for x in inputs]))
+            self.schedule = self._make_schedule(self._probe([x.tensor_split(self.m)[0] for x in inputs]))
         losses: list[torch.Tensor] = []
         # The loss is computed inside the last stage; the schedule still wants a target per micro-batch.
         placeholder = torch.zeros(self.m, device=self.device)

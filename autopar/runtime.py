@@ -1,6 +1,8 @@
 """The compiled training object: this rank's generated graph (one submodule per block), its local parameter
-shards, the plan's activation checkpointing and ZeRO stage, and gradient synchronisation for parameters whose
-gradient is partial along an axis (data parallelism's all-reduce) where FSDP does not own it.
+shards, the plan's activation checkpointing and ZeRO stage, gradient synchronisation for parameters whose
+gradient is partial along an axis (data parallelism's all-reduce) where FSDP does not own it, and the training
+step: the plan's micro-batches, accumulated (pp = 1) or run by a pipeline schedule over this rank's stages
+(pp > 1, autopar/pipeline.py), gradients synchronised once per step.
 
 Synchronisation follows DDP's design (Li et al. 2020, "PyTorch Distributed", VLDB): parameters are grouped into
 buckets in reverse order of use; when every gradient of a bucket has been accumulated, the bucket is flattened and
@@ -32,9 +34,10 @@ BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 class CompiledModel(nn.Module):
-    """Call it like the original model (same arguments, the global batch on every rank); train it with
-    `.optimizer(torch.optim.AdamW, lr=...)` (any torch optimizer over the local shards; partitioned under ZeRO-1).
-    `.code` is the generated per-rank program."""
+    """Train it with `loss = compiled.train_step(*batch)` (the model's arguments, the global batch on every rank)
+    and `.optimizer(torch.optim.AdamW, lr=...)` (any torch optimizer over the local shards; partitioned under
+    ZeRO-1). Without a pipeline it can also be called like the original model on one micro-batch. `.code` is the
+    generated per-rank program."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, plan, mesh, out_spec,
                  param_placements: dict[str, tuple[Placement, ...]], deferred: dict[str, tuple[int, ...]],
