@@ -144,5 +144,5 @@ def test_world_size_not_matching_the_pinned_mesh_under_torchrun():
     rc, _, err = run_train(["--model", "gpt-tiny", "--steps", "1", "--fix", "dp=2,tp=2"], 2)
     lines = [ln for ln in err.splitlines() if "autopar: error: " in ln]
     assert rc != 0
-    assert len(lines) == 1 and "no mesh dp x tp = 2 devices matches dp=2,tp=2" in lines[0], err[-2000:]
+    assert len(lines) == 1 and "no mesh pp x dp x tp = 2 devices matches dp=2,tp=2" in lines[0], err[-2000:]
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err  # torchrun's launcher prints its own
