@@ -10,6 +10,7 @@ batches from --seed, so their losses agree to float32 rounding.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -128,6 +129,17 @@ def _full(model, grads: bool) -> dict[str, torch.Tensor]:
             if not grads or p.grad is not None}
 
 
+def _wait_for_peers(seconds: float = 30.0) -> None:
+    """A barrier that gives up (gloo's monitored barrier) rather than hang if some rank did not fail."""
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     distributed = not args.reference and "WORLD_SIZE" in os.environ
@@ -139,7 +151,9 @@ def main(argv=None) -> int:
             dist.barrier()  # no rank tears down its process group while a peer still talks to it
     except AutoparError as e:
         if not distributed or dist.get_rank() == 0:  # every rank raises the same error; say it once
-            print(f"autopar: error: {e}", file=sys.stderr)
+            print(f"autopar: error: {e}", file=sys.stderr, flush=True)
+        if distributed:  # the others wait for that line: torchrun stops every rank as soon as one exits
+            _wait_for_peers()
         return 2
     finally:
         if distributed:
