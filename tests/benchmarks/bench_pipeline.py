@@ -72,11 +72,36 @@ def worker(rank: int, args: argparse.Namespace, plans: list[str], port: int, out
     dist.init_process_group("gloo", rank=rank, world_size=PP)
     torch.set_num_threads(1)
     try:
-        result = measure(args, [Plan.load(p) for p in plans])
+        result = {"concurrency": concurrency(rank), "runs": measure(args, [Plan.load(p) for p in plans])}
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def concurrency(rank: int) -> float:
+    """How much of the ranks' compute the machine runs at once right now: the same matmul loop on each rank alone,
+    then on all together; PP when every rank has a core of its own, 1 when they share one (other work on the
+    machine). A pipeline can only hide its bubble in the first case."""
+    a = torch.randn(384, 384)
+
+    def spin() -> float:
+        t0 = time.perf_counter()
+        for _ in range(100):
+            a @ a
+        return time.perf_counter() - t0
+
+    alone = 0.0
+    for r in range(PP):
+        dist.barrier()
+        if rank == r:
+            alone = spin()
+        dist.barrier()
+    together = spin()
+    times = torch.tensor([alone, together], dtype=torch.float64)
+    dist.all_reduce(times[:1])  # sum of the ranks alone
+    dist.all_reduce(times[1:], op=dist.ReduceOp.MAX)  # the slowest rank together
+    return (times[0] / times[1]).item()
 
 
 def measure(args: argparse.Namespace, plans: list[Plan]) -> list[dict]:
@@ -151,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = "1"
         mp.spawn(worker, args=(args, plans, _free_port(), out), nprocs=PP, join=True)
         results = json.loads(Path(out).read_text())
-    console.print(table(results, args.schedule))
+    console.print(table(results["runs"], args.schedule))
+    console.print(f"concurrency of the {PP} ranks on this machine now: {results['concurrency']:.2f} of {PP} "
+                  "(1 = they share one core, and no schedule can overlap their stages)")
     console.print("t(m) / t(1) is normalised so that m = 1 matches the model; the bubble model counts only idle "
                   "slots, not the per-micro-batch overheads that grow with m")
     if args.json:
