@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
@@ -31,6 +29,8 @@ def shard_with_fsdp(program: nn.Module, blocks: list[nn.Module], dp_mesh: Device
     PipelineStage drives (no reduction per micro-batch, one after the last backward).
     `replicated` parameters stay outside FSDP: the generated graph reduces their gradient itself (e.g. a position
     embedding whose gradient becomes a dp sum where it meets the batch, not at the parameter)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # here: planning needs no FSDP
+
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
     for block in blocks:
@@ -48,5 +48,7 @@ def make_optimizer(params, cls: type[torch.optim.Optimizer], stage: int, dp_grou
     """`cls(params, **kwargs)`, its state partitioned over the dp group under ZeRO-1."""
     params = list(params)
     if stage == 1 and dp_group is not None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=dp_group, **kwargs)
     return cls(params, **kwargs)

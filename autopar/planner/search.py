@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from autopar.capture import Captured
@@ -139,7 +139,11 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
                         f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
     flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy)
             if c.solution is not None]
-    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy)
+    def ahead():  # the full trace the flat front-runner will need, taken while workers price pipelines
+        if proxy is not None and flat:
+            full_trace(req.batch // min(flat, key=lambda c: predicted(req, c).step_time_s).micro_batches)
+
+    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy, ahead)
     results = flat + [c for c in piped if c.solution is not None]
     if not results and req.fix.get("pins"):
         pins = ",".join(f"{g}={i}" for g, i in req.fix["pins"].items())
@@ -148,7 +152,7 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     if not results:
         raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: predicted(req, c).step_time_s)  # rank by what the plan reports
-    best = results[0]
+    best = _materialized(req, trace, results[0], budget)
     if proxy is not None:
         best = _at_full_depth(req, full_trace, budget, best)
     ac_layers: dict[str, str] = {}
@@ -195,14 +199,38 @@ def _deepened(proxy_trace, depth: int):
 
 
 def _at_full_depth(req, trace, budget, c: Candidate) -> Candidate:
-    """The chosen candidate solved again on the full trace, for the node names a plan records (the deepened proxy
-    and the full trace give the same costs: proxy.py)."""
+    """The chosen candidate on the full trace, for the node names a plan records. The deepened proxy and the full
+    trace have the same decision owners in the same order (the code before the blocks, block 0, the code after)
+    and give the same costs (proxy.py), so the proxy's choices carry over by position; the ILP is solved again
+    only where they do not (owners that differ, or a prediction that moves)."""
+    pg, _ = _graph(req, trace(req.batch // c.micro_batches), c.degrees, c.memory)
+    sol = _by_position(c, pg)
+    if sol is not None:
+        full = _candidate(req, trace, c.degrees, c.micro_batches, sol, c.memory, budget)
+        if full.solution is not None and math.isclose(predicted(req, full).step_time_s,
+                                                      predicted(req, c).step_time_s, rel_tol=1e-6):
+            return full
     sol = _solve_one(req, trace, budget, c.degrees, c.micro_batches, c.memory)
     if sol is None:
         raise PlanError(f"the chosen plan ({_fmt_mesh(c.degrees)}, zero={c.memory.zero}, ac={c.memory.ac}) does "
                         "not solve on the full model as it did on its two-block copy; report this with the command")
     full = _candidate(req, trace, c.degrees, c.micro_batches, sol, c.memory, budget)
     return full if full.solution is not None else c
+
+
+def _by_position(c: Candidate, full: PlanGraph) -> Solution | None:
+    """c's choices on the full graph, owner by owner in graph order; None unless every owner has its twin (same
+    op, same shapes, same strategies)."""
+    mine, theirs = c.graph.owners(), full.owners()
+    if len(mine) != len(theirs):
+        return None
+    choice = {}
+    for p, q in zip(mine, theirs):
+        if p.kind != q.kind or p.node.target != q.node.target or p.info.in_shapes != q.info.in_shapes or \
+                p.info.out_shapes != q.info.out_shapes or p.strategies != q.strategies:
+            return None
+        choice[q.node.name] = c.solution.choice[p.node.name]
+    return replace(c.solution, choice=choice)
 
 
 def _fmt_mesh(degrees: dict[str, int]) -> str:
@@ -280,28 +308,76 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Cand
     return [best[i] for i in sorted(best)]
 
 
-def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy) -> list[Candidate]:
+def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy,
+               meanwhile: Callable[[], object] | None = None) -> list[Candidate]:
     """Each pipeline mesh's best candidate. A stage's intra-stage problem is the same sharding problem as the
     pp = 1 mesh with the same tp on a smaller batch, so pipeline meshes first take the solved sharding of that
     mesh (the same placements, priced afresh on their own graph) under each micro-batching and the cheapest
     ZeRO/checkpointing whose layout fits; the ILP is solved only for meshes where that does not fit, or that have
-    no such donor (pp pinned)."""
+    no such donor (pp pinned). `meanwhile` runs here while worker processes price the meshes."""
     if not meshes:
         return []
     donor = {}
     for c in sorted(donors, key=lambda c: predicted(req, c).step_time_s):
         donor.setdefault(c.degrees["tp"], c)
-    out, unsolved = [], []
-    for d in meshes:
-        found = [c for m in micro_batch_counts(req, d["dp"], d["pp"]) if d["tp"] in donor
-                 for c in [_transferred(req, trace, d, m, donor[d["tp"]], budget)] if c is not None]
-        if found:
-            out.append(min(found, key=lambda c: predicted(req, c).step_time_s))
-        else:
-            unsolved.append(d)
+    priced = _price_all(req, trace, [d for d in meshes if d["tp"] in donor], donor, budget, meanwhile)
+    out = [c for c in priced if c is not None]
+    unsolved = [d for d in meshes if d["tp"] not in donor] + \
+        [d for d, c in zip([d for d in meshes if d["tp"] in donor], priced) if c is None]
     if progress and out:
         progress(f"priced {len(out)} pipeline mesh(es) with their pp=1 sharding; solving {len(unsolved)}")
     return out + _solve_meshes(req, trace, unsolved, budget, progress, proxy)
+
+
+def _price(req, trace, d, donor: dict[int, Candidate], budget) -> Candidate | None:
+    """Mesh d's fastest micro-batching under its donor's sharding (None: nothing fits)."""
+    found = [c for m in micro_batch_counts(req, d["dp"], d["pp"])
+             for c in [_transferred(req, trace, d, m, donor[d["tp"]], budget)] if c is not None]
+    return min(found, key=lambda c: predicted(req, c).step_time_s) if found else None
+
+
+def _price_all(req, trace, meshes, donor, budget, meanwhile) -> list[Candidate | None]:
+    """`_price` for every mesh; in forked workers where that is safe, which return each result without its
+    planning graph (`_light`; the winner is rebuilt by `_materialized`), while `meanwhile` runs here."""
+    workers = min(len(meshes), os.cpu_count() or 1, 4)
+    if workers < 2 or _distributed() or "fork" not in mp.get_all_start_methods():
+        return [_price(req, trace, d, donor, budget) for d in meshes]
+    # Each worker takes meshes of neighbouring dp, which trace the same micro-step batches (dp x 1, dp x 2).
+    order = sorted(range(len(meshes)), key=lambda i: meshes[i]["dp"])
+    chunks = [order[k * len(order) // workers:(k + 1) * len(order) // workers] for k in range(workers)]
+    global _FORK_STATE
+    _FORK_STATE = (req, trace, budget, donor)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            futures = [pool.submit(_price_worker, [meshes[i] for i in chunk]) for chunk in chunks]
+            if meanwhile is not None:
+                meanwhile()
+            out: list[Candidate | None] = [None] * len(meshes)
+            for chunk, f in zip(chunks, futures):
+                for i, c in zip(chunk, f.result()):
+                    out[i] = c
+            return out
+    finally:
+        _FORK_STATE = None
+
+
+def _price_worker(meshes):
+    req, trace, budget, donor = _FORK_STATE
+    out = []
+    for d in meshes:
+        c = _price(req, trace, d, donor, budget)
+        if c is not None:
+            predicted(req, c)
+            c.graph = None  # fx nodes stay in the worker; the parent rebuilds the graph if this candidate wins
+        out.append(c)
+    return out
+
+
+def _materialized(req, trace, c: Candidate, budget) -> Candidate:
+    """A candidate priced in a worker, with its planning graph again (the same graph, choices and layout)."""
+    if c.graph is not None:
+        return c
+    return _candidate(req, trace, c.degrees, c.micro_batches, c.solution, c.memory, budget)
 
 
 def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate | None:
@@ -373,7 +449,7 @@ _FORK_STATE = None
 
 
 def _job_worker(job):
-    req, trace, budget = _FORK_STATE
+    req, trace, budget = _FORK_STATE[:3]
     return _solve_one(req, trace, budget, *job)
 
 
