@@ -9,6 +9,7 @@ IJHPCA 19(1), 2005, §4), for n ranks, B bytes, per-step latency α and per-devi
     all_to_all       (n-1)·α +  (n-1)/n · B/bw    pairwise exchange; each rank keeps 1/n of its B
     send_recv              α +           B/bw
 
+α and bw are the link's, or the kind's own where the hardware file has them (`Link.alpha_beta`).
 `Link.bandwidth_bytes_per_s` is the NCCL-tests "bus bandwidth" (nccl-tests/doc/PERFORMANCE.md), defined so that
 exactly these (n-1)/n factors turn it back into wall time; that is why the TOMLs quote busbw, not link rates.
 """
@@ -20,9 +21,7 @@ from typing import Sequence
 
 from autopar.errors import MeshError
 
-from .hardware import Hardware, Link
-
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+from .hardware import COLLECTIVES, Hardware, Link
 
 
 def collective_time_s(kind: str, nbytes: float, group_size: int, link: Link) -> float:
@@ -35,7 +34,8 @@ def collective_time_s(kind: str, nbytes: float, group_size: int, link: Link) -> 
     # One rank, or nothing to move: the collective is skipped, so it costs nothing.
     if n == 1 or nbytes == 0:
         return 0.0
-    alpha, transfer_s = link.latency_s, nbytes / link.bandwidth_bytes_per_s
+    alpha, bandwidth = link.alpha_beta(kind)
+    transfer_s = nbytes / bandwidth
     if kind == "all_reduce":
         return 2 * (n - 1) * alpha + 2 * (n - 1) / n * transfer_s
     if kind == "send_recv":

@@ -11,6 +11,7 @@ Schema (version 1), one table per concern:
     [memory]           capacity_bytes, reserve_bytes, bandwidth_bytes_per_s, efficiency
     [links.intra_node] latency_s, bandwidth_bytes_per_s
     [links.inter_node] latency_s, bandwidth_bytes_per_s
+    [links.<link>.<collective>]  optional: latency_s, bandwidth_bytes_per_s fitted to that collective alone
 
 Every dimensional field ends in its unit (`_s`, `_bytes`, `_per_s`); dimensionless ones are counts or fractions.
 Every number may cite where it comes from in a sibling `<field>_source` string (datasheet, paper, or the
@@ -27,7 +28,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -37,6 +38,7 @@ SCHEMA_VERSION = 1
 HARDWARE_DIR = Path(__file__).resolve().parent / "hardware"
 DTYPES = ("bfloat16", "float16", "float32")
 LINK_NAMES = ("intra_node", "inter_node")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 UNIT_SUFFIXES = ("_s", "_bytes", "_per_s")
 SOURCE_SUFFIX = "_source"
 
@@ -48,6 +50,17 @@ class Link:
     name: str  # "intra_node" | "inter_node"
     latency_s: float  # α, per message step
     bandwidth_bytes_per_s: float  # achieved bus bandwidth per device, each way (NCCL-tests "busbw"); β = 1/bw
+    # Collective kind -> (α, bw) fitted to that kind alone, where a profile measured it: a backend may run each
+    # collective with its own algorithm (gloo's all-gather and reduce-scatter are 2-4x slower per byte than its
+    # all-reduce on the same host), which one (α, bw) per link cannot express. Kinds not listed use the link's.
+    kinds: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
+
+    def alpha_beta(self, kind: str) -> tuple[float, float]:
+        """(latency, bandwidth) that `kind` runs at on this link."""
+        return self.kinds.get(kind, (self.latency_s, self.bandwidth_bytes_per_s))
+
+    def without_latency(self) -> "Link":
+        return replace(self, latency_s=0.0, kinds={k: (0.0, bw) for k, (_, bw) in self.kinds.items()})
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,8 @@ def _with_sources(table: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str
     return {**table, **sources}
 
 
-_LINK_SCHEMA = _with_sources({"latency_s": NONNEGATIVE, "bandwidth_bytes_per_s": POSITIVE})
+_ALPHA_BETA = _with_sources({"latency_s": NONNEGATIVE, "bandwidth_bytes_per_s": POSITIVE})
+_LINK_SCHEMA = {**_ALPHA_BETA, **{kind: _ALPHA_BETA for kind in COLLECTIVES}}
 # The run that wrote a profiled file; optional, and free of numbers the cost model reads.
 PROVENANCE_SCHEMA = {
     "date": OPTIONAL_TEXT, "host": OPTIONAL_TEXT, "command": OPTIONAL_TEXT, "autopar_version": OPTIONAL_TEXT,
@@ -158,7 +172,8 @@ PROVENANCE_SCHEMA = {
     "world_size": OPTIONAL_COUNT, "nodes": OPTIONAL_COUNT, "threads_per_rank": OPTIONAL_COUNT,
     "host_load": OPTIONAL_TEXT,  # other work on the host slows what was measured; this says how much there was
 }
-OPTIONAL_TABLES = frozenset({"provenance"})
+OPTIONAL_TABLES = frozenset({"provenance",
+                             *(f"links.{link}.{kind}" for link in LINK_NAMES for kind in COLLECTIVES)})
 SCHEMA: dict[str, Any] = {
     **_with_sources({
         "schema_version": COUNT,  # the file format's version, not a measurement: nothing to cite
@@ -188,7 +203,7 @@ def numeric_fields(schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> list
     names = []
     for key, kind in schema.items():
         if isinstance(kind, dict):
-            names += [] if key in OPTIONAL_TABLES else numeric_fields(kind, f"{prefix}{key}.")
+            names += [] if prefix + key in OPTIONAL_TABLES else numeric_fields(kind, f"{prefix}{key}.")
         elif kind in NUMERIC_KINDS and key != "schema_version":
             names.append(prefix + key)
     return names
@@ -355,16 +370,18 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         matmul_efficiency=compute["matmul_efficiency"],
         memory_efficiency=memory["efficiency"],
         launch_overhead_s=compute["launch_overhead_s"],
-        intra_node=Link(name="intra_node", **_numbers(links["intra_node"])),
-        inter_node=Link(name="inter_node", **_numbers(links["inter_node"])),
+        intra_node=_link("intra_node", links["intra_node"]),
+        inter_node=_link("inter_node", links["inter_node"]),
         source=v["source"],
         sources=_sources(v),
         provenance=dict(v.get("provenance", {})),
     )
 
 
-def _numbers(table: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: x for k, x in table.items() if not k.endswith(SOURCE_SUFFIX)}
+def _link(name: str, table: Mapping[str, Any]) -> Link:
+    kinds = {k: (table[k]["latency_s"], table[k]["bandwidth_bytes_per_s"]) for k in COLLECTIVES if k in table}
+    return Link(name=name, latency_s=table["latency_s"], bandwidth_bytes_per_s=table["bandwidth_bytes_per_s"],
+                kinds=kinds)
 
 
 def _sources(v: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -166,6 +166,30 @@ def test_send_recv_is_one_hop_and_all_to_all_keeps_one_nth():
     assert collective_time_s("all_to_all", 8e9, 8, Link("x", 0.0, 1e9)) == pytest.approx(7.0)
 
 
+def test_a_collective_fitted_alone_uses_its_own_latency_and_bandwidth():
+    """gloo runs all-gather 2-4x slower per byte than all-reduce; a profile's per-collective fit prices it so."""
+    link = Link("x", 1e-4, 2e9, kinds={"all_gather": (4e-4, 0.5e9)})
+    assert collective_time_s("all_gather", 8e9, 2, link) == pytest.approx(4e-4 + 0.5 * 8e9 / 0.5e9)
+    assert collective_time_s("all_reduce", 8e9, 2, link) == pytest.approx(2 * 1e-4 + 8e9 / 2e9)  # the link's
+    assert collective_time_s("all_gather", 8e9, 2, link.without_latency()) == pytest.approx(0.5 * 8e9 / 0.5e9)
+
+
+def test_per_collective_tables_load_from_a_hardware_file(tmp_path):
+    text = (HARDWARE_DIR / "a100-80gb-sxm.toml").read_text() + textwrap.dedent("""
+        [links.intra_node.reduce_scatter]
+        latency_s = 3e-5
+        latency_s_source = "a profile run"
+        bandwidth_bytes_per_s = 1e11
+        bandwidth_bytes_per_s_source = "a profile run"
+        """)
+    path = tmp_path / "hw.toml"
+    path.write_text(text)
+    hw = load_hardware(path)
+    assert hw.intra_node.alpha_beta("reduce_scatter") == (3e-5, 1e11)
+    assert hw.intra_node.alpha_beta("all_reduce") == (A100.intra_node.latency_s, A100.intra_node.bandwidth_bytes_per_s)
+    assert hw.inter_node.kinds == {}
+
+
 def test_unknown_collective_is_a_value_error():
     with pytest.raises(ValueError, match="broadcast.*all_reduce"):
         collective_time_s("broadcast", 1e6, 8, NVLINK)

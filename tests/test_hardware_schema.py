@@ -52,6 +52,12 @@ MALFORMED = [
      ["field 'compute.launch_overhead_s_source' = '' is invalid", "citing a datasheet, paper or profile run"]),
     ("reserve above capacity", lambda: GOOD.replace("reserve_bytes = 4_000_000_000", "reserve_bytes = 90e9"),
      ["'memory.reserve_bytes' = 90000000000 leaves nothing", "set the reserve below the capacity"]),
+    ("unknown collective", lambda: GOOD + "\n[links.intra_node.allgather]\nlatency_s = 1e-6\n"
+     "bandwidth_bytes_per_s = 1e9\n", ["unknown field 'links.intra_node.allgather'", "did you mean 'all_gather'?"]),
+    ("collective's zero bandwidth", lambda: GOOD + "\n[links.intra_node.all_gather]\nlatency_s = 1e-6\n"
+     "bandwidth_bytes_per_s = 0\n", ["'links.intra_node.all_gather.bandwidth_bytes_per_s' = 0 is invalid"]),
+    ("collective's missing field", lambda: GOOD + "\n[links.intra_node.reduce_scatter]\nlatency_s = 1e-6\n",
+     ["missing field 'links.intra_node.reduce_scatter.bandwidth_bytes_per_s'", "add it"]),
     ("TOML syntax", lambda: GOOD.replace("devices_per_node = 8", "devices_per_node = = 8"),
      ["not valid TOML", f"line {GOOD.splitlines().index('devices_per_node = 8') + 1}", "fix the syntax"]),
 ]
@@ -88,7 +94,9 @@ def test_every_shipped_number_cites_a_source(name):
     hw = load_hardware(name)
     missing = [f for f in numeric_fields() if not hw.sources.get(f, "").strip()]
     assert missing == [], f"{name}.toml: add a <field>_source line for {missing}"
-    assert set(hw.sources) == set(numeric_fields())
+    per_collective = {f"links.{link.name}.{kind}.{f}" for link in (hw.intra_node, hw.inter_node)
+                      for kind in link.kinds for f in ("latency_s", "bandwidth_bytes_per_s")}
+    assert set(hw.sources) == set(numeric_fields()) | per_collective
 
 
 def test_numeric_fields_cover_every_number_the_cost_model_reads():

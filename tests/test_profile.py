@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,12 +142,16 @@ def test_written_file_loads_with_a_source_on_every_number(tmp_path):
     assert hw.name == "test-cpu" and hw.devices_per_node == 8
     assert hw.intra_node.latency_s == pytest.approx(150e-6, rel=1e-3)
     assert hw.inter_node == replace(hw.intra_node, name="inter_node")  # one host: a copy, and it says so
-    assert set(hw.sources) == set(numeric_fields())
+    per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
+                      for f in ("latency_s", "bandwidth_bytes_per_s")}
+    assert set(hw.sources) == set(numeric_fields()) | per_collective
     assert all(s.startswith("autopar profile 2026-01-02 host-a") for s in hw.sources.values())
     assert "not measured (one host)" in hw.sources["links.inter_node.bandwidth_bytes_per_s"]
     assert hw.memory_bytes == 25_000_000_000 and hw.memory_reserve_bytes == 2_000_000_000
     assert hw.provenance["world_size"] == 2
-    assert "all_gather: latency" in render_toml(profile)  # each kind's own fit, as a comment
+    assert "all_gather alone: latency" in render_toml(profile)
+    for kind, fit in profile.per_kind["intra_node"].items():  # each collective priced with its own fit
+        assert hw.intra_node.alpha_beta(kind) == pytest.approx((fit.latency_s, fit.bandwidth_bytes_per_s), rel=1e-3)
 
 
 # ---------------------------------------------------------------- the command
@@ -176,16 +179,14 @@ LAUNCHERS = {
 def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, capsys, launcher):
     out = tmp_path / "here.toml"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    start = time.perf_counter()
     proc = subprocess.run([*LAUNCHERS[launcher], "--out", str(out), "--quick", "--name", "here"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-    elapsed = time.perf_counter() - start
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 60
     assert "[3/3] intra_node collectives" in proc.stdout and f"wrote {out}" in proc.stdout
     hw = load_hardware(out)
     assert hw.name == "here" and hw.provenance["world_size"] == 2 and hw.provenance["backend"] == "gloo"
-    assert set(hw.sources) == set(numeric_fields())
+    assert set(numeric_fields()) <= set(hw.sources)
+    assert set(hw.intra_node.kinds) == set(COLLECTIVES)  # each collective fitted alone
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
     assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0
     assert "predicted step time" in capsys.readouterr().out

@@ -40,7 +40,7 @@ class CostContext:
     def bucketed(self) -> "CostContext":
         """The same mesh with latency-free links: parameter gradients are reduced in buckets (runtime.py), so
         their latency is paid per bucket, not per parameter."""
-        return replace(self, links=tuple(replace(link, latency_s=0.0) for link in self.links))
+        return replace(self, links=tuple(link.without_latency() for link in self.links))
 
 
 @dataclass(frozen=True)

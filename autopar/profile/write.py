@@ -106,16 +106,22 @@ def render_toml(p: HardwareProfile) -> str:
 
 
 def _link(p: HardwareProfile, link: str) -> list[str]:
-    if link not in p.links:  # one host: the planner never prices this link, but the schema needs numbers
+    """The link's joint fit, then each collective's own fit (what the cost model prices that collective with)."""
+    measured = link in p.links
+    if not measured:  # one host: the planner never prices this link, but the schema needs numbers
         fit, source = p.links["intra_node"], f"{p.source}: not measured (one host), copy of intra_node"
         how = "not measured: all ranks on one host; copy of intra_node"
     else:
         fit, source = p.links[link], p.source
-        kinds = "".join(f"\n#   {kind}: {_kind_fit(f)}" for kind, f in p.per_kind[link].items())
-        how = (f"alpha-beta least squares over {', '.join(COLLECTIVES)} (rms error {fit.rms_rel_error:.0%}); "
-               f"each kind alone:{kinds}")
-    return [f"[links.{link}]", *_number("latency_s", fit.latency_s, how, source),
-            *_number("bandwidth_bytes_per_s", fit.bandwidth_bytes_per_s, None, source)]
+        how = (f"alpha-beta least squares over {', '.join(COLLECTIVES)} together (rms error "
+               f"{fit.rms_rel_error:.0%}); each collective's own fit below is what the planner uses for it")
+    lines = [f"[links.{link}]", *_number("latency_s", fit.latency_s, how, source),
+             *_number("bandwidth_bytes_per_s", fit.bandwidth_bytes_per_s, None, source)]
+    for kind, f in p.per_kind[link if measured else "intra_node"].items():
+        lines += ["", f"[links.{link}.{kind}]",
+                  *_number("latency_s", f.latency_s, f"{kind} alone: {_kind_fit(f)}" if measured else None, source),
+                  *_number("bandwidth_bytes_per_s", f.bandwidth_bytes_per_s, None, source)]
+    return lines
 
 
 def _number(key: str, value: float, how: str | None, source: str) -> list[str]:
