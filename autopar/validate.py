@@ -1,8 +1,9 @@
 """`autopar validate`: how far to trust the planner on this machine — several plans of a small model trained on the
 live ranks, their measured step time and peak memory beside the predictions, and the error statistics.
 
-Each plan runs `examples/train.py --measure` under torchrun (a few steps; the last one is measured: its wall time
-and its peak tensor bytes, the largest over ranks, autopar/measure.py). Statistics: mean absolute percentage error
+Each plan runs `examples/train.py --measure` under torchrun (a few steps: the first warms up, the median of
+the following ones is the step time, and the last is traced for its peak tensor bytes; the largest over ranks,
+autopar/measure.py). Statistics: mean absolute percentage error
 of step time and of memory, and Spearman's rank correlation of predicted vs measured step time (does the planner
 order the plans as the machine does?).
 """
@@ -21,7 +22,7 @@ import numpy as np
 from autopar.errors import AutoparError
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
-DEFAULT_PLANS = ("dp=2", "tp=2", "dp=2,zero=3", "dp=2,ac=full", "tp=2,ac=selective", "dp=2,zero=1")
+DEFAULT_PLANS = ("dp=2", "tp=2", "dp=2,zero=3", "dp=2,ac=full", "tp=2,ac=selective", "dp=2,zero=1", "pp=2")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ import datetime
 import functools
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -45,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reference", action="store_true", help="train eagerly in this single process")
     ap.add_argument("--dump", default=None, help="save the full gradients after step 0 and final params (torch.save)")
     ap.add_argument("--measure", action="store_true",
-                    help="measure the last step's peak tensor memory and time, print them beside the plan's prediction")
+                    help="measure the step time (median of the steps between the first and the last, untraced) and "
+                         "the last step's peak tensor memory; print them beside the plan's prediction")
     ap.add_argument("--print-code", action="store_true", help="print rank 0's generated program")
     return ap.parse_args(argv)
 
@@ -72,7 +75,7 @@ def train(args: argparse.Namespace) -> list[float]:
             print(model.code, file=sys.stderr)
     opt = model.optimizer(torch.optim.AdamW, lr=args.lr) if not args.reference else \
         torch.optim.AdamW(model.parameters(), lr=args.lr)
-    losses, dump = [], {}
+    losses, dump, seconds = [], {}, []
     for step, (tokens, targets) in enumerate(batches(info, args, seq)):
         out = {}
 
@@ -88,9 +91,12 @@ def train(args: argparse.Namespace) -> list[float]:
             opt.zero_grad(set_to_none=True)
 
         if args.measure and step == args.steps - 1:  # the last step: optimizer state exists by then
-            _report(measure_step(one_step), model, rank0)
+            _report(measure_step(one_step), seconds, model, rank0)
         else:
+            t0 = time.perf_counter()
             one_step()
+            if step > 0:  # the first step warms up (allocations, the pipeline's shape discovery)
+                seconds.append(time.perf_counter() - t0)
         loss = out["loss"]
         losses.append(loss.item())
         if rank0:
@@ -102,10 +108,12 @@ def train(args: argparse.Namespace) -> list[float]:
     return losses
 
 
-def _report(m, model, rank0: bool) -> None:
-    """One JSON line: the step's measured peak tensor bytes and time (the largest over ranks) beside the plan's
-    predictions."""
-    peak = torch.tensor([m.peak_bytes, m.seconds], dtype=torch.float64)
+def _report(m, seconds: list[float], model, rank0: bool) -> None:
+    """One JSON line: the measured peak tensor bytes of the last step and the step time (the largest over ranks)
+    beside the plan's predictions. The time is the median of the untraced steps before the last (the memory
+    profiler slows the step it watches); with none, the traced step's own."""
+    step_s = statistics.median(seconds) if seconds else m.seconds
+    peak = torch.tensor([m.peak_bytes, step_s], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     plan = getattr(model, "plan", None)
