@@ -25,9 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                          ScheduleInterleavedZeroBubble)
 
 from autopar.codegen.emit import BLOCK_META
 from autopar.codegen.regather import regather_saved
@@ -35,8 +32,10 @@ from autopar.errors import MeshError, ModelError, NotSupportedYet, PlanError
 
 # Plan schedule -> torch schedule. Zero-bubble is ZB-H1 on the loop placement (Qi et al. 2023, arXiv 2401.10241);
 # torch's ZBV variant needs the "V" placement (stage c and 2pp-1-c on one rank), which plans do not describe.
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
-             "zero-bubble": ScheduleInterleavedZeroBubble}
+# torch.distributed.pipelining's class per schedule name, imported when a pipeline is built: planning alone
+# (which imports the runtime's constants) should not pay ~1 s for pipelining and FSDP.
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B",
+             "zero-bubble": "ScheduleInterleavedZeroBubble"}
 SINGLE_STAGE = ("gpipe", "1f1b")  # one stage per rank (v = 1)
 
 
@@ -153,6 +152,12 @@ def _shared_parameters(program: fx.GraphModule, stage_of: dict[fx.Node, int], pp
     return {name: tuple(sorted(ranks)) for name, ranks in holders.items() if len(ranks) > 1}
 
 
+def _stage(*args, **kwargs):
+    from torch.distributed.pipelining import PipelineStage
+
+    return PipelineStage(*args, **kwargs)
+
+
 class Pipeline:
     """Runs one optimizer step's micro-batches through this rank's stages with the plan's schedule.
 
@@ -171,12 +176,14 @@ class Pipeline:
             else torch.device(mesh.device_type)
         # torch's own rules for m and the stage count, checked at compile time on stages without metadata; the
         # first step builds the schedule it runs (see the class docstring)
-        self._make_schedule([PipelineStage(s, s.index, self.n, self.device, group=self.group) for s in self.modules])
+        self._make_schedule([_stage(s, s.index, self.n, self.device, group=self.group) for s in self.modules])
         self.schedule = None
         self.shared = _shared_groups(mesh, shared)
 
-    def _make_schedule(self, stages: list[PipelineStage]):
-        cls = SCHEDULES[self.schedule_name]
+    def _make_schedule(self, stages: list):
+        from torch.distributed import pipelining
+
+        cls = getattr(pipelining, SCHEDULES[self.schedule_name])
         try:
             # scale_grads: each micro-batch's loss is its own mean, so the step's gradient is their sum over m
             return cls(stages[0] if self.schedule_name in SINGLE_STAGE else stages, self.m,
@@ -199,7 +206,7 @@ class Pipeline:
         dist.broadcast(loss, group=self.group, group_src=(self.n - 1) % self.pp)
         return loss
 
-    def _probe(self, micro_batch: list[torch.Tensor]) -> list[PipelineStage]:
+    def _probe(self, micro_batch: list[torch.Tensor]) -> list:
         """Static PipelineStages from one forward of `micro_batch` through the pipeline, stage by stage, the
         values sent between ranks as objects. Gradients are on, so outputs say which of them need one."""
         mine = {s.index: s for s in self.modules}
@@ -213,10 +220,12 @@ class Pipeline:
                 inputs = [_example(v) for v in values]
                 out = mine[c](*inputs)
                 values = list(out) if isinstance(out, (tuple, list)) else [out]
-                stages.append(PipelineStage(mine[c], c, self.n, self.device, input_args=tuple(inputs),
-                                            output_args=tuple(_example(v) for v in values), group=self.group))
+                stages.append(_stage(mine[c], c, self.n, self.device, input_args=tuple(inputs),
+                                     output_args=tuple(_example(v) for v in values), group=self.group))
                 if c + 1 < self.n and c + 1 not in mine:
                     self._send(values, c + 1)
+        from torch.distributed.fsdp import FSDPModule
+
         for module in (m for s in self.modules for m in s.modules() if isinstance(m, FSDPModule)):
             module.reshard()  # as pipelining's own metadata inference does: free what the probe gathered
         return stages
