@@ -73,15 +73,25 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     fwd = op_time_s(ctx.hw, flops, moved, dtype, is_matmul) if (flops or moved) else 0.0
     bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
     saves = saved_kinds(p)
-    scale = activation_scale(ctx.memory, p.info.out_dtypes[0].itemsize) if p.info.out_dtypes else 1.0
+    scale = _activation_scale(ctx, p)
     out_bytes = scale * sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
-    act = sum(nbytes(ins[j], p.info.in_dtypes[j]) for j in p.saved_inputs) * scale \
+    act = sum(saved_input_bytes(ctx, p, s, j) for j in p.saved_inputs) \
         if "inputs" in saves or saves == "others" else 0.0
     if "output" in saves:
         act += out_bytes
     elif saves == "mask":  # a boolean per element (aten.dropout runs native_dropout, which returns it)
         act += float(math.prod(outs[-1]))
     return NodeCost(fwd, bwd, act, 0.0, out_bytes)
+
+
+def _activation_scale(ctx: CostContext, p: PNode) -> float:
+    return activation_scale(ctx.memory, p.info.out_dtypes[0].itemsize) if p.info.out_dtypes else 1.0
+
+
+def saved_input_bytes(ctx: CostContext, p: PNode, s: Strategy, j: int) -> float:
+    """Bytes of input j that autograd keeps for p's backward (j in p.saved_inputs), at strategy s."""
+    return nbytes(local_shape(p.info.in_shapes[j], s.ins[j], ctx.degrees), p.info.in_dtypes[j]) * \
+        _activation_scale(ctx, p)
 
 
 def saved_kinds(p: PNode) -> str:
@@ -119,6 +129,12 @@ def redistribution_time_s(ctx: CostContext, shape: Sequence[int], dtype: torch.d
 
 
 def _regather_saving(ctx: CostContext, shape, dtype, src, dst, partial) -> float:
+    """Bytes a sequence-parallel gather saves by keeping its shard for backward (codegen/regather.py). Under
+    checkpointing the saved tensors of a block are those of its recomputation, which runs in backward outside
+    the hooks and keeps the gathered tensor whole: no saving (edge_price does not see whether the consumer is in a
+    block; the head's few consumers lose a saving they have)."""
+    if ctx.memory.ac != "none":
+        return 0.0
     moves = steps(src, dst, partial)
     if not moves or any(m.kind != "all_gather" or m.bwd != "reduce_scatter" for m in moves):
         return 0.0

@@ -5,8 +5,11 @@ Each term is (owner node, part, one value per strategy of that owner): the ILP a
 report never disagree about what a plan needs.
 
 The peak is the larger of two moments of a step (measured on CPU ranks; tests/benchmarks/bench_memory.py):
-  backward start  model state + every saved activation + the transients of the block being recomputed;
-  backward end    model state + every gradient + the gradient bucket being flattened (stages 0/1).
+  backward start  model state + every saved activation + the block at work: its recomputed activations and its
+                  ZeRO transients (memory.py);
+  backward end    model state + every gradient + the gradient bucket being flattened (stages 0/1) or the block's
+                  reduce-scatter buffers (stages 2/3) + the block at work, when checkpointing recomputes it: the
+                  last block's backward runs with every other block's gradients.
 Gradients grow as activations are freed, so between the two the sum stays below the larger. With gradient
 accumulation (more than one micro-batch) gradients also exist at the second micro-batch's backward start.
 """
@@ -18,15 +21,15 @@ from dataclasses import dataclass
 
 from autopar.checkpointing import KEEP_UNDER_SELECTIVE
 from autopar.placement import local_shape
-from autopar.planner.cost import CostContext, NodeCost, nbytes
-from autopar.planner.graph import PlanGraph, PNode
+from autopar.planner.cost import CostContext, NodeCost, nbytes, saved_input_bytes
+from autopar.planner.graph import PlanGraph, PNode, storage_root
 from autopar.planner.memory import state_bytes_per_element, transient_bytes_per_element
 from autopar.runtime import BUCKET_BYTES
 
 # part -> the moments it is present at ("start", "end" of backward)
 PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gathered": ("start", "end"),
           "block_grads": ("end",),
-          "activations": ("start",), "inputs": ("start",), "recompute": ("start",), "autocast": ("start",),
+          "activations": ("start",), "inputs": ("start",), "recompute": ("start", "end"), "autocast": ("start",),
           "grads": ("end",), "buckets": ("end",)}
 PARTS = tuple(PHASES)
 ONE_BLOCK_PARTS = ("gathered", "recompute")  # concern the block at work, not every block
@@ -48,64 +51,158 @@ def phases(part: str, micro_batches: int) -> tuple[str, ...]:
 def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> list[Term]:
     """Every memory term (bytes per device) and recompute term (seconds per micro-batch) of the candidate."""
     out: list[Term] = []
-    state = state_bytes_per_element(ctx.memory, ctx.dp)
-    transient = transient_bytes_per_element(ctx.memory, ctx.dp)
-    bucket = _bucket_share(pg, ctx, costs, state["grads"])
-    first_block = _first_block(pg)
     for p in pg.owners():
         name, n, cs = p.node.name, pg.counts[p.node.name], costs[p.node.name]
-        if p.kind == "param":
-            elems = [c.state_bytes / max(ctx.state_bytes_per_element, 1e-30) for c in cs]
-            out += [Term(name, part, tuple(n * e * b for e in elems)) for part, b in state.items()]
-            per = _param_transients(p, n, first_block, transient, bucket * state["grads"], ctx.memory.ac)
-            out += [Term(name, part, tuple(e * b for e in elems)) for part, b in per.items()]
-        elif p.kind != "op":
+        if p.kind == "op":
+            out += _activation_terms(pg, ctx, p, n, cs)
+        elif p.kind != "param":
             out.append(Term(name, "inputs", tuple(n * c.activation_bytes for c in cs)))
-        else:
-            out += _activation_terms(p, n, cs, ctx.memory.ac)
     out += block_input_terms(pg, ctx)
+    out += gradient_terms(pg, costs, "activations" if ctx.memory.ac == "none" else "recompute")
+    feeds = {prod for p in pg.nodes.values() if p.block is not None for prod, _ in p.inputs
+             if pg.nodes[prod].block is None}  # top-level nodes whose outputs enter a block
+    head = [t for t in out if t.part == "activations" and pg.nodes[t.owner].block is None and t.owner not in feeds]
+    recompute = _least(out, lambda t: t.part == "recompute")
+    released = _least(out, lambda t: t.part == "activations" and t not in head) / max(_block_count(pg), 1)
+    per_elem, forward_end = _transients(pg, ctx, costs, recompute, released)
+    if ctx.memory.ac != "none":  # the end of forward or a block's recomputation, whichever holds more
+        extra = _least(head, lambda t: True) + forward_end
+        keep = max(0.0, extra - recompute - _block_transients(pg, ctx, costs, per_elem)) / extra if extra else 1.0
+        out = [Term(t.owner, t.part, tuple(keep * v for v in t.values)) if t in head else t for t in out]
+        per_elem = {**per_elem, "forward_end": keep * per_elem["forward_end"]}
+    out += _param_terms(pg, ctx, costs, per_elem, _bucket_share(pg, ctx, costs, recompute))
     return [t for t in out if any(t.values)]
 
 
-def _param_transients(p: PNode, n: int, first_block: str | None, t: dict[str, float], bucket: float,
-                      ac: str) -> dict[str, float]:
+def _least(all_terms: list[Term], which) -> float:
+    """Sum of the chosen terms, each at its least: the reference point at which two moments that never meet are
+    compared, so that the larger one counts (a linear stand-in for the max)."""
+    return sum(min(t.values) for t in all_terms if which(t))
+
+
+def _block_elems(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> float:
+    """Parameter elements of one block on this device, at their least."""
+    first, per = _first_block(pg), max(ctx.state_bytes_per_element, 1e-30)
+    return sum(min(c.state_bytes for c in costs[p.node.name]) / per for p in pg.owners()
+               if p.kind == "param" and p.block == first)
+
+
+def _transients(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]], recompute: float,
+                released: float) -> tuple[dict[str, float], float]:
+    """(memory.py's transients per parameter element, the block at work's now combined into gathered_block;
+    the bytes the end of forward holds beyond the backward's blocks, at their least). A block's backward frees
+    what checkpointing kept for it (`released`: its inputs, kept outputs), which the next block's moment holds
+    as the previous reduce-scatter input instead; with two blocks, the block holding that input has no next one
+    to prefetch."""
+    t = transient_bytes_per_element(ctx.memory, ctx.dp)
+    elems = _block_elems(pg, ctx, costs)
+    reduce_input = max(0.0, t["reduce_input"] - released / elems) if elems else 0.0
+    prefetch = t["prefetch"]
+    if _block_count(pg) <= 2:
+        prefetch, reduce_input = max(prefetch, reduce_input), 0.0
+    per_elem = {**t, "gathered_block": t["gathered_block"] + prefetch + reduce_input}
+    return per_elem, t["forward_end"] * elems
+
+
+def _block_transients(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]],
+                      per_elem: dict[str, float]) -> float:
+    """What a block's backward holds of ZeRO transients beyond the end of forward (at their least): the block's
+    gathered copy and the previous reduce-scatter input; the prefetched next block has its counterpart there."""
+    return max(0.0, per_elem["gathered_block"] - per_elem["prefetch"]) * _block_elems(pg, ctx, costs)
+
+
+def _param_terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]], per_elem: dict[str, float],
+                 bucket: float) -> list[Term]:
+    """Model state and ZeRO transients of every parameter (bytes per element: memory.py, adjusted above)."""
+    out = []
+    state = state_bytes_per_element(ctx.memory, ctx.dp)
+    first_block = _first_block(pg)
+    for p in pg.owners():
+        if p.kind != "param":
+            continue
+        name, n, cs = p.node.name, pg.counts[p.node.name], costs[p.node.name]
+        elems = [c.state_bytes / max(ctx.state_bytes_per_element, 1e-30) for c in cs]
+        out += [Term(name, part, tuple(n * e * b for e in elems)) for part, b in state.items()]
+        per = _param_transients(p, n, first_block, per_elem, bucket * state["grads"])
+        out += [Term(name, part, tuple(e * b for e in elems)) for part, b in per.items()]
+    return out
+
+
+def _param_transients(p: PNode, n: int, first_block: str | None, t: dict[str, float],
+                      bucket: float) -> dict[str, float]:
     """Bytes per element of this parameter: ZeRO gathers and gradient buffers concern one block (the template's
     parameters stand for it) or, for top-level parameters, every one of them; buckets and autocast copies every
-    parameter. A block's unsharded gradient appears as its backward runs, after the activations saved for it are
-    freed, so without full checkpointing it counts at backward end only; under full checkpointing the peak is
-    inside a block's backward (recomputed activations and its gradient together)."""
+    parameter."""
     first = p.block is not None and p.block == first_block
-    gathered = n * t["gathered_top"] if p.block is None else (t["gathered_block"] if first else 0.0)
-    block_grad = t["block_grad"] if first else 0.0
-    if ac == "full":
-        return {"gathered": gathered + block_grad, "buckets": n * bucket, "autocast": n * t["autocast_copy"]}
-    return {"gathered": gathered, "block_grads": block_grad, "buckets": n * bucket, "autocast": n * t["autocast_copy"]}
+    gathered = n * t["gathered_top"] if p.block is None else (t["gathered_block"] + t["forward_end"] if first else 0.0)
+    return {"gathered": gathered, "block_grads": t["block_grad"] if first else 0.0, "buckets": n * bucket,
+            "autocast": n * t["autocast_copy"]}
 
 
-def _bucket_share(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]], grad_bytes: float) -> float:
-    """Fraction of the gradients held twice at once under DDP-style bucketing (ZeRO-0/1 with dp > 1): one bucket
-    while it is flattened, i.e. min(1, bucket / gradients), with the gradients at their largest placement (a
-    linear stand-in for the min)."""
+def _bucket_share(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]], recompute: float) -> float:
+    """Fraction of the gradients held twice at once under DDP-style bucketing (ZeRO-0/1 with dp > 1), with the
+    gradients at their largest placement (a linear stand-in for the min). runtime.py flattens a bucket when its
+    last gradient arrives; buckets fill in reverse order of registration up to BUCKET_BYTES and also break where
+    the axes a gradient is reduced over change, which on a mesh with more than the dp axis is every few
+    parameters (a block's at most). When checkpointing recomputes a block, the end moment already holds that
+    block's activations (`recompute`), which a flattening does not meet: the last bucket completes when backward
+    ends, the others as their block's backward ends. So the bucket counts by what it exceeds them."""
     if ctx.dp <= 1 or ctx.memory.zero >= 2:
         return 0.0
     per = max(ctx.state_bytes_per_element, 1e-30)
-    most = sum(pg.counts[p.node.name] * max(c.state_bytes for c in costs[p.node.name]) / per * grad_bytes
-               for p in pg.owners() if p.kind == "param")
-    return min(1.0, BUCKET_BYTES / most) if most else 0.0
+    grad_bytes = state_bytes_per_element(ctx.memory, ctx.dp)["grads"]
+    first = _first_block(pg)
+    most, block = 0.0, 0.0
+    for p in pg.owners():
+        if p.kind == "param":
+            grads = pg.counts[p.node.name] * max(c.state_bytes for c in costs[p.node.name]) / per * grad_bytes
+            most += grads
+            block += grads / pg.counts[p.node.name] if p.block == first else 0.0
+    only_dp = all(d == 1 for d, a in zip(pg.degrees, pg.axis_names) if a != "dp")
+    flattened = min(BUCKET_BYTES, most if only_dp or not block else block)
+    return max(0.0, flattened - recompute) / most if most else 0.0
 
 
-def _activation_terms(p: PNode, n: int, cs: list[NodeCost], ac: str) -> list[Term]:
-    name = p.node.name
+def _activation_terms(pg: PlanGraph, ctx: CostContext, p: PNode, n: int, cs: list[NodeCost]) -> list[Term]:
+    name, ac = p.node.name, ctx.memory.ac
     if ac == "none" or p.block is None:
         return [Term(name, "activations", tuple(n * c.activation_bytes for c in cs))]
     # A checkpointed block keeps only its inputs (added by block_input_terms) and, under selective, the outputs of
-    # its weight matmuls; the block being recomputed holds its activations once; recomputation costs the forward
-    # again for every op not kept.
-    out = [Term(name, "recompute", tuple(c.activation_bytes for c in cs))]
+    # its weight matmuls; the block being recomputed holds the rest of its activations once; recomputation costs
+    # the forward again for every op not kept.
+    held = [j for j in p.saved_inputs if _kept_by_checkpoint(pg, p, j, ac)]
+    out = [Term(name, "recompute", tuple(c.activation_bytes - sum(saved_input_bytes(ctx, p, s, j) for j in held)
+                                         for c, s in zip(cs, p.strategies)))]
     if ac == "selective" and p.node.target in KEEP_UNDER_SELECTIVE:
         out.append(Term(name, "activations", tuple(n * c.out_bytes for c in cs)))
     else:
         out.append(Term(name, "recompute_s", tuple(n * c.fwd_s for c in cs)))
+    return out
+
+
+def _kept_by_checkpoint(pg: PlanGraph, p: PNode, j: int, ac: str) -> bool:
+    """Input j of p is kept across the checkpointed block anyway: it comes from outside the block (the block's
+    input) or, under selective, is a kept matmul output; recomputation does not hold a second copy."""
+    q = pg.nodes[storage_root(pg.nodes, p.inputs[j])[0]]
+    return q.block != p.block or ac == "selective" and q.kind == "op" and q.node.target in KEEP_UNDER_SELECTIVE
+
+
+def gradient_terms(pg: PlanGraph, costs: dict[str, list[NodeCost]], part: str) -> list[Term]:
+    """Gradients autograd holds in a block's backward besides its saved activations: the gradient of the block's
+    output (the residual stream's, kept until the residual add's other branch has run) and, at the block's
+    widest operation, the gradient of its output and the gradient of its input it produces. They belong to the
+    block at work: `part` is where its activations are counted at backward start (its recomputation under
+    checkpointing)."""
+    first = _first_block(pg)
+    ops = [p for p in pg.owners() if p.kind == "op" and p.block == first and p.requires_grad and p.info.out_shapes
+           and not (p.rule is not None and p.rule.moves_no_data)]
+    if not ops:
+        return []
+    users = {prod for q in pg.nodes.values() if q.block != first for prod, _ in q.inputs}
+    widest = max(ops, key=lambda p: min(c.out_bytes for c in costs[p.node.name]))
+    out = [Term(widest.node.name, part, tuple(2 * c.out_bytes for c in costs[widest.node.name]))]
+    out += [Term(p.node.name, part, tuple(c.out_bytes for c in costs[p.node.name])) for p in ops
+            if p.node.name in users]
     return out
 
 
@@ -121,7 +218,8 @@ def block_input_terms(pg: PlanGraph, ctx: CostContext) -> list[Term]:
             continue
         for prod, k in p.inputs:
             q = pg.nodes[prod]
-            if q.block == p.block or q.kind not in ("op", "input") or (p.block, prod, k) in seen:
+            if q.block == p.block or q.kind not in ("op", "input") or (p.block, prod, k) in seen or \
+                    pg.nodes[storage_root(pg.nodes, (prod, k))[0]].kind in ("param", "buffer"):
                 continue
             seen.add((p.block, prod, k))
             acc[(q.owner, k)] += 1
@@ -134,6 +232,13 @@ def block_input_terms(pg: PlanGraph, ctx: CostContext) -> list[Term]:
                        for s in q.strategies)
         out.append(Term(owner, "activations", values))
     return out
+
+
+def _block_count(pg: PlanGraph) -> int:
+    """How many repeated blocks the model has (the largest class), or distinct blocks when none repeat."""
+    if pg.block_classes:
+        return len(max(pg.block_classes, key=len))
+    return len({p.block for p in pg.nodes.values() if p.block is not None})
 
 
 def _first_block(pg: PlanGraph) -> str | None:

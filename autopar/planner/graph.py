@@ -112,20 +112,13 @@ def _count_saved_once(nodes: dict[str, PNode]) -> None:
     each saved tensor, traced back through views to the tensor that owns its storage, is counted by its producer
     when the producer saves its output, else by the first consumer that saves it (`saved_inputs` keeps only the
     inputs counted there). A consumer that saves a redistributed copy is approximated by the tensor it came from.
-    A reshape of a transposed tensor copies (torch cannot view it), so its output owns new storage."""
-    def root(key: tuple[str, int]) -> tuple[str, int]:
-        p = nodes[key[0]]
-        while p.kind == "op" and p.rule is not None and p.rule.moves_no_data and len(p.inputs) == 1 \
-                and not _copies(p, nodes):
-            key = p.inputs[0]
-            p = nodes[key[0]]
-        return key
-
+    A reshape of a transposed tensor copies (torch cannot view it), so its output owns new storage. A view of a
+    parameter or buffer (RoPE's cos/sin rows) keeps their storage, which is model state, not an activation."""
     counted: set[tuple[str, int]] = set()
     for name, p in nodes.items():
         saves = p.rule.saves if p.rule else "inputs+output"
         if p.kind == "op" and p.requires_grad and "output" in saves:
-            counted.update(root((name, k)) for k in range(len(p.info.out_shapes)))
+            counted.update(storage_root(nodes, (name, k)) for k in range(len(p.info.out_shapes)))
         elif p.kind == "op" and p.requires_grad and saves == "mask":
             counted.add((name, 1))
     for p in nodes.values():
@@ -133,11 +126,21 @@ def _count_saved_once(nodes: dict[str, PNode]) -> None:
         saves = p.rule.saves if p.rule else "inputs+output"
         saves_inputs = p.requires_grad and ("inputs" in saves or saves == "others")
         for j in p.saved_inputs if saves_inputs else ():
-            key = root(p.inputs[j])
-            if key not in counted:
+            key = storage_root(nodes, p.inputs[j])
+            if key not in counted and nodes[key[0]].kind not in ("param", "buffer"):
                 counted.add(key)
                 keep.append(j)
         p.saved_inputs = tuple(keep)
+
+
+def storage_root(nodes: dict[str, PNode], key: tuple[str, int]) -> tuple[str, int]:
+    """(node, output) whose storage the tensor `key` views: back through ops that move no data."""
+    p = nodes[key[0]]
+    while p.kind == "op" and p.rule is not None and p.rule.moves_no_data and len(p.inputs) == 1 \
+            and not _copies(p, nodes):
+        key = p.inputs[0]
+        p = nodes[key[0]]
+    return key
 
 
 _PERMUTING = ("transpose", "permute", "t", "numpy_T")

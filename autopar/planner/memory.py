@@ -55,17 +55,31 @@ def state_bytes_per_element(cfg: MemoryConfig, dp: int) -> dict[str, float]:
 
 
 def transient_bytes_per_element(cfg: MemoryConfig, dp: int) -> dict[str, float]:
-    """Per element of the parameters a transient concerns.
-    gathered_block: ZeRO-3 holds a block's gathered parameters, the next block's (prefetch) and the all-gather
-      output they are copied out of: three blocks in the compute dtype; the top-level parameters stay gathered
-      all step (FSDP2 does not reshard its root after forward).
-    block_grad: under ZeRO-2/3 the block in backward has its unsharded gradient and the reduce-scatter input it
-      is copied into: two blocks, fp32 (the reduction dtype).
+    """Per element of the parameters a transient concerns, from FSDP2's schedule (torch/distributed/fsdp/
+    _fully_shard/_fsdp_param_group.py). Gradients are reduced in fp32.
+    gathered_block: the block at work's gathered parameters (ZeRO-3; ZeRO-2 holds every block gathered, in
+      `params`).
+    forward_end: ZeRO-2's all-gather output of the last block at the end of forward: forward keeps a group's
+      output until the next copy-out (`wait_for_unshard`), the last one's until the root's post-forward.
+    prefetch: ZeRO-3's all-gather output of the next block: backward prefetches one group ahead
+      (`_backward_prefetch`) and frees the output at that group's copy-out.
+    reduce_input: under checkpointing, whose peak is inside a block's backward beside its recomputed activations,
+      the previous block's reduce-scatter input, held until this block's reduce-scatter
+      (`reduce_scatter_max_input_buffers` = 1); under ZeRO-2 that block's gathered copy is freed meanwhile.
+    gathered_top: the top-level parameters (FSDP's root) stay gathered from its pre-backward to its post-backward
+      at the end of backward (ZeRO-3; ZeRO-2 counts them in `params`), and their unsharded gradients, made by the
+      head's backward, wait there too.
+    block_grad: at a block's post-backward (no activations of it left), its unsharded gradient and the reduce-
+      scatter input it is copied into; under checkpointing this moment stays below the one in reduce_input.
     autocast_copy: autocast's bf16 copy of every weight, kept by autograd until its matmul's backward."""
     z = cfg.zero if dp > 1 else 0
     compute = BF16 if cfg.precision == "bf16" else FP32
-    return {"gathered_block": 3 * compute if z == 3 else 0.0, "gathered_top": compute if z == 3 else 0.0,
-            "block_grad": 2 * FP32 if z >= 2 else 0.0,
+    checkpointed = cfg.ac != "none"
+    reduce_input = (FP32 - (compute if z == 2 else 0.0)) if z >= 2 and checkpointed else 0.0
+    return {"gathered_block": compute if z == 3 else 0.0, "forward_end": compute if z == 2 else 0.0,
+            "prefetch": compute if z == 3 else 0.0, "reduce_input": reduce_input,
+            "gathered_top": (compute if z == 3 else 0.0) + (compute if z >= 2 else 0.0),
+            "block_grad": 2 * FP32 if z >= 2 and not checkpointed else 0.0,
             "autocast_copy": BF16 if cfg.precision == "bf16" and z <= 1 else 0.0}
 
 
