@@ -113,7 +113,7 @@ def select(info: OpInfo) -> list[Strategy1D]:
     return dim_map_strategies({d: d - (1 if d > along else 0) for d in range(rank) if d != along})
 
 
-@register(aten.cat, aten.stack, flops=no_flops)
+@register(aten.cat, aten.stack, flops=no_flops, saves="none")  # the gradient is slices of the output's: no saved tensor
 def cat(info: OpInfo) -> list[Strategy1D]:
     n = len(info.in_shapes)
     rank = len(info.in_shapes[0])
