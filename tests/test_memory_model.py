@@ -14,10 +14,10 @@ import torch
 from autopar.capture import capture
 from autopar.cost_models import axis_links, load_hardware
 from autopar.errors import PlanError
-from autopar.models import sample_inputs
+from autopar.models import build_model, parse_model_args, sample_inputs
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.registry import ModelInfo
-from autopar.planner.cost import CostContext
+from autopar.planner.cost import CostContext, edge_price, node_cost
 from autopar.planner.footprint import evaluate
 from autopar.planner.graph import build
 from autopar.planner.ilp import ShardingILP
@@ -165,3 +165,47 @@ def test_blocks_are_given_back_from_checkpointing_while_the_budget_allows():
             assert plan.predicted.step_time_s < uniform.predicted.step_time_s
             given_back.append(fraction)
     assert given_back, "no budget between full and no checkpointing let any block go uncheckpointed"
+
+
+# ---------------------------------------------------------------- saved tensors against autograd's own
+
+
+def _autograd_saved_bytes(model: torch.nn.Module, inputs) -> float:
+    """Bytes of the distinct storages autograd saves in one forward, model state (parameters, buffers) left out."""
+    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in state:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return float(sum(saved.values()))
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_saved_activations_are_what_autograd_saves(name):
+    """Every tensor autograd keeps, counted once (shared inputs, views, SDPA's output laid out for the merge of
+    heads), and nothing it does not keep (RoPE's rotate-half cat, the cos/sin tables)."""
+    model, info = build_model(name, parse_model_args("hidden=128,layers=2,seq=64"))
+    inputs = sample_inputs(info, 2, 64)
+    pg = build(capture(model, inputs), (1,), ("dp",))
+    ctx = CostContext(load_hardware("cpu"), (1,), (axis_links(load_hardware("cpu"), [("dp", 1)])["dp"],))
+    planned = sum(pg.counts[p.node.name] * node_cost(ctx, p, p.strategies[0]).activation_bytes
+                  for p in pg.owners() if p.kind == "op")
+    assert planned == pytest.approx(_autograd_saved_bytes(model, inputs), rel=0.02)
+
+
+def test_a_weight_sliced_by_rows_is_a_view_and_by_columns_a_copy():
+    """A replicated weight consumed tensor-parallel is sliced locally (codegen/collectives.py `local_chunk`): its
+    rows are a view of the parameter, kept by autograd at no cost; its columns are a copy autograd keeps."""
+    hw = load_hardware("cpu")
+    links = axis_links(hw, [("dp", 1), ("tp", 2)])
+    ctx = CostContext(hw, (1, 2), (links["dp"], links["tp"]))
+    shape, f32 = (64, 32), torch.float32
+    rows = edge_price(ctx, shape, f32, True, True, (R, R), (R, S(0)), (), True)[2]
+    cols = edge_price(ctx, shape, f32, True, True, (R, R), (R, S(1)), (), True)[2]
+    assert (rows, cols) == (0.0, 64 * 16 * 4)

@@ -161,5 +161,13 @@ def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, req
     flat = ctx.bucketed
     sync = (redistribution_time_s(flat, shape, dtype, src, dst, True, partial)
             - redistribution_time_s(flat, shape, dtype, src, dst, False))
-    held = nbytes(local_shape(shape, dst, ctx.degrees), dtype) if kept and src != dst else 0.0
+    held = nbytes(local_shape(shape, dst, ctx.degrees), dtype) if kept and not _is_view(shape, src, dst) else 0.0
     return forward, sync, held
+
+
+def _is_view(shape: tuple[int, ...], src: tuple[Placement, ...], dst: tuple[Placement, ...]) -> bool:
+    """The moved tensor shares the source's storage: no move, or only local slices (codegen/collectives.py
+    `local_chunk`: `chunk(...)[r].contiguous()`), each along a dim that only dims of size 1 precede, where a chunk
+    of a contiguous tensor is contiguous already (a weight's rows, a bias)."""
+    moves = [m for m in steps(src, dst) if m.kind != "identity"]
+    return all(m.kind == "slice" and math.prod(shape[:m.dim]) == 1 for m in moves)
