@@ -30,9 +30,10 @@ def test_plan_prints_the_mesh_and_step_time_it_saves(tmp_path, capsys):
     predicted = saved["predicted"]
     assert {"step_time_s", "memory_bytes_per_device", "tokens_per_s"} <= predicted.keys()
     degrees = saved["degrees"]
-    assert degrees["dp"] * degrees["tp"] == 4
+    assert degrees["pp"] * degrees["dp"] * degrees["tp"] == 4
     # The printed numbers are the saved ones, not a second computation.
-    assert f"dp={degrees['dp']} tp={degrees['tp']}" in out
+    pipeline = f"pp={degrees['pp']} " if degrees["pp"] > 1 else ""
+    assert f"{pipeline}dp={degrees['dp']} tp={degrees['tp']}" in out
     assert seconds(predicted["step_time_s"]) in out
     assert f"{predicted['tokens_per_s']:,.0f}" in out
     assert f"wrote the plan to {path}" in out

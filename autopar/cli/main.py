@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 
@@ -46,5 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def entry() -> None:
+    """The `autopar` command. After `autopar plan` has printed and saved everything, the process exits without
+    tearing down the interpreter: freeing the traced graphs of a large model one object at a time takes ~1 s
+    and serves nothing. Other commands (which launch ranks and own files until the end) exit normally."""
+    code = main()
+    if sys.argv[1:2] == ["plan"]:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:  # `autopar plan ... | head`: the reader left; nothing more to say
+            pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

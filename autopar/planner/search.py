@@ -320,35 +320,36 @@ def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], pr
     donor = {}
     for c in sorted(donors, key=lambda c: predicted(req, c).step_time_s):
         donor.setdefault(c.degrees["tp"], c)
-    priced = _price_all(req, trace, [d for d in meshes if d["tp"] in donor], donor, budget, meanwhile)
-    out = [c for c in priced if c is not None]
-    unsolved = [d for d in meshes if d["tp"] not in donor] + \
-        [d for d, c in zip([d for d in meshes if d["tp"] in donor], priced) if c is None]
-    if progress and out:
-        progress(f"priced {len(out)} pipeline mesh(es) with their pp=1 sharding; solving {len(unsolved)}")
-    return out + _solve_meshes(req, trace, unsolved, budget, progress, proxy)
+    priced = [c for c in _price_all(req, trace, [d for d in meshes if d["tp"] in donor], donor, budget, proxy,
+                                    meanwhile) if c is not None]
+    if progress and priced:
+        progress(f"priced {len(priced)} pipeline mesh(es), with their pp=1 sharding where it fits")
+    return priced + _solve_meshes(req, trace, [d for d in meshes if d["tp"] not in donor], budget, progress, proxy)
 
 
-def _price(req, trace, d, donor: dict[int, Candidate], budget) -> Candidate | None:
-    """Mesh d's fastest micro-batching under its donor's sharding (None: nothing fits)."""
+def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candidate | None:
+    """Mesh d's fastest micro-batching under its donor's sharding; its own ILP where none fits (None: nothing
+    does)."""
     found = [c for m in micro_batch_counts(req, d["dp"], d["pp"])
              for c in [_transferred(req, trace, d, m, donor[d["tp"]], budget)] if c is not None]
-    return min(found, key=lambda c: predicted(req, c).step_time_s) if found else None
+    if found:
+        return min(found, key=lambda c: predicted(req, c).step_time_s)
+    solved = _solve_meshes(req, trace, [d], budget, None, proxy)
+    return solved[0] if solved else None
 
 
-def _price_all(req, trace, meshes, donor, budget, meanwhile) -> list[Candidate | None]:
+def _price_all(req, trace, meshes, donor, budget, proxy, meanwhile) -> list[Candidate | None]:
     """`_price` for every mesh; in forked workers where that is safe, which return each result without its
-    planning graph (`_light`; the winner is rebuilt by `_materialized`), while `meanwhile` runs here."""
+    planning graph (the winner is rebuilt by `_materialized`), while `meanwhile` runs here. A worker takes
+    meshes of neighbouring dp, which trace the same micro-step batches (dp x 1, dp x 2)."""
     workers = min(len(meshes), os.cpu_count() or 1, 4)
-    if workers < 2 or _distributed() or "fork" not in mp.get_all_start_methods():
-        return [_price(req, trace, d, donor, budget) for d in meshes]
-    # Each worker takes meshes of neighbouring dp, which trace the same micro-step batches (dp x 1, dp x 2).
-    order = sorted(range(len(meshes)), key=lambda i: meshes[i]["dp"])
-    chunks = [order[k * len(order) // workers:(k + 1) * len(order) // workers] for k in range(workers)]
+    if workers < 2 or _forbid_fork():
+        return [_price(req, trace, d, donor, budget, proxy) for d in meshes]
+    chunks = _by_dp(meshes, workers)
     global _FORK_STATE
-    _FORK_STATE = (req, trace, budget, donor)
+    _FORK_STATE = (req, trace, budget, donor, proxy)
     try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(len(chunks), mp_context=mp.get_context("fork")) as pool:
             futures = [pool.submit(_price_worker, [meshes[i] for i in chunk]) for chunk in chunks]
             if meanwhile is not None:
                 meanwhile()
@@ -361,11 +362,28 @@ def _price_all(req, trace, meshes, donor, budget, meanwhile) -> list[Candidate |
         _FORK_STATE = None
 
 
+def _by_dp(meshes, workers: int) -> list[list[int]]:
+    """Mesh indices in `workers` chunks of about equal size, cut only between different dp (ascending)."""
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(meshes)), key=lambda i: meshes[i]["dp"]):
+        groups.setdefault(meshes[i]["dp"], []).append(i)
+    target = len(meshes) / workers
+    chunks: list[list[int]] = [[]]
+    for group in groups.values():
+        overshoot = abs(len(chunks[-1]) + len(group) - target) > abs(len(chunks[-1]) - target)
+        if chunks[-1] and overshoot and len(chunks) < workers:
+            chunks.append([])
+        chunks[-1].extend(group)
+    return chunks
+
+
 def _price_worker(meshes):
-    req, trace, budget, donor = _FORK_STATE
+    global _IN_WORKER
+    _IN_WORKER = True  # no process pools inside this one: its ILPs run here, one after another
+    req, trace, budget, donor, proxy = _FORK_STATE
     out = []
     for d in meshes:
-        c = _price(req, trace, d, donor, budget)
+        c = _price(req, trace, d, donor, budget, proxy)
         if c is not None:
             predicted(req, c)
             c.graph = None  # fx nodes stay in the worker; the parent rebuilds the graph if this candidate wins
@@ -434,7 +452,7 @@ def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
 
 def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
     workers = min(len(jobs), os.cpu_count() or 1, 4)
-    if workers < 2 or _distributed() or "fork" not in mp.get_all_start_methods():
+    if workers < 2 or _forbid_fork():
         return [_solve_one(req, trace, budget, *job) for job in jobs]
     global _FORK_STATE
     _FORK_STATE = (req, trace, budget)
@@ -446,6 +464,13 @@ def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
 
 
 _FORK_STATE = None
+_IN_WORKER = False  # set in forked workers
+
+
+def _forbid_fork() -> bool:
+    """Solve in this process: under a process group (forked children would share its sockets), inside a worker
+    already, or where fork does not exist."""
+    return _IN_WORKER or _distributed() or "fork" not in mp.get_all_start_methods()
 
 
 def _job_worker(job):
