@@ -56,15 +56,25 @@ def measure_s(fn: Callable[[], object], sync: Callable[[], None], budget_s: floa
     return statistics.median(per_call)
 
 
+MAX_CALL_S = 0.5  # a matmul size whose single call would take longer is not measured (see matmul_samples)
+
+
 def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], budget_s: float) -> list[ComputeSample]:
-    """n x n @ n x n per dtype and size: 2n^3 FLOPs, 3n^2 elements read or written."""
+    """n x n @ n x n per dtype and size: 2n^3 FLOPs, 3n^2 elements read or written. A dtype the host has no fast
+    path for (float16 on a CPU without it: ~3 GFLOP/s, a 2048^3 matmul 44 s) stops before the size whose call
+    would take more than MAX_CALL_S, judged from the last size by its n^3 work: its peak is its best throughput at
+    the sizes measured, and the profile keeps to its time budget."""
     sync, out = synchronizer(device), []
     for name in dtypes:
+        last = None
         for n in sizes:
+            if last is not None and last[1] * (n / last[0]) ** 3 > MAX_CALL_S:
+                break
             a = torch.randn(n, n, device=device).to(DTYPES[name])
             b = torch.randn(n, n, device=device).to(DTYPES[name])
             seconds = measure_s(lambda: torch.mm(a, b), sync, budget_s)
             out.append(ComputeSample("matmul", name, n, 2.0 * n**3, 3.0 * n * n * a.element_size(), seconds))
+            last = (n, seconds)
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class HardwareProfile:
     per_kind: dict[str, dict[str, LinkFit]]  # link -> collective kind -> its own fit, shown in comments
     config: ProfileConfig
     provenance: dict[str, Any]  # date, host, torch_version, backend, devices, world_size, ...
+    matmul_sizes: dict[str, list[int]] = field(default_factory=dict)  # dtype -> n measured (slow dtypes stop early)
 
     @property
     def source(self) -> str:
@@ -44,7 +45,9 @@ class HardwareProfile:
 def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: int, devices_per_node_how: str,
                   config: ProfileConfig, provenance: dict[str, Any]) -> HardwareProfile:
     """Fit the merged measurements of all ranks (median over ranks, then least squares)."""
-    compute = fit_compute(merge_ranks([r.compute for r in ranks]))
+    merged = merge_ranks([r.compute for r in ranks])
+    compute = fit_compute(merged)
+    matmul_sizes = {d: sorted({s.size for s in merged if s.op == "matmul" and s.dtype == d}) for d in DTYPES}
     comm = merge_ranks([r.comm for r in ranks])
     links = {link: fit_alpha_beta([s for s in comm if s.link == link]) for link in LINK_NAMES
              if any(s.link == link for s in comm)}
@@ -57,7 +60,7 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
     names = sorted({r.device_name for r in ranks})
     return HardwareProfile(name, f"{' + '.join(names)}, {len(ranks)} ranks", devices_per_node,
                            devices_per_node_how, compute, total, max(0, total - available), links, per_kind,
-                           config, provenance)
+                           config, provenance, matmul_sizes)
 
 
 def write_profile(profile: HardwareProfile, out: Path) -> None:
@@ -72,7 +75,9 @@ def write_profile(profile: HardwareProfile, out: Path) -> None:
 
 def render_toml(p: HardwareProfile) -> str:
     c, src = p.compute, p.source
-    sizes = f"n = {p.config.matmul_sizes[0]}..{p.config.matmul_sizes[-1]}"
+    def sizes(dtype: str) -> str:
+        n = p.matmul_sizes.get(dtype) or p.config.matmul_sizes
+        return f"n = {n[0]}..{n[-1]}"
     lines = [
         f"# Written by `{p.provenance.get('command', 'autopar profile')}`.",
         f"# {p.device}; torch {p.provenance['torch_version']}, {p.provenance['backend']}.",
@@ -87,7 +92,7 @@ def render_toml(p: HardwareProfile) -> str:
     ]
     for dtype in DTYPES:
         lines += _number(f"peak_{dtype}_flops_per_s", c.peak_flops_per_s[dtype],
-                         f"best {dtype} n x n x n matmul throughput, {sizes}", src)
+                         f"best {dtype} n x n x n matmul throughput, {sizes(dtype)}", src)
     lines += _number("matmul_efficiency", c.matmul_efficiency, "roofline fit to all those matmuls "
                      f"(rms error {c.matmul_rms_rel_error:.0%})", src)
     lines += _number("launch_overhead_s", c.launch_overhead_s, "median time of a one-element add", src)
