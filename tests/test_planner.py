@@ -49,7 +49,7 @@ def closed_form_objective(pg: PlanGraph, ctx: CostContext, choice: dict[str, int
     edge classes): compute of every node, every edge's redistribution (forward + transposed backward), and the
     parameter-gradient collectives backward cannot hide. Parameter gradients are reduced in buckets once per step,
     so their latency is not paid per parameter (ilp.py / runtime.py)."""
-    bucketed = replace(ctx, links=tuple(replace(link, latency_s=0.0) for link in ctx.links))
+    bucketed = replace(ctx, links=tuple(link.without_latency() for link in ctx.links))
     compute = bwd = exposed = sync = 0.0
     for name, p in pg.nodes.items():
         s = chosen(pg, choice, name)
@@ -301,4 +301,4 @@ def test_batch_not_divisible_by_any_dp_raises_mesh_error():
 def test_planning_after_an_in_process_solve_still_finds_a_plan(mlp_captured):
     _solve(mlp_captured, (1, 4))  # any earlier plan in this process, e.g. a pinned (single-mesh) make_plan
     plan = make_plan("gpt-tiny", devices=4, hardware="cpu", batch=4)  # 3 meshes: solved in forked workers
-    assert 1 + sum(a["degrees"]["pp"] == 1 for a in plan.alternatives) == 3
+    assert sum(d["pp"] == 1 for d in [plan.degrees, *(a["degrees"] for a in plan.alternatives)]) == 3

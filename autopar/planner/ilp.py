@@ -21,6 +21,9 @@ Edges whose producer or consumer has a single placement need no y: their cost fo
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -200,7 +203,8 @@ class ShardingILP:
     def solve(self, time_limit_s: float = 30.0, threads: int = 1) -> Solution | None:
         solver = _solver(time_limit_s, threads)
         t0 = time.perf_counter()
-        self.prob.solve(solver)
+        with _quiet_stdout():
+            self.prob.solve(solver)
         elapsed = time.perf_counter() - t0
         status = pulp.LpStatus[self.prob.status]
         timed_out_with_incumbent = status == "Not Solved" and _has_values(self.x)
@@ -212,6 +216,21 @@ class ShardingILP:
             choice[owner] = max(range(len(vals)), key=vals.__getitem__)
         return Solution(choice, status, float(pulp.value(self.prob.objective) or 0.0), elapsed,
                         self.prob.numVariables(), self.prob.numConstraints())
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS prints its banner to file descriptor 1 when pulp creates it, before `msg=False` can turn logging
+    off; the planner's output (and JSON piped from it) should not carry it."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _unit(owner: str, part: str) -> float:
