@@ -177,7 +177,7 @@ class Pipeline:
         # torch's own rules for m and the stage count, checked at compile time on stages without metadata; the
         # first step builds the schedule it runs (see the class docstring)
         self._make_schedule([_stage(s, s.index, self.n, self.device, group=self.group) for s in self.modules])
-        self.schedule = None
+        self.schedule, self.stages = None, []
         self.shared = _shared_groups(mesh, shared)
 
     def _make_schedule(self, stages: list):
@@ -196,11 +196,17 @@ class Pipeline:
     def step(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward of every micro-batch; returns their mean loss, the same on every rank."""
         if self.schedule is None:
-            self.schedule = self._make_schedule(self._probe([x.tensor_split(self.m)[0] for x in inputs]))
+            self.stages = self._probe([x.tensor_split(self.m)[0] for x in inputs])
+            self.schedule = self._make_schedule(self.stages)
         losses: list[torch.Tensor] = []
         # The loss is computed inside the last stage; the schedule still wants a target per micro-batch.
         placeholder = torch.zeros(self.m, device=self.device)
         self.schedule.step(*inputs, target=placeholder, losses=losses, return_outputs=False)
+        for stage in self.stages:
+            # Backward leaves each received activation's gradient on its receive buffer (autograd accumulates into
+            # leaves) after sending it; torch frees them at the next step's start (clear_runtime_states), which
+            # would keep m of them per stage through the optimizer step. Every send has been waited for here.
+            stage.clear_runtime_states()
         loss = torch.stack([x.detach().float() for x in losses]).mean() if losses else \
             torch.zeros((), device=self.device)
         dist.broadcast(loss, group=self.group, group_src=(self.n - 1) % self.pp)

@@ -209,3 +209,25 @@ def test_a_weight_sliced_by_rows_is_a_view_and_by_columns_a_copy():
     rows = edge_price(ctx, shape, f32, True, True, (R, R), (R, S(0)), (), True)[2]
     cols = edge_price(ctx, shape, f32, True, True, (R, R), (R, S(1)), (), True)[2]
     assert (rows, cols) == (0.0, 64 * 16 * 4)
+
+
+def test_a_forward_without_backward_frees_its_saved_tensors():
+    """The compiled forward runs under regather_saved()'s saved-tensor hook. A pack hook that keeps the live tensor
+    makes a saved output and its grad_fn own each other through C++, which gc cannot collect: the pipeline's probe
+    forward (no backward) and zero-bubble's input pass (retain_graph=True) leaked every micro-batch's activations."""
+    import gc
+    import weakref
+
+    from autopar.codegen.regather import regather_saved
+
+    x = torch.randn(4, 4, requires_grad=True)
+    with regather_saved():
+        y = x.exp()  # exp saves its output
+    alive = weakref.ref(y)
+    del y
+    gc.collect()
+    assert alive() is None
+    with regather_saved():
+        loss = x.exp().sum()
+    loss.backward()  # unpacking still gives autograd what it saved
+    assert torch.allclose(x.grad, x.exp().detach())

@@ -55,6 +55,22 @@ def test_rank_memory_scales_activations_by_micro_batches_in_flight():
     assert rank_memory(pcs, [last], 1.0) == {"params": 20 + 2 * 100, "activations": 2 + 2 * 5}
 
 
+def test_rank_memory_counts_pipelinings_receive_buffers_and_input_gradients():
+    """torch's PipelineStage allocates a receive buffer per micro-batch for activations (every stage but the first)
+    and for output gradients (every stage but the last); a received activation's gradient stays on its buffer
+    until the step ends. The in-flight micro-batches' received activations are already saved activations."""
+    pcs = Pieces(time_s={"pre": 0, "block": 1, "post": 0}, fwd_s={}, recompute_s={}, sync_s={},
+                 memory={side: {"activations": 1.0} for side in ("pre", "block", "post")}, p2p_bytes=7.0, blocks=4)
+    first, last = stages_of([2, 2], 2)
+    m = 8
+    assert rank_memory(pcs, [first], 2.0, m)["p2p_buffers"] == m * 7  # gradients in only
+    assert "p2p_grads" not in rank_memory(pcs, [first], 2.0, m)  # its inputs are the model's: no gradient
+    assert rank_memory(pcs, [last], 1.0, m)["p2p_buffers"] == (m - 1) * 7  # activations in, one already counted
+    assert rank_memory(pcs, [last], 1.0, m)["p2p_grads"] == m * 7
+    middle = stages_of([1, 1, 2], 3)[1]  # both ways; GPipe keeps all m in flight, so its inputs are activations
+    assert rank_memory(pcs, [middle], float(m), m)["p2p_buffers"] == m * 7
+
+
 # ---------------------------------------------------------------- the planner
 
 

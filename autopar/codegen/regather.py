@@ -42,9 +42,14 @@ def remember(gathered: torch.Tensor, shard: torch.Tensor, dim: int, group) -> No
 
 
 def _pack(t: torch.Tensor):
+    """Detached, never `t` itself: a pack hook receives the live tensor with its grad_fn, and for a saved output
+    that grad_fn owns the SavedVariable holding what pack returns, a cycle through C++ that gc cannot see. A
+    backward with retain_graph=False breaks it; a graph without backward (the pipeline's probe) or freed after
+    retain_graph=True (zero-bubble's input-gradient pass, torch's stage_backward_input) would keep every saved
+    tensor of the micro-batch for good (pytorch/pytorch#115255, #189025). Unpacking re-attaches the grad_fn."""
     entry = _GATHERED.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
     if entry is None or entry.gathered() is None:
-        return t
+        return t.detach()
     return entry, t.size(), t.stride(), t.storage_offset()
 
 

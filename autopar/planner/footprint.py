@@ -30,8 +30,9 @@ from autopar.runtime import BUCKET_BYTES
 PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gathered": ("start", "end"),
           "block_grads": ("end",),
           "activations": ("start",), "inputs": ("start",), "recompute": ("start", "end"), "autocast": ("start",),
-          "grads": ("end",), "buckets": ("end",)}
-PARTS = tuple(PHASES)
+          "grads": ("end",), "buckets": ("end",),
+          "p2p_buffers": ("start", "end"), "p2p_grads": ("end",)}  # pipelines only (planner/pipeline.py)
+PARTS = tuple(k for k in PHASES if not k.startswith("p2p_"))  # every plan's; a pipeline's rank adds the p2p ones
 ONE_BLOCK_PARTS = ("gathered", "recompute")  # concern the block at work, not every block
 
 

@@ -132,8 +132,8 @@ def stage_fwd(pieces: Pieces, stage: Stage) -> float:
     return t + (pieces.fwd_s["pre"] if stage.first else 0.0) + (pieces.fwd_s["post"] if stage.last else 0.0)
 
 
-def rank_memory(pieces: Pieces, stages: list[Stage], flight: float) -> dict[str, float]:
-    """Bytes per part on the rank holding `stages`, with `flight` micro-batches of activations in flight."""
+def rank_memory(pieces: Pieces, stages: list[Stage], flight: float, m: int = 1) -> dict[str, float]:
+    """Bytes per part on the rank holding `stages`, with `flight` micro-batches of activations in flight, of m."""
     n = sum(len(s.blocks) for s in stages)
     sides = [("block", n)] + [("pre", 1)] * any(s.first for s in stages) + [("post", 1)] * any(s.last for s in stages)
     parts: dict[str, float] = {}
@@ -142,7 +142,23 @@ def rank_memory(pieces: Pieces, stages: list[Stage], flight: float) -> dict[str,
             scale = 1.0 if part in STATE or part in ONE_BLOCK else flight
             times = (1 if n else 0) if side == "block" and part in ONE_BLOCK else count
             parts[part] = parts.get(part, 0.0) + v * scale * times
+    parts.update({k: v for k, v in p2p_memory(pieces.p2p_bytes, stages, flight, m).items() if v})
     return parts
+
+
+def p2p_memory(boundary: float, stages: list[Stage], flight: float, m: int) -> dict[str, float]:
+    """What torch.distributed.pipelining holds for the stage boundaries (`boundary` bytes per micro-batch, each way).
+
+    p2p_buffers: a receive buffer per micro-batch, allocated once and kept by the stage: activations into every
+    stage but the first (stage.py `_prepare_forward_infra`: `args_recv_info[chunk]` for chunk in range(m)), output
+    gradients into every stage but the last (`_setup_backward_recv_info`). A received activation is the stage's
+    input, saved by its first operator: for the `flight` micro-batches in flight it is already in `activations`.
+    p2p_grads: backward leaves each received activation's gradient on its buffer after sending it (autograd
+    accumulates into the leaf); the runtime frees them after the step (autopar/pipeline.py), so all m exist at
+    backward end."""
+    receives = sum(not s.first for s in stages)
+    buffers = boundary * (receives * (m - min(flight, m)) + sum(not s.last for s in stages) * m)
+    return {"p2p_buffers": buffers, "p2p_grads": boundary * receives * m}
 
 
 def rank_sync(pieces: Pieces, stages: list[Stage]) -> float:

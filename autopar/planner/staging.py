@@ -181,7 +181,7 @@ def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, bu
     flight = [in_flight(schedule, p, m, v, r) for r in range(p)]
     key = (S, tuple(flight) if v == 1 else None)  # interleaved cuts ignore memory: one cut per v
     if key not in cuts:
-        cuts[key] = _cut(pcs, p, S, flight if v == 1 else None, budget)
+        cuts[key] = _cut(pcs, p, S, flight if v == 1 else None, budget, m)
     if cuts[key] is None:
         return None
     stages = stages_of(cuts[key], p)
@@ -195,13 +195,13 @@ def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, bu
     exposed = sync if c.memory.zero < 2 else max(0.0, sync - backward_window)
     memory, peak_at = [], []
     for r, ss in enumerate(mine):
-        moment, at = peak(rank_memory(pcs, ss, flight[r]), m)
+        moment, at = peak(rank_memory(pcs, ss, flight[r], m), m)
         memory.append(at)
         peak_at.append(f"backward {moment}")
     return Layout(schedule, v, stages, total + p2p + exposed, bubble, p2p, exposed, rank_s, memory, peak_at)
 
 
-def _cut(pcs: Pieces, p: int, S: int, flight: list[float] | None, budget: float) -> list[int] | None:
+def _cut(pcs: Pieces, p: int, S: int, flight: list[float] | None, budget: float, m: int = 1) -> list[int] | None:
     """The stage cut: fastest slowest stage, each stage within the budget when `flight` is given (one stage per
     rank); if no cut fits, the fastest one (the caller reports the memory). A stage never needs more blocks than
     the even cut plus what the embedding or head costs in blocks, so sizes stop there."""
@@ -215,7 +215,7 @@ def _cut(pcs: Pieces, p: int, S: int, flight: list[float] | None, budget: float)
         base, per = stage_time(pcs, st0), stage_time(pcs, st1) - stage_time(pcs, st0)
         cost = np.where(n <= most, base + per * n, np.inf)
         if check and flight is not None:
-            m0, m1 = (sum(rank_memory(pcs, [st], flight[s]).values()) for st in (st0, st1))
+            m0, m1 = (sum(rank_memory(pcs, [st], flight[s], m).values()) for st in (st0, st1))
             cost = np.where(m0 + (m1 - m0) * n <= budget, cost, np.inf)
         return cost
 
