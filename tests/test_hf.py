@@ -45,7 +45,7 @@ def test_hf_model_plans_on_4_devices_with_a_rule_for_every_op(model, tmp_path, c
     _, err = capsys.readouterr()
     assert code == 0, err
     plan = json.loads(path.read_text())
-    assert plan["degrees"]["dp"] * plan["degrees"]["tp"] == 4
+    assert plan["degrees"]["pp"] * plan["degrees"]["dp"] * plan["degrees"]["tp"] == 4
     # The mask ops HF emits (index, cumsum, diff, new_ones, __and__) are sharded by rules, not replicated.
     assert plan["fallback_ops"] == {}
     ops = {d["op"] for d in plan["strategies"].values()}
