@@ -45,6 +45,16 @@ def test_partition_balances_blocks_around_the_embedding_and_head():
     assert partition(blocks, 4, full) is None  # at most one block fits per stage: no cut of 8 into 4
 
 
+def test_every_stage_holds_a_block_even_when_an_empty_one_looks_cheaper():
+    """A head that outweighs every block once made the DP leave the last stage empty (llama-tiny, 2 layers,
+    pp=2: stages [[layers.0, layers.1], []], refused by the runtime)."""
+    head_heavy = lambda s: np.arange(3) * 1.0 + (10.0 if s == 1 else 0.0)  # noqa: E731
+    assert partition(2, 2, head_heavy) == [1, 1]
+    assert partition(1, 2, head_heavy) is None  # fewer blocks than stages: no cut
+    plan = make_plan("llama-tiny", devices=2, hardware="cpu", batch=8, fix={"pp": 2})
+    assert all(plan.stages) and len(plan.stages) == 2 * plan.virtual_stages
+
+
 def test_rank_memory_scales_activations_by_micro_batches_in_flight():
     pcs = Pieces(time_s={"pre": 0, "block": 1, "post": 0}, fwd_s={}, recompute_s={}, sync_s={},
                  memory={"pre": {"params": 10.0, "activations": 1.0}, "block": {"params": 100.0, "activations": 5.0},

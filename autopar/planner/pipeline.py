@@ -90,16 +90,17 @@ def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
 
 def partition(blocks: int, stages: int, cost_row) -> list[int] | None:
     """Blocks per stage (contiguous, in order) minimising the largest stage cost; `cost_row(s)` prices stage s
-    holding n = 0..blocks blocks (an array; inf where it does not fit its memory). Dynamic programming over
-    (stage, blocks so far): best[s][j] = min over n of max(best[s-1][j-n], cost(s-1, n)), vectorised over j.
-    None when no cut fits."""
+    holding n = 0..blocks blocks (an array; inf where it does not fit its memory). Every stage holds at least
+    one block (the runtime builds a stage module per stage; an empty one would only pass tensors on). Dynamic
+    programming over (stage, blocks so far): best[s][j] = min over n >= 1 of max(best[s-1][j-n], cost(s-1, n)),
+    vectorised over j. None when no cut fits."""
     best = np.full(blocks + 1, np.inf)
     best[0] = 0.0
     cuts = np.zeros((stages, blocks + 1), dtype=np.int64)
     for s in range(stages):
         row = np.asarray(cost_row(s), dtype=float)
         new = np.full(blocks + 1, np.inf)
-        for n in np.flatnonzero(np.isfinite(row)):
+        for n in np.flatnonzero(np.isfinite(row[1:])) + 1:
             cand = np.maximum(best[: blocks + 1 - n], row[n])
             better = cand < new[n:]
             new[n:][better] = cand[better]
