@@ -139,6 +139,7 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
                         f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
     flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy)
             if c.solution is not None]
+
     def ahead():  # the full trace the flat front-runner will need, taken while workers price pipelines
         if proxy is not None and flat:
             full_trace(req.batch // min(flat, key=lambda c: predicted(req, c).step_time_s).micro_batches)
@@ -455,7 +456,7 @@ def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
     if workers < 2 or _forbid_fork():
         return [_solve_one(req, trace, budget, *job) for job in jobs]
     global _FORK_STATE
-    _FORK_STATE = (req, trace, budget)
+    _FORK_STATE = (req, trace, budget, None, None)
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             return list(pool.map(_job_worker, jobs))
@@ -463,7 +464,7 @@ def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
         _FORK_STATE = None
 
 
-_FORK_STATE = None
+_FORK_STATE = None  # (req, trace, budget, donors, proxy) for forked workers; the last two for pricing only
 _IN_WORKER = False  # set in forked workers
 
 
@@ -474,7 +475,7 @@ def _forbid_fork() -> bool:
 
 
 def _job_worker(job):
-    req, trace, budget = _FORK_STATE[:3]
+    req, trace, budget, _, _ = _FORK_STATE
     return _solve_one(req, trace, budget, *job)
 
 
