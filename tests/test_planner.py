@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
 
 import pytest
 
@@ -49,7 +48,7 @@ def closed_form_objective(pg: PlanGraph, ctx: CostContext, choice: dict[str, int
     edge classes): compute of every node, every edge's redistribution (forward + transposed backward), and the
     parameter-gradient collectives backward cannot hide. Parameter gradients are reduced in buckets once per step,
     so their latency is not paid per parameter (ilp.py / runtime.py)."""
-    bucketed = replace(ctx, links=tuple(link.without_latency() for link in ctx.links))
+    bucketed = ctx.bucketed
     compute = bwd = exposed = sync = 0.0
     for name, p in pg.nodes.items():
         s = chosen(pg, choice, name)

@@ -185,8 +185,10 @@ def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, caps
     assert "[3/3] intra_node collectives" in proc.stdout and f"wrote {out}" in proc.stdout
     hw = load_hardware(out)
     assert hw.name == "here" and hw.provenance["world_size"] == 2 and hw.provenance["backend"] == "gloo"
-    assert set(numeric_fields()) <= set(hw.sources)
     assert set(hw.intra_node.kinds) == set(COLLECTIVES)  # each collective fitted alone
+    per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
+                      for f in ("latency_s", "bandwidth_bytes_per_s")}
+    assert set(hw.sources) == set(numeric_fields()) | per_collective
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
     assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0
     assert "predicted step time" in capsys.readouterr().out

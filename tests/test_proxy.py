@@ -75,9 +75,8 @@ def _spy_full_depth(real, solves, before):
     return spy
 
 
-def test_by_position_refuses_graphs_that_differ(monkeypatch):
+def test_by_position_refuses_graphs_that_differ():
     """Owners that do not pair up (another model's graph) give None: the caller solves the ILP instead."""
-    shallow, _ = _both(monkeypatch, {"dp": 2, "tp": 2})
     req = S.SearchRequest(model="gpt", n_params=1, hardware=planning.load_hardware("cpu"), devices=4, batch=8,
                           seq=32, fix={"dp": 2, "tp": 2})
     mine = _candidate_for(req, MODEL_ARGS)
