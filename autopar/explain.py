@@ -14,7 +14,8 @@ from autopar.errors import AutoparError
 from autopar.plan import Plan, Prediction
 
 PARTS = {"compute_s": "compute", "exposed_comm_s": "exposed communication",
-         "grad_sync_exposed_s": "exposed gradient sync", "recompute_s": "recomputation"}
+         "grad_sync_exposed_s": "exposed gradient sync", "recompute_s": "recomputation",
+         "optimizer_s": "optimizer step"}
 
 
 @dataclass(frozen=True)

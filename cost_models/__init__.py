@@ -4,7 +4,7 @@ The planner prices every candidate strategy with these three functions and nothi
 new TOML file under `cost_models/hardware/`, not new code.
 """
 
-from .comm import COLLECTIVES, axis_links, collective_time_s
+from .comm import COLLECTIVES, axis_links, collective_time_s, exposed_s
 from .compute import op_time_s
 from .hardware import Hardware, Link, available_hardware, load_hardware
 
@@ -15,6 +15,7 @@ __all__ = [
     "available_hardware",
     "axis_links",
     "collective_time_s",
+    "exposed_s",
     "load_hardware",
     "op_time_s",
 ]

@@ -43,6 +43,14 @@ def collective_time_s(kind: str, nbytes: float, group_size: int, link: Link) -> 
     return (n - 1) * alpha + (n - 1) / n * transfer_s
 
 
+def exposed_s(hw: Hardware, comm_s: float, compute_s: float) -> float:
+    """Seconds of `comm_s` of collectives left on the critical path when they run beside `compute_s` of compute:
+    the hardware's `comm_overlap` share of the compute hides comm, and the rest of the comm is exposed (at
+    overlap 1 that is max(0, comm - compute); at 0, all of it)."""
+    f = hw.comm_overlap
+    return max(0.0, comm_s - f * compute_s, (1.0 - f) * comm_s)
+
+
 def axis_links(hw: Hardware, degrees: Sequence[tuple[str, int]]) -> dict[str, Link]:
     """The link each mesh axis's collectives cross, for axes listed outermost first (row-major rank layout).
 

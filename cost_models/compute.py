@@ -9,6 +9,12 @@ peak times `matmul_efficiency`. Every other op runs on the vector units, whose c
 input dtype: PyTorch's elementwise and reduction kernels compute in float32 "opmath" even for bfloat16/float16
 (aten/src/ATen/OpMathType.h). That also lets integer and bool ops (index, masks) be costed; their compute term is
 negligible next to their memory term, so no per-dtype vector peak is needed.
+
+Two optional ceilings refine this where a profile measured them (hardware.py): fused attention (SDPA) at its own
+`attention_efficiency` of the matmul peak, and transcendental ops (gelu, silu, softmax's exp, ...) at
+`transcendental_per_s` evaluations per second, which binds on a CPU (~0.4e9/s per core for erf-based GELU) and never
+on a GPU, where special-function units outrun memory. Both are fitted to forward + backward together, as the
+planner prices backward at twice the forward.
 """
 
 from __future__ import annotations
@@ -18,18 +24,29 @@ from typing import Any
 from .hardware import Hardware
 
 
-def op_time_s(hw: Hardware, flops: float, bytes_moved: float, dtype: Any, is_matmul: bool) -> float:
-    """Seconds for one op moving `bytes_moved` bytes to/from device memory and doing `flops` floating-point ops.
+UNITS = ("vector", "matmul", "attention", "transcendental")
+
+
+def op_time_s(hw: Hardware, flops: float, bytes_moved: float, dtype: Any, unit: str = "vector",
+              transcendentals: float = 0.0) -> float:
+    """Seconds for one op moving `bytes_moved` bytes to/from device memory and doing `flops` floating-point ops,
+    `transcendentals` of them evaluations of exp, erf, tanh and the like, on the given unit (UNITS).
 
     Zero work (views, reshapes that alias their input) costs nothing, not even a launch: no kernel runs.
     """
-    if flops < 0 or bytes_moved < 0:
-        raise ValueError(f"op_time_s needs flops >= 0 and bytes_moved >= 0, got {flops} and {bytes_moved}")
+    if flops < 0 or bytes_moved < 0 or transcendentals < 0:
+        raise ValueError(f"op_time_s needs flops, bytes_moved and transcendentals >= 0, got {flops}, "
+                         f"{bytes_moved} and {transcendentals}")
+    if unit not in UNITS:
+        raise ValueError(f"op_time_s: unit must be one of {UNITS}, got {unit!r}")
     if flops == 0 and bytes_moved == 0:
         return 0.0
-    if is_matmul:
+    if unit == "matmul":
         flops_per_s = hw.peak_flops(dtype) * hw.matmul_efficiency
+    elif unit == "attention":
+        flops_per_s = hw.peak_flops(dtype) * (hw.attention_efficiency or hw.matmul_efficiency)
     else:
         flops_per_s = hw.peak_flops("float32")
     bytes_per_s = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
-    return max(flops / flops_per_s, bytes_moved / bytes_per_s) + hw.launch_overhead_s
+    special = transcendentals / hw.transcendental_per_s if unit == "transcendental" else 0.0
+    return max(flops / flops_per_s, bytes_moved / bytes_per_s, special) + hw.launch_overhead_s

@@ -7,7 +7,8 @@ that use the numbers live in `compute.py` (roofline) and `comm.py` (alpha-beta c
 Schema (version 1), one table per concern:
 
     schema_version, name, device, devices_per_node, source          top level
-    [compute]          peak_{bfloat16,float16,float32}_flops_per_s, matmul_efficiency, launch_overhead_s
+    [compute]          peak_{bfloat16,float16,float32}_flops_per_s, matmul_efficiency, launch_overhead_s;
+                       optional: attention_efficiency, transcendental_per_s, comm_overlap (see Hardware)
     [memory]           capacity_bytes, reserve_bytes, bandwidth_bytes_per_s, efficiency
     [links.intra_node] latency_s, bandwidth_bytes_per_s
     [links.inter_node] latency_s, bandwidth_bytes_per_s
@@ -82,10 +83,21 @@ class Hardware:
     intra_node: Link
     inter_node: Link
     source: str  # provenance of the numbers
+    # Optional (a file may leave them out; the default is what the cost model assumed before they existed):
+    # fused attention's fraction of peak, forward and backward together (None: matmul_efficiency);
+    attention_efficiency: float | None = None
+    # transcendental evaluations per second (gelu, silu, exp in softmax...), forward and backward together,
+    # an extra ceiling on those ops beside compute and memory (inf: none: a GPU's special-function units outrun
+    # its memory on them);
+    transcendental_per_s: float = math.inf
+    # the fraction of a collective's time that compute running at the same time hides (1: all of it, as with
+    # NCCL on its own stream; on a CPU the collective needs the cores the compute is using).
+    comm_overlap: float = 1.0
     # Dotted field name ("compute.matmul_efficiency") -> where that number comes from; and the profile run that
     # wrote the file, if any. Neither changes a cost, so neither takes part in equality or hashing.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     provenance: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    fields: frozenset[str] = field(default=frozenset(), compare=False, hash=False)  # dotted numbers in the file
 
     def peak_flops(self, dtype: Any) -> float:
         """Dense peak FLOP/s for `dtype`: "float32", "torch.float32" or a torch.dtype (str() gives "torch.x")."""
@@ -147,6 +159,10 @@ def _text(value: Any) -> str:
 TEXT = _Kind("a non-empty string", _text, dimensional=False)
 COUNT = _Kind("a whole number >= 1", _whole(1), dimensional=False)
 FRACTION = _Kind("a number in (0, 1]", _bounded(0.0, strict=True, high=1.0), dimensional=False)
+OPTIONAL_FRACTION = _Kind("a number in (0, 1]", _bounded(0.0, strict=True, high=1.0), dimensional=False,
+                          optional=True)
+OPTIONAL_SHARE = _Kind("a number in [0, 1]", _bounded(0.0, strict=False, high=1.0), dimensional=False, optional=True)
+OPTIONAL_POSITIVE = _Kind("a number > 0", _bounded(0.0, strict=True), dimensional=True, optional=True)
 POSITIVE = _Kind("a number > 0", _bounded(0.0, strict=True), dimensional=True)
 NONNEGATIVE = _Kind("a number >= 0", _bounded(0.0, strict=False), dimensional=True)
 BYTES = _Kind("a whole number of bytes > 0", _whole(1), dimensional=True)
@@ -154,7 +170,8 @@ NONNEGATIVE_BYTES = _Kind("a whole number of bytes >= 0", _whole(0), dimensional
 SOURCE = _Kind("a non-empty string citing a datasheet, paper or profile run", _text, dimensional=False, optional=True)
 OPTIONAL_TEXT = _Kind("a non-empty string", _text, dimensional=False, optional=True)
 OPTIONAL_COUNT = _Kind("a whole number >= 1", _whole(1), dimensional=False, optional=True)
-NUMERIC_KINDS = (COUNT, FRACTION, POSITIVE, NONNEGATIVE, BYTES, NONNEGATIVE_BYTES)
+NUMERIC_KINDS = (COUNT, FRACTION, POSITIVE, NONNEGATIVE, BYTES, NONNEGATIVE_BYTES, OPTIONAL_FRACTION, OPTIONAL_SHARE,
+                 OPTIONAL_POSITIVE)
 
 
 def _with_sources(table: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -186,6 +203,9 @@ SCHEMA: dict[str, Any] = {
         **{f"peak_{dtype}_flops_per_s": POSITIVE for dtype in DTYPES},
         "matmul_efficiency": FRACTION,
         "launch_overhead_s": NONNEGATIVE,
+        "attention_efficiency": OPTIONAL_FRACTION,
+        "transcendental_per_s": OPTIONAL_POSITIVE,
+        "comm_overlap": OPTIONAL_SHARE,
     }),
     "memory": _with_sources({
         "capacity_bytes": BYTES,
@@ -199,12 +219,12 @@ SCHEMA: dict[str, Any] = {
 
 
 def numeric_fields(schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> list[str]:
-    """Dotted names of every number a hardware file must cite a source for (all but schema_version)."""
+    """Dotted names of every number a hardware file must hold (all but schema_version and the optional ones)."""
     names = []
     for key, kind in schema.items():
         if isinstance(kind, dict):
             names += [] if prefix + key in OPTIONAL_TABLES else numeric_fields(kind, f"{prefix}{key}.")
-        elif kind in NUMERIC_KINDS and key != "schema_version":
+        elif kind in NUMERIC_KINDS and not kind.optional and key != "schema_version":
             names.append(prefix + key)
     return names
 
@@ -370,11 +390,15 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         matmul_efficiency=compute["matmul_efficiency"],
         memory_efficiency=memory["efficiency"],
         launch_overhead_s=compute["launch_overhead_s"],
+        attention_efficiency=compute.get("attention_efficiency"),
+        transcendental_per_s=compute.get("transcendental_per_s", math.inf),
+        comm_overlap=compute.get("comm_overlap", 1.0),
         intra_node=_link("intra_node", links["intra_node"]),
         inter_node=_link("inter_node", links["inter_node"]),
         source=v["source"],
         sources=_sources(v),
         provenance=dict(v.get("provenance", {})),
+        fields=frozenset(_numbers(v)),
     )
 
 
@@ -382,6 +406,17 @@ def _link(name: str, table: Mapping[str, Any]) -> Link:
     kinds = {k: (table[k]["latency_s"], table[k]["bandwidth_bytes_per_s"]) for k in COLLECTIVES if k in table}
     return Link(name=name, latency_s=table["latency_s"], bandwidth_bytes_per_s=table["bandwidth_bytes_per_s"],
                 kinds=kinds)
+
+
+def _numbers(v: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the numbers in a checked file (schema_version aside): the ones that must cite a source."""
+    out: list[str] = []
+    for key, x in v.items():
+        if isinstance(x, dict):
+            out += [] if key == "provenance" else _numbers(x, f"{prefix}{key}.")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) and key != "schema_version":
+            out.append(prefix + key)
+    return out
 
 
 def _sources(v: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -74,9 +74,17 @@ FlopFn = Callable[[Sequence[Shape], Sequence[Shape], OpInfo], float]
 class OpRule:
     strategies: RuleFn
     flops: FlopFn  # FLOPs of the forward op evaluated on the given (local) shapes
-    is_matmul: bool = False  # priced at matmul efficiency
+    unit: str = "vector"  # what bounds it (cost_models/compute.py UNITS): "matmul", "attention", "transcendental"
+    # (one exp/erf/tanh... per element of its first input), or "vector" (arithmetic or memory)
     saves: str = "inputs"  # kept for backward: "inputs" (consumed activations), "output", "inputs+output", "mask"
     # (dropout's boolean mask), "others" (an input only when another input needs a gradient: mul), "none"
+
+    @property
+    def is_matmul(self) -> bool:
+        return self.unit in ("matmul", "attention")
+
+    def transcendentals(self, ins: Sequence[Shape]) -> float:
+        return float(numel(ins[0])) if self.unit == "transcendental" and ins else 0.0
 
     @property
     def moves_no_data(self) -> bool:
@@ -99,12 +107,12 @@ def no_flops(ins: Sequence[Shape], outs: Sequence[Shape], info: OpInfo) -> float
     return 0.0
 
 
-def register(*ops, flops: FlopFn = elementwise_flops, is_matmul: bool = False, saves: str = "inputs"):
+def register(*ops, flops: FlopFn = elementwise_flops, unit: str = "vector", saves: str = "inputs"):
     """Decorator: register a single-axis rule for aten ops (OpOverloadPacket covers every overload)."""
 
     def wrap(fn: RuleFn) -> RuleFn:
         for op in ops:
-            RULES[op] = OpRule(fn, flops, is_matmul, saves)
+            RULES[op] = OpRule(fn, flops, unit, saves)
         return fn
 
     return wrap

@@ -58,7 +58,7 @@ def _linear_spec(x_rank: int) -> str:
     return f"{batch}k,nk->{batch}n"
 
 
-@register(aten.linear, is_matmul=True, flops=lambda ins, outs, info: einsum_flops(_linear_spec(len(ins[0])), ins[:2]))
+@register(aten.linear, unit="matmul", flops=lambda ins, outs, info: einsum_flops(_linear_spec(len(ins[0])), ins[:2]))
 def linear(info: OpInfo) -> list[Strategy1D]:
     spec = _linear_spec(len(info.in_shapes[0]))
     strategies = einsum_rule(spec)
@@ -67,17 +67,17 @@ def linear(info: OpInfo) -> list[Strategy1D]:
     return strategies
 
 
-@register(aten.mm, is_matmul=True, flops=lambda ins, outs, info: einsum_flops("mk,kn->mn", ins))
+@register(aten.mm, unit="matmul", flops=lambda ins, outs, info: einsum_flops("mk,kn->mn", ins))
 def mm(info: OpInfo) -> list[Strategy1D]:
     return einsum_rule("mk,kn->mn")
 
 
-@register(aten.addmm, is_matmul=True, flops=lambda ins, outs, info: einsum_flops("mk,kn->mn", ins[1:]))
+@register(aten.addmm, unit="matmul", flops=lambda ins, outs, info: einsum_flops("mk,kn->mn", ins[1:]))
 def addmm(info: OpInfo) -> list[Strategy1D]:
     return _with_bias(einsum_rule("mk,kn->mn"), 2, len(info.in_shapes[0]), bias_first=True)
 
 
-@register(aten.bmm, is_matmul=True, flops=lambda ins, outs, info: einsum_flops("bmk,bkn->bmn", ins))
+@register(aten.bmm, unit="matmul", flops=lambda ins, outs, info: einsum_flops("bmk,bkn->bmn", ins))
 def bmm(info: OpInfo) -> list[Strategy1D]:
     return einsum_rule("bmk,bkn->bmn")
 
@@ -97,7 +97,7 @@ def _matmul_flops(ins, outs, info: OpInfo) -> float:
     return 2.0 * math.prod(outs[0]) * k
 
 
-@register(aten.matmul, is_matmul=True, flops=_matmul_flops)
+@register(aten.matmul, unit="matmul", flops=_matmul_flops)
 def matmul(info: OpInfo) -> list[Strategy1D]:
     (a, b), (o,) = info.in_shapes, info.out_shapes
     spec = _matmul_spec(len(a), len(b), len(o))
@@ -113,7 +113,7 @@ def _einsum_equation(info: OpInfo) -> str | None:
     return eq
 
 
-@register(aten.einsum, is_matmul=True,
+@register(aten.einsum, unit="matmul",
           flops=lambda ins, outs, info: einsum_flops(_einsum_equation(info), ins) if _einsum_equation(info) else 2.0 * math.prod(outs[0]))
 def einsum(info: OpInfo) -> list[Strategy1D]:
     eq = _einsum_equation(info)

@@ -59,7 +59,7 @@ def _sdpa_flops(ins, outs, info: OpInfo) -> float:
     return 4.0 * b_h * q[-2] * k[-2] * q[-1] * causal  # QK^T and PV, 2 flops per multiply-add each
 
 
-@register(aten.scaled_dot_product_attention, is_matmul=True, flops=_sdpa_flops, saves="inputs+output")
+@register(aten.scaled_dot_product_attention, unit="attention", flops=_sdpa_flops, saves="inputs+output")
 def sdpa(info: OpInfo) -> list[Strategy1D]:
     q = info.in_shapes[0]
     strategies = [replicated(len(info.in_shapes))]
@@ -72,8 +72,9 @@ def sdpa(info: OpInfo) -> list[Strategy1D]:
     return strategies
 
 
-@register(aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_forward,
-          flops=lambda ins, outs, info: 4.0 * math.prod(ins[0]))
+@register(aten.cross_entropy_loss, flops=lambda ins, outs, info: 4.0 * math.prod(ins[0]),
+          unit="transcendental")  # its log_softmax: an exp and a log per logit
+@register(aten.nll_loss, aten.nll_loss_forward, flops=lambda ins, outs, info: 4.0 * math.prod(ins[0]))
 def cross_entropy(info: OpInfo) -> list[Strategy1D]:
     logits, target = info.in_shapes[0], info.in_shapes[1]
     n_extra = len(info.in_shapes) - 2  # class weights stay replicated

@@ -10,10 +10,12 @@ from autopar.strategies.base import OpInfo, Strategy1D, linear_partial, register
 
 aten = torch.ops.aten
 
-# Unary ops that are not linear (f(a+b) != f(a)+f(b)): only sharding carries through.
+# Unary ops that are not linear (f(a+b) != f(a)+f(b)): only sharding carries through. The transcendental ones
+# evaluate exp, erf, tanh, log or sin per element (priced at the hardware's transcendental rate where it has one).
+TRANSCENDENTAL = [aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.exp, aten.log, aten.sin, aten.cos, aten.erf,
+                  aten.softplus]
 UNARY = [
-    aten.relu, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.exp, aten.log, aten.rsqrt, aten.sqrt,
-    aten.pow, aten.sin, aten.cos, aten.abs, aten.erf, aten.reciprocal, aten.square, aten.softplus,
+    aten.relu, aten.rsqrt, aten.sqrt, aten.pow, aten.abs, aten.reciprocal, aten.square,
     aten.logical_not, aten.bitwise_not, aten.isnan, aten.isinf, aten.tril, aten.triu,
 ]
 # Dropout draws a mask per rank: never on partial sums (the addends would get different masks). Its backward
@@ -58,6 +60,7 @@ def _scalar_args(info: OpInfo) -> bool:
 
 
 @register(*DROPOUT, saves="mask")
+@register(*TRANSCENDENTAL, unit="transcendental")
 @register(*UNARY)
 def unary(info: OpInfo) -> list[Strategy1D]:
     skip = 2 if info.node.target.overloadpacket in _POSITIONAL else 0

@@ -64,7 +64,7 @@ def _softmax_dim(info: OpInfo) -> int:
 
 
 @register(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax,
-          flops=lambda ins, outs, info: 5.0 * torch.Size(outs[0]).numel(), saves="output")
+          flops=lambda ins, outs, info: 5.0 * torch.Size(outs[0]).numel(), saves="output", unit="transcendental")
 def softmax(info: OpInfo) -> list[Strategy1D]:
     keep = _softmax_dim(info)
     strategies = [replicated(1)]

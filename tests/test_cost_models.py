@@ -92,7 +92,7 @@ def test_every_dimensional_schema_field_names_its_unit():
 def test_big_matmul_is_compute_bound_at_peak_times_efficiency():
     m = n = k = 8192
     flops, nbytes = 2 * m * n * k, 2 * (m * k + k * n + m * n)
-    t = op_time_s(A100, flops, nbytes, "bfloat16", is_matmul=True)
+    t = op_time_s(A100, flops, nbytes, "bfloat16", unit="matmul")
     expected = flops / (312e12 * A100.matmul_efficiency) + A100.launch_overhead_s
     assert t == pytest.approx(expected)
     assert t > 10 * nbytes / (A100.memory_bandwidth_bytes_per_s * A100.memory_efficiency)
@@ -100,32 +100,32 @@ def test_big_matmul_is_compute_bound_at_peak_times_efficiency():
 
 def test_matmul_time_depends_on_dtype_peak():
     flops, nbytes = 2 * 4096**3, 1e6
-    fp32 = op_time_s(A100, flops, nbytes, "float32", is_matmul=True) - A100.launch_overhead_s
-    bf16 = op_time_s(A100, flops, nbytes, "bfloat16", is_matmul=True) - A100.launch_overhead_s
+    fp32 = op_time_s(A100, flops, nbytes, "float32", unit="matmul") - A100.launch_overhead_s
+    bf16 = op_time_s(A100, flops, nbytes, "bfloat16", unit="matmul") - A100.launch_overhead_s
     assert fp32 / bf16 == pytest.approx(312 / 19.5, rel=1e-3)
 
 
 def test_elementwise_op_is_bandwidth_bound():
     numel = 64 * 2**20
     nbytes = 3 * 2 * numel  # bf16 add: two reads, one write
-    t = op_time_s(A100, numel, nbytes, "bfloat16", is_matmul=False)
+    t = op_time_s(A100, numel, nbytes, "bfloat16", unit="vector")
     expected = nbytes / (2039e9 * A100.memory_efficiency) + A100.launch_overhead_s
     assert t == pytest.approx(expected)
 
 
 def test_non_matmul_ops_accept_integer_and_bool_dtypes():
-    assert op_time_s(A100, 0, 8e6, "int64", is_matmul=False) > A100.launch_overhead_s
+    assert op_time_s(A100, 0, 8e6, "int64", unit="vector") > A100.launch_overhead_s
 
 
 def test_zero_work_costs_nothing_and_tiny_work_costs_a_launch():
-    assert op_time_s(A100, 0, 0, "bfloat16", is_matmul=False) == 0.0
-    assert op_time_s(A100, 0, 0, "bfloat16", is_matmul=True) == 0.0
-    assert op_time_s(A100, 1, 4, "float32", is_matmul=False) == pytest.approx(A100.launch_overhead_s, rel=1e-3)
+    assert op_time_s(A100, 0, 0, "bfloat16", unit="vector") == 0.0
+    assert op_time_s(A100, 0, 0, "bfloat16", unit="matmul") == 0.0
+    assert op_time_s(A100, 1, 4, "float32", unit="vector") == pytest.approx(A100.launch_overhead_s, rel=1e-3)
 
 
 def test_negative_work_is_a_caller_bug():
     with pytest.raises(ValueError):
-        op_time_s(A100, -1, 0, "float32", is_matmul=False)
+        op_time_s(A100, -1, 0, "float32", unit="vector")
 
 
 # ---------------------------------------------------------------- collectives

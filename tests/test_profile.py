@@ -15,7 +15,7 @@ import pytest
 from autopar.cli.main import main
 from autopar.cost_models import COLLECTIVES, Link, collective_time_s, load_hardware, op_time_s
 from autopar.cost_models.hardware import numeric_fields
-from autopar.profile.collectives import CommSample, message_bytes
+from autopar.profile.collectives import CommSample, OverlapSample, message_bytes
 from autopar.profile.fit import _roofline_hardware, fit_alpha_beta, fit_compute, merge_ranks
 from autopar.profile.measure import ProfileConfig, RankMeasurements, link_layout
 from autopar.profile.microbench import ComputeSample
@@ -75,10 +75,10 @@ def _compute_samples(hw, sizes=(256, 512, 1024, 2048)) -> list[ComputeSample]:
     for dtype in ("float32", "bfloat16", "float16"):
         for n in sizes:
             flops, nbytes = 2.0 * n**3, 3.0 * n * n * 4
-            out.append(ComputeSample("matmul", dtype, n, flops, nbytes, op_time_s(hw, flops, nbytes, dtype, True)))
+            out.append(ComputeSample("matmul", dtype, n, flops, nbytes, op_time_s(hw, flops, nbytes, dtype, "matmul")))
     for numel in (2**21, 2**23):
         out.append(ComputeSample("copy", "float32", numel, 0.0, 8.0 * numel,
-                                 op_time_s(hw, 0.0, 8.0 * numel, "float32", False)))
+                                 op_time_s(hw, 0.0, 8.0 * numel, "float32", "vector")))
     return out
 
 
@@ -107,6 +107,48 @@ def test_matmul_efficiency_is_the_closed_form_least_squares_fraction():
     ratios = np.array([0.5, 0.8, 1.0] * 3)
     closed = (ratios**2).sum() / ratios.sum()
     assert fit_compute(samples).matmul_efficiency == pytest.approx(closed, abs=1e-3)
+
+
+def test_attention_and_transcendental_rates_are_recovered_from_roofline_timings():
+    true = replace(_roofline_hardware({"float32": 100e9, "bfloat16": 200e9, "float16": 100e9}, 40e9, 2e-6),
+                   matmul_efficiency=0.9, memory_efficiency=0.7, attention_efficiency=0.3,
+                   transcendental_per_s=0.5e9)
+    samples = _compute_samples(true)
+    for s in (128, 256, 512):
+        flops, nbytes = 4.0 * 16 * s * s * 64 * 0.5, 4.0 * 16 * s * 64 * 4
+        samples.append(ComputeSample("attention", "float32", s, flops, nbytes,
+                                     op_time_s(true, flops, nbytes, "float32", "attention")))
+    for op, per in (("gelu", 1.0), ("silu", 1.0), ("softmax", 5.0)):
+        n = 2.0**20
+        samples.append(ComputeSample(op, "float32", int(n), per * n, 8.0 * n,
+                                     op_time_s(true, per * n, 8.0 * n, "float32", "transcendental", n), n))
+    fit = fit_compute(samples)
+    peak = fit.peak_flops_per_s["float32"]
+    assert fit.attention_efficiency * peak == pytest.approx(0.3 * 100e9, rel=0.01)
+    assert fit.transcendental_per_s == pytest.approx(0.5e9, rel=0.01)  # the grid is 1% apart
+    assert fit.attention_rms_rel_error < 0.01 and fit.transcendental_rms_rel_error < 0.01
+
+
+def test_transcendental_rate_that_never_binds_is_the_least_that_does_not():
+    # A GPU-like device: memory bounds gelu long before its special-function units do.
+    true = _roofline_hardware({"float32": 60e12, "bfloat16": 900e12, "float16": 900e12}, 3e12, 3e-6)
+    samples = _compute_samples(true)
+    n = 2.0**20
+    samples.append(ComputeSample("gelu", "float32", int(n), n, 8.0 * n,
+                                 op_time_s(true, n, 8.0 * n, "float32", "vector"), n))
+    fit = fit_compute(samples)
+    memory_time = 8.0 * n / (fit.memory_bandwidth_bytes_per_s * fit.memory_efficiency)
+    assert n / fit.transcendental_per_s <= memory_time <= 1.02 * n / fit.transcendental_per_s
+
+
+@pytest.mark.parametrize("compute_s, comm_s, both_s, fraction", [
+    (0.020, 0.020, 0.020, 1.0),  # together as long as either: all hidden
+    (0.020, 0.020, 0.040, 0.0),  # the sum: nothing hidden
+    (0.020, 0.010, 0.025, 0.5),  # half of the shorter hidden
+    (0.020, 0.020, 0.050, 0.0),  # slower than the sum (contention): clamped
+])
+def test_overlap_fraction_is_the_hidden_share_of_the_shorter(compute_s, comm_s, both_s, fraction):
+    assert OverlapSample("intra_node", 2**24, compute_s, comm_s, both_s).fraction == pytest.approx(fraction)
 
 
 def test_ranks_merge_by_median_per_measurement():
@@ -182,13 +224,15 @@ def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, caps
     proc = subprocess.run([*LAUNCHERS[launcher], "--out", str(out), "--quick", "--name", "here"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[3/3] intra_node collectives" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert "[4/4] intra_node collectives" in proc.stdout and f"wrote {out}" in proc.stdout
     hw = load_hardware(out)
     assert hw.name == "here" and hw.provenance["world_size"] == 2 and hw.provenance["backend"] == "gloo"
     assert set(hw.intra_node.kinds) == set(COLLECTIVES)  # each collective fitted alone
     per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
                       for f in ("latency_s", "bandwidth_bytes_per_s")}
-    assert set(hw.sources) == set(numeric_fields()) | per_collective
+    measured = {f"compute.{f}" for f in ("attention_efficiency", "transcendental_per_s", "comm_overlap")}
+    assert set(hw.sources) == set(numeric_fields()) | per_collective | measured == hw.fields
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
+    assert 0 < hw.attention_efficiency <= 1 and hw.transcendental_per_s > 1e6 and 0 <= hw.comm_overlap <= 1
     assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0
     assert "predicted step time" in capsys.readouterr().out

@@ -67,6 +67,12 @@ def show(profile: HardwareProfile, out: Path, elapsed_s: float) -> None:
     table.add_row("memory bandwidth", f"{c.memory_bandwidth_bytes_per_s / 1e9:.2f} GB/s")
     table.add_row("memory efficiency", f"{c.memory_efficiency:.3f}")
     table.add_row("launch overhead", f"{c.launch_overhead_s * 1e6:.2f} us")
+    if c.attention_efficiency is not None:
+        table.add_row("attention efficiency", f"{c.attention_efficiency:.3f}")
+    if c.transcendental_per_s is not None:
+        table.add_row("transcendentals", f"{c.transcendental_per_s / 1e9:.3g} G/s")
+    if profile.comm_overlap is not None:
+        table.add_row("comm overlap", f"{profile.comm_overlap.fraction:.2f}")
     for link, fit in profile.links.items():
         table.add_row(f"{link} latency", f"{fit.latency_s * 1e6:.1f} us")
         table.add_row(f"{link} bandwidth", f"{fit.bandwidth_bytes_per_s / 1e9:.3f} GB/s")

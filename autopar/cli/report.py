@@ -267,15 +267,16 @@ def stages_table(plan: Plan) -> Table | None:
 
 
 def step_table(plan: Plan, hardware: Hardware | None) -> Table:
-    """The step as the cost model adds it up: compute + exposed communication + exposed gradient sync (+ bubble,
-    recompute once those exist). Collectives appear only as time; the Plan does not record the edges."""
+    """The step as the cost model adds it up: compute + exposed communication + exposed gradient sync + optimizer
+    step (+ bubble, recompute where they exist). Collectives appear only as time; the Plan does not record the edges."""
     p, m = plan.predicted, plan.num_micro_batches
     rows = [("compute", p.compute_s, f"forward + backward, {m} micro-batch{'es' if m > 1 else ''}"),
             ("communication, exposed", p.exposed_comm_s, "stage-boundary sends" if p.stages else
              "activation resharding on the critical path"),
             ("gradient sync, exposed", p.grad_sync_exposed_s,
              f"of {seconds(p.grad_sync_s)} gradient collectives; the rest overlaps backward"),
-            ("pipeline bubble", p.bubble_s, ""), ("recompute", p.recompute_s, "")]
+            ("pipeline bubble", p.bubble_s, ""), ("recompute", p.recompute_s, ""),
+            ("optimizer step", p.optimizer_s, "")]
     table = _table("predicted step time", "part", ">time", ">share", "")
     for name, t, note in rows:
         if t or note:

@@ -22,6 +22,11 @@ from autopar.redistribute import steps
 from autopar.strategies import Strategy
 
 BACKWARD_FACTOR = 2.0
+# Bytes of memory traffic per parameter element in one AdamW step: torch's default multi-tensor implementation
+# (torch/optim/adamw.py -> adam.py `_multi_tensor_adam`) makes 8 passes over float32 tensors: lerp_ (exp_avg,
+# read 2 write 1), mul_ (exp_avg_sq, 1+1), addcmul_ (2+1), weight decay mul_ (params, 1+1), sqrt (1+1), div_
+# (1+1), add_ eps (1+1), addcdiv_ (params, 3+1): 20 accesses of 4 bytes.
+OPTIMIZER_BYTES_PER_ELEMENT = 80.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,17 @@ class NodeCost:
     activation_bytes: float  # saved for backward, one micro-batch
     state_bytes: float  # parameters + gradients + optimizer state
     out_bytes: float = 0.0  # the outputs, one micro-batch (kept by selective checkpointing for weight matmuls)
+    step_s: float = 0.0  # once per optimizer step, whatever the micro-batches: a parameter's optimizer update
+
+
+def optimizer_s(ctx: CostContext, shape: Sequence[int]) -> float:
+    """AdamW's update of one parameter as this device holds it (tensor-parallel shards): memory-bound passes over
+    its elements. Priced the same at every ZeRO stage: a sharded step updates 1/dp of them, but FSDP copies every
+    gathered parameter out of its all-gather buffer and every gradient into its reduce-scatter buffer (8 bytes
+    per element each), which the model does not price either; leaving out both keeps ZeRO-2 as fast as DP, as
+    the search assumes (search.py `_frontier`)."""
+    bytes_per_s = ctx.hw.memory_bandwidth_bytes_per_s * ctx.hw.memory_efficiency
+    return math.prod(shape) * OPTIMIZER_BYTES_PER_ELEMENT / bytes_per_s
 
 
 def nbytes(shape: Sequence[int], dtype: torch.dtype) -> float:
@@ -68,9 +84,10 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     if p.rule is None or not p.rule.moves_no_data:
         moved = sum(nbytes(sh, dt) for sh, dt in zip(ins, p.info.in_dtypes))
         moved += sum(nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes))
-    is_matmul = bool(p.rule and p.rule.is_matmul)
+    unit = p.rule.unit if p.rule else "vector"
     dtype = p.info.out_dtypes[0] if p.info.out_dtypes else torch.float32
-    fwd = op_time_s(ctx.hw, flops, moved, dtype, is_matmul) if (flops or moved) else 0.0
+    special = p.rule.transcendentals(ins) if p.rule else 0.0
+    fwd = op_time_s(ctx.hw, flops, moved, dtype, unit, special) if (flops or moved) else 0.0
     bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
     saves = saved_kinds(p)
     scale = _activation_scale(ctx, p)
@@ -106,7 +123,7 @@ def _placeholder_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         return NodeCost(0, 0, 0, 0)
     shape = local_shape(p.info.out_shapes[0], s.outs[0], ctx.degrees)
     if p.kind == "param":
-        return NodeCost(0, 0, 0, math.prod(shape) * ctx.state_bytes_per_element)
+        return NodeCost(0, 0, 0, math.prod(shape) * ctx.state_bytes_per_element, step_s=optimizer_s(ctx, shape))
     return NodeCost(0, 0, nbytes(shape, p.info.out_dtypes[0]), 0)
 
 

@@ -6,15 +6,16 @@ Variables (owners of repeated layers only; w = how many nodes share an owner or 
     z >= 0              gradient synchronisation left exposed after overlapping with backward
 Minimise
     m * ( sum w_n c[n,s] x[n,s] + sum w_e r_e(o,i) y[e,o,i] )  +  G  -  (G - z)        (m micro-batches)
-where c = forward + backward + exposed collectives of one micro-batch, r = redistribution cost (forward and its
-transposed backward), G = parameter-gradient all-reduces (once per step) and z >= G - B, B the backward compute of
-one micro-batch the runtime overlaps them with.
+where c = forward + backward + exposed collectives of one micro-batch (+ the optimizer step of a parameter, once),
+r = redistribution cost (forward and its transposed backward), G = parameter-gradient all-reduces (once per step)
+and z >= G - f B, z >= (1 - f) G, B the backward compute of one micro-batch the runtime overlaps them with and f
+the share of it that hides communication (the hardware's comm_overlap; 1 on GPUs).
 Constraints
     sum_s x[n,s] = 1                                            add_choice_constraints
     sum_i y[e,o,i] = sum_{s: out(s)=o} x[p,s]; same for i      add_edge_constraints (y is integral when x is)
     states + activations of one micro-batch <= budget           add_memory_constraint
       (pipeline stages: each term weighted by what one rank holds of it, planner/pipeline.py)
-    z >= G - B                                                  add_overlap_constraint
+    z >= G - f B,  z >= (1 - f) G                               add_overlap_constraint
     x[n,s] = 0 for s outside a per-module pin (planner/pins.py)  add_pin_constraints
 Edges whose producer or consumer has a single placement need no y: their cost folds into the other node's c.
 """
@@ -91,7 +92,7 @@ class ShardingILP:
                 self.prob += pulp.lpSum(xs) == 1, f"one_{owner}"
         for owner, cs in self.costs.items():
             w = self.pg.counts[owner] * self.m
-            self._add_time(owner, [w * (c.fwd_s + c.bwd_s) for c in cs])
+            self._add_time(owner, [w * (c.fwd_s + c.bwd_s) + self.pg.counts[owner] * c.step_s for c in cs])
         for t in self.terms:
             if t.part == "recompute_s":  # checkpointed blocks run their forward again in backward
                 self._add_time(t.owner, [self.m * v for v in t.values])
@@ -196,7 +197,10 @@ class ShardingILP:
         for owner, cs in self.costs.items():
             self._add_time(owner, [self.pg.counts[owner] * c.bwd_s for c in cs], bwd)
         self.z = self._var("z_exposed_sync", lowBound=0)
-        self.prob += self.z >= _expr(self.sync_terms) - _expr(bwd), "overlap"
+        f = self.ctx.hw.comm_overlap  # cost_models.comm.exposed_s, linearised: z >= G - f B and z >= (1 - f) G
+        self.prob += self.z >= _expr(self.sync_terms) - f * _expr(bwd), "overlap"
+        if f < 1.0:
+            self.prob += self.z >= (1.0 - f) * _expr(self.sync_terms), "overlap_share"
         self.prob += _expr(self.time_terms) + self.z if self.objective == "time" else self.peak
 
     # -- solve ----------------------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ Korthikanti's 1 + (p-1)/(p v) factor.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +42,7 @@ class Pieces:
     memory: dict[str, dict[str, float]]  # side -> part -> bytes (one block for "block")
     p2p_bytes: float  # what crosses one stage boundary per micro-batch, each way
     blocks: int  # L
+    optimizer_s: dict[str, float] = field(default_factory=dict)  # side -> optimizer step (one block for "block")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,15 @@ def p2p_memory(boundary: float, stages: list[Stage], flight: float, m: int) -> d
 
 
 def rank_sync(pieces: Pieces, stages: list[Stage]) -> float:
+    return _rank_sum(pieces.sync_s, stages)
+
+
+def rank_optimizer(pieces: Pieces, stages: list[Stage]) -> float:
+    return _rank_sum(pieces.optimizer_s, stages)
+
+
+def _rank_sum(per_side: dict[str, float], stages: list[Stage]) -> float:
+    """A per-step quantity of the sides one rank runs (its blocks, the embedding if first, the head if last)."""
     n = sum(len(s.blocks) for s in stages)
     first, last = any(s.first for s in stages), any(s.last for s in stages)
-    return n * pieces.sync_s["block"] + first * pieces.sync_s["pre"] + last * pieces.sync_s["post"]
+    return n * per_side.get("block", 0.0) + first * per_side.get("pre", 0.0) + last * per_side.get("post", 0.0)

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from autopar.cost_models import exposed_s
 from autopar.placement import fmt
 from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.cost import edge_price, node_cost, saved_kinds
@@ -32,7 +33,7 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     if c.layout is not None:
         return _pipeline_prediction(req, c)
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
-    compute = bwd = 0.0
+    compute = bwd = optimizer = 0.0
     costs = {}
     for owner in pg.owners():
         costs[owner.node.name] = [node_cost(ctx, owner, s) for s in owner.strategies]
@@ -40,17 +41,19 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
         n = pg.counts[owner.node.name]
         compute += n * m * (cost.fwd_s + cost.bwd_s)
         bwd += n * cost.bwd_s
+        optimizer += n * cost.step_s
     parts, recompute = memory_parts(c, costs)
     recompute *= m
     exposed, sync, _, after_step = redistributions(c)
     moment, parts = peak(parts, m)
     compute += recompute
-    sync_exposed = max(0.0, sync - bwd)
-    step = compute + exposed + after_step + sync_exposed
+    sync_exposed = exposed_s(ctx.hw, sync, bwd)
+    step = compute + exposed + after_step + sync_exposed + optimizer
     flops = model_flops(c)
     total = sum(parts.values())
     return Prediction(step_time_s=step, compute_s=compute, exposed_comm_s=exposed + after_step, grad_sync_s=sync,
-                      grad_sync_exposed_s=sync_exposed, recompute_s=recompute, memory_bytes_per_device=total,
+                      grad_sync_exposed_s=sync_exposed, recompute_s=recompute, optimizer_s=optimizer,
+                      memory_bytes_per_device=total,
                       memory_parts=parts, memory_peak_at=f"backward {moment}",
                       tokens_per_s=req.batch * req.seq / step if step else math.inf,
                       tflops_per_device=flops / step / req.devices / 1e12 if step else 0.0,
@@ -80,7 +83,7 @@ def _pipeline_prediction(req: "SearchRequest", c: "Candidate") -> Prediction:
     step = lay.step_s
     return Prediction(step_time_s=step, compute_s=m * lay.rank_s[slowest], exposed_comm_s=lay.p2p_s,
                       grad_sync_s=max(rank_sync(pcs, [st for st in lay.stages if st.rank == r]) for r in range(len(lay.rank_s))), grad_sync_exposed_s=lay.sync_exposed_s,
-                      bubble_s=lay.bubble_s, recompute_s=recompute,
+                      bubble_s=lay.bubble_s, recompute_s=recompute, optimizer_s=lay.optimizer_s,
                       memory_bytes_per_device=sum(lay.memory[worst].values()), memory_parts=lay.memory[worst],
                       memory_peak_at=f"{lay.peak_at[worst]} on pipeline rank {worst}", stages=stages,
                       tokens_per_s=req.batch * req.seq / step if step else math.inf,

@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from autopar.cost_models import axis_links, collective_time_s
+from autopar.cost_models import axis_links, collective_time_s, exposed_s
 from autopar.planner.cost import edge_price, nbytes, node_cost, saved_kinds
 from autopar.planner.footprint import peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
-                                      rank_memory, rank_sync, stage_fwd, stage_time, stages_of, step_time)
+                                      rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
+                                      step_time)
 from autopar.placement import local_shape
 from autopar.strategies import grad_partial_axes
 
@@ -36,6 +37,7 @@ class Layout:
     rank_s: list[float]  # forward + backward of one micro-batch per rank
     memory: list[dict[str, float]]  # per rank: the parts at its peak
     peak_at: list[str]
+    optimizer_s: float = 0.0  # the slowest rank's optimizer step
 
 
 def sides(pg) -> dict[str, tuple[str, ...]]:
@@ -64,6 +66,7 @@ def pieces(c: "Candidate") -> Pieces:
     L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
             len({p.block for p in pg.nodes.values() if p.block}))
     time, fwd, sync, recompute = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
+    optimizer = defaultdict(float)
     memory: dict[str, dict[str, float]] = {s: defaultdict(float) for s in ("pre", "block", "post")}
 
     def add(acc, name, value, part=None):
@@ -80,6 +83,7 @@ def pieces(c: "Candidate") -> Pieces:
         cost, n = costs[o.node.name][choice[o.node.name]], pg.counts[o.node.name]
         add(time, o.node.name, n * (cost.fwd_s + cost.bwd_s))
         add(fwd, o.node.name, n * cost.fwd_s)
+        add(optimizer, o.node.name, n * cost.step_s)
     for t in terms(pg, ctx, costs):
         if t.part == "recompute_s":
             add(time, t.owner, t.values[choice[t.owner]])
@@ -88,7 +92,7 @@ def pieces(c: "Candidate") -> Pieces:
             add(memory, t.owner, t.values[choice[t.owner]], t.part)
     _edges(c, where, add, time, sync, memory)
     return Pieces(dict(time), dict(fwd), dict(recompute), dict(sync), {s: dict(v) for s, v in memory.items()},
-                  _boundary_bytes(c), L)
+                  _boundary_bytes(c), L, dict(optimizer))
 
 
 def _edges(c, where, add, time, sync, memory) -> None:
@@ -192,13 +196,15 @@ def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, bu
     p2p = 2 * t_p2p * (m * v + p - 1) if p > 1 else 0.0
     backward_window = max(rank_s) * 2 / 3  # backward is 2/3 of forward + backward (cost.py's 1:2 split)
     sync = max(rank_sync(pcs, ss) for ss in mine)
-    exposed = sync if c.memory.zero < 2 else max(0.0, sync - backward_window)
+    exposed = sync if c.memory.zero < 2 else exposed_s(c.ctx.hw, sync, backward_window)
+    optimizer = max(rank_optimizer(pcs, ss) for ss in mine)
     memory, peak_at = [], []
     for r, ss in enumerate(mine):
         moment, at = peak(rank_memory(pcs, ss, flight[r], m), m)
         memory.append(at)
         peak_at.append(f"backward {moment}")
-    return Layout(schedule, v, stages, total + p2p + exposed, bubble, p2p, exposed, rank_s, memory, peak_at)
+    return Layout(schedule, v, stages, total + p2p + exposed + optimizer, bubble, p2p, exposed, rank_s, memory, peak_at,
+                  optimizer)
 
 
 def _cut(pcs: Pieces, p: int, S: int, flight: list[float] | None, budget: float, m: int = 1) -> list[int] | None:

@@ -108,3 +108,59 @@ def collective_samples(link: str, group: dist.ProcessGroup, device: torch.device
                 seconds /= 2  # a ping-pong is two messages
             out.append(CommSample(link, kind, n, nbytes, seconds))
     return out
+
+
+@dataclass(frozen=True)
+class OverlapSample:
+    """A collective and a compute loop timed apart and together (all ranks at once)."""
+    link: str
+    nbytes: int  # the all-reduce's message
+    compute_s: float  # the matmul loop alone
+    comm_s: float  # the all-reduce alone
+    both_s: float  # the all-reduce started asynchronously, the loop run, then the wait
+
+    @property
+    def fraction(self) -> float:
+        """How much of the shorter of the two the longer hid: 1 = together took max(compute, comm), 0 = the sum."""
+        hidden = self.compute_s + self.comm_s - self.both_s
+        return min(1.0, max(0.0, hidden / min(self.compute_s, self.comm_s)))
+
+
+def overlap_sample(link: str, group: dist.ProcessGroup, device: torch.device, budget_s: float,
+                   nbytes: int = 16 * 2**20, repeats: int = 3) -> OverlapSample:
+    """Does compute hide a collective running at the same time? NCCL runs on its own stream and SMs, so on a GPU
+    together takes about max(compute, comm); gloo on a CPU needs the cores the compute is using, so together
+    takes about their sum. The matmul loop is sized to take as long as the all-reduce alone, where the
+    difference shows most. Every rank of `group` calls this together; times are the slowest rank's."""
+    sync = synchronizer(device)
+    nbytes = message_bytes(nbytes, dist.get_world_size(group))
+    buf = torch.ones(nbytes // ELEMENT_BYTES, device=device)
+    a = torch.randn(256, 256, device=device)
+    comm_s = _time_collective(lambda: dist.all_reduce(buf, group=group), group, device, budget_s, repeats)
+    start = time.perf_counter()
+    for _ in range(8):
+        torch.mm(a, a)
+    sync()
+    (one,) = _slowest([(time.perf_counter() - start) / 8], group, device)
+    loops = max(1, round(comm_s / one))  # the same count on every rank: `one` is already the slowest's
+
+    def compute():
+        for _ in range(loops):
+            torch.mm(a, a)
+
+    def both():
+        work = dist.all_reduce(buf, group=group, async_op=True)
+        compute()
+        work.wait()
+
+    times = []
+    for fn in (compute, both):
+        samples = []
+        for _ in range(repeats):
+            _slowest([0.0], group, device)
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples.append(time.perf_counter() - start)
+        times.append(statistics.median(_slowest(samples, group, device)))
+    return OverlapSample(link, nbytes, times[0], comm_s, times[1])

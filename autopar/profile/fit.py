@@ -10,6 +10,10 @@ Compute: the peak of each dtype is the best matmul throughput measured (the sche
 without a datasheet); `matmul_efficiency` and memory `efficiency` are the fractions for which the roofline
 `autopar.cost_models.compute.op_time_s` best predicts every matmul and stream sample (least squares in relative
 error over a 0.001 grid: one parameter, a non-smooth max(), so a grid is exact enough and cannot diverge).
+`attention_efficiency` is fitted the same way to the attention samples, and `transcendental_per_s` to the
+gelu/silu/softmax samples over a log grid (1e6..1e13 per second, 1% steps); both samples hold forward +
+backward as the forward the planner's 1:2 split implies (microbench.FWD_SHARE). Where the transcendental term
+never binds (a GPU), the least rate at which it does not is kept: a lower bound, and inert in the planner.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from autopar.cost_models.compute import op_time_s
 from autopar.cost_models.hardware import DTYPES, Hardware, Link
 
 from .collectives import CommSample
-from .microbench import ComputeSample
+from .microbench import TRANSCENDENTAL_OPS, ComputeSample
 
 EFFICIENCY_GRID = np.round(np.arange(1, 1001) / 1000, 3)  # 0.001 .. 1.000
+RATE_GRID = 10 ** np.arange(6.0, 13.0, math.log10(1.01))  # 1e6 .. 1e13 per second, 1% apart
 Sample = TypeVar("Sample", ComputeSample, CommSample)
 
 
@@ -50,6 +55,10 @@ class ComputeFit:
     launch_overhead_s: float
     matmul_rms_rel_error: float
     stream_rms_rel_error: float
+    attention_efficiency: float | None = None  # None: no attention samples
+    attention_rms_rel_error: float = 0.0
+    transcendental_per_s: float | None = None
+    transcendental_rms_rel_error: float = 0.0
 
 
 def merge_ranks(per_rank: Sequence[Sequence[Sample]]) -> list[Sample]:
@@ -98,25 +107,37 @@ def fit_compute(samples: Sequence[ComputeSample]) -> ComputeFit:
     peaks = {d: max(s.flops / s.seconds for s in matmuls if s.dtype == d) for d in DTYPES}
     bandwidth = max(s.bytes_moved / s.seconds for s in streams)
     base = _roofline_hardware(peaks, bandwidth, launch)
-    mem_eff, mem_err = _best_fraction(lambda e: replace(base, memory_efficiency=e), streams, is_matmul=False)
+    mem_eff, mem_err = _best_fraction(lambda e: replace(base, memory_efficiency=e), streams, "vector")
     base = replace(base, memory_efficiency=mem_eff)
-    mm_eff, mm_err = _best_fraction(lambda e: replace(base, matmul_efficiency=e), matmuls, is_matmul=True)
-    return ComputeFit(peaks, mm_eff, bandwidth, mem_eff, launch, mm_err, mem_err)
+    mm_eff, mm_err = _best_fraction(lambda e: replace(base, matmul_efficiency=e), matmuls, "matmul")
+    base = replace(base, matmul_efficiency=mm_eff)
+    fit = ComputeFit(peaks, mm_eff, bandwidth, mem_eff, launch, mm_err, mem_err)
+    attention = [s for s in samples if s.op == "attention"]
+    if attention:
+        eff, err = _best_fraction(lambda e: replace(base, attention_efficiency=e), attention, "attention")
+        fit = replace(fit, attention_efficiency=eff, attention_rms_rel_error=err)
+    special = [s for s in samples if s.op in TRANSCENDENTAL_OPS]
+    if special:
+        rate, err = _best_fraction(lambda r: replace(base, transcendental_per_s=r), special, "transcendental",
+                                   grid=RATE_GRID)
+        fit = replace(fit, transcendental_per_s=rate, transcendental_rms_rel_error=err)
+    return fit
 
 
-def _best_fraction(hardware: Callable[[float], Hardware], samples: Sequence[ComputeSample],
-                   is_matmul: bool) -> tuple[float, float]:
+def _best_fraction(hardware: Callable[[float], Hardware], samples: Sequence[ComputeSample], unit: str,
+                   grid: np.ndarray = EFFICIENCY_GRID) -> tuple[float, float]:
     """The grid value whose hardware's op_time_s has the least mean squared relative error; (value, rms)."""
     measured = np.array([s.seconds for s in samples])
 
-    def rms(fraction: float) -> float:
-        hw = hardware(float(fraction))
-        predicted = np.array([op_time_s(hw, s.flops, s.bytes_moved, s.dtype, is_matmul) for s in samples])
+    def rms(value: float) -> float:
+        hw = hardware(float(value))
+        predicted = np.array([op_time_s(hw, s.flops, s.bytes_moved, s.dtype, unit, s.transcendentals)
+                              for s in samples])
         return float(np.sqrt(np.mean((predicted / measured - 1.0) ** 2)))
 
-    errors = [rms(f) for f in EFFICIENCY_GRID]
+    errors = [rms(f) for f in grid]
     best = int(np.argmin(errors))
-    return float(EFFICIENCY_GRID[best]), errors[best]
+    return float(grid[best]), errors[best]
 
 
 def _roofline_hardware(peaks: dict[str, float], bandwidth: float, launch: float) -> Hardware:

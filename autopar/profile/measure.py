@@ -1,7 +1,8 @@
 """What one rank measures, phase by phase, and how the ranks' measurements come together on rank 0.
 
-Phases: the launch floor and memory streams, matmuls per dtype and size, then collectives on each link class the
-ranks span: `intra_node` among ranks that share a host, `inter_node` among ranks with the same local index on
+Phases: the launch floor and memory streams, matmuls per dtype and size, fused attention and transcendental ops
+(forward and backward), then collectives on each link class the ranks span, with one all-reduce also timed
+against concurrent compute (how much of it compute hides): `intra_node` among ranks that share a host, `inter_node` among ranks with the same local index on
 different hosts (one host measures only `intra_node`). The process group is passed in, never global state.
 """
 
@@ -17,8 +18,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .collectives import CommSample, collective_samples
-from .microbench import DTYPES, ComputeSample, launch_sample, matmul_samples, stream_samples
+from .collectives import CommSample, OverlapSample, collective_samples, overlap_sample
+from .microbench import (DTYPES, ComputeSample, attention_samples, launch_sample, matmul_samples, stream_samples,
+                         transcendental_samples)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class RankMeasurements:
     comm: list[CommSample] = field(default_factory=list)
     memory_total_bytes: int = 0
     memory_available_bytes: int = 0  # free for training when measured, after this rank's runtime started
+    overlap: list[OverlapSample] = field(default_factory=list)  # one per link class this rank measured
 
 
 def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str], None]) -> RankMeasurements:
@@ -55,20 +58,26 @@ def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str
     dist.all_gather_object(hosts, socket.gethostname())
     out = RankMeasurements(rank, hosts[rank], device_name(device))
     layout = link_layout(hosts)
-    phases = 2 + len(layout)
+    phases = 3 + len(layout)
     say(f"[1/{phases}] launch floor and memory bandwidth ({stream_mib(config.stream_numels)} MiB float32 streams)")
     out.compute.append(launch_sample(device, config.budget_s))
     out.compute += stream_samples(device, list(config.stream_numels), config.budget_s)
     sizes = "..".join(str(n) for n in (config.matmul_sizes[0], config.matmul_sizes[-1]))
     say(f"[2/{phases}] matmul throughput, {', '.join(DTYPES)} at n = {sizes} (+{time.perf_counter() - start:.0f} s)")
     out.compute += matmul_samples(device, list(DTYPES), list(config.matmul_sizes), config.budget_s)
-    for i, (link, groups) in enumerate(layout.items(), start=3):
+    dtype = "bfloat16" if device.type == "cuda" else "float32"  # what training runs attention in, there
+    say(f"[3/{phases}] {dtype} attention and gelu/silu/softmax, forward + backward "
+        f"(+{time.perf_counter() - start:.0f} s)")
+    out.compute += attention_samples(device, dtype, config.budget_s)
+    out.compute += transcendental_samples(device, config.budget_s)
+    for i, (link, groups) in enumerate(layout.items(), start=4):
         say(f"[{i}/{phases}] {link} collectives, {len(groups[0])} ranks per group, messages "
             f"{config.message_bytes[0]} B..{config.message_bytes[-1] // 2**20} MiB "
             f"(+{time.perf_counter() - start:.0f} s)")
         group = _my_group(groups, world)
         if group is not None:
             out.comm += collective_samples(link, group, device, list(config.message_bytes), config.budget_s)
+            out.overlap.append(overlap_sample(link, group, device, config.budget_s))
     out.memory_total_bytes, out.memory_available_bytes = memory_bytes(device)
     dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
     return out

@@ -14,18 +14,22 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+
+from autopar.planner.cost import BACKWARD_FACTOR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class ComputeSample:
-    op: str  # "matmul" | "copy" | "add" | "tiny_add"
+    op: str  # "matmul" | "copy" | "add" | "tiny_add" | "attention" | one of TRANSCENDENTAL_OPS
     dtype: str  # "float32" | "bfloat16" | "float16"
     size: int  # n of an n x n x n matmul; elements of a stream
     flops: float
     bytes_moved: float  # to and from device memory, counted as the roofline counts them
-    seconds: float  # median wall time of one call
+    seconds: float  # median wall time of one call (forward-equivalent for forward + backward samples)
+    transcendentals: float = 0.0  # exp/erf/tanh evaluations among the flops
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -101,3 +105,47 @@ def launch_sample(device: torch.device, budget_s: float) -> ComputeSample:
     x = torch.ones(1, device=device, requires_grad=True)
     seconds = measure_s(lambda: torch.add(x, x), synchronizer(device), budget_s)
     return ComputeSample("tiny_add", "float32", 1, 1.0, 12.0, seconds)
+
+
+# The planner prices a backward at BACKWARD_FACTOR (2) times its forward; samples of forward and backward together
+# are stored as the forward that model implies, (fwd + bwd) / 3, so fitting them through the roofline gives the
+# rates a training step sees, whatever the true split.
+FWD_SHARE = 1.0 / (1.0 + BACKWARD_FACTOR)
+TRANSCENDENTAL_OPS = ("gelu", "silu", "softmax")
+
+
+def attention_samples(device: torch.device, dtype: str, budget_s: float, batch_heads: tuple[int, int] = (4, 4),
+                      seqs: tuple[int, ...] = (128, 256, 512), head_dim: int = 64) -> list[ComputeSample]:
+    """Causal scaled-dot-product attention, forward and backward, [batch, heads, s, head_dim] at GPT-like shapes.
+    FLOPs as strategies/nn_ops.py counts them (QK^T and PV, halved by the causal mask); bytes: q, k, v, out."""
+    sync, out = synchronizer(device), []
+    for s in seqs:
+        q, k, v = (torch.randn(*batch_heads, s, head_dim, device=device, dtype=DTYPES[dtype], requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn(*batch_heads, s, head_dim, device=device, dtype=DTYPES[dtype])
+
+        def step():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            torch.autograd.grad(y, (q, k, v), grad)
+
+        seconds = measure_s(step, sync, budget_s)
+        flops = 4.0 * batch_heads[0] * batch_heads[1] * s * s * head_dim * 0.5
+        out.append(ComputeSample("attention", dtype, s, flops, 4.0 * q.numel() * q.element_size(),
+                                 seconds * FWD_SHARE))
+    return out
+
+
+def transcendental_samples(device: torch.device, budget_s: float, numel: int = 2**20) -> list[ComputeSample]:
+    """GELU (erf), SiLU (exp) and a row softmax over 1024 columns (exp), forward and backward, on a float32
+    activation-sized tensor; one transcendental per element. FLOPs as the strategies count them (softmax 5 per
+    element), bytes one read and one write."""
+    sync, out = synchronizer(device), []
+    x = torch.randn(numel // 1024, 1024, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    ops = {"gelu": (F.gelu, 1.0), "silu": (F.silu, 1.0), "softmax": (lambda t: torch.softmax(t, -1), 5.0)}
+    for name in TRANSCENDENTAL_OPS:
+        fn, flops = ops[name]
+        seconds = measure_s(lambda: torch.autograd.grad(fn(x), x, grad), sync, budget_s)
+        out.append(ComputeSample(name, "float32", numel, flops * numel, 2.0 * 4 * numel, seconds * FWD_SHARE,
+                                 transcendentals=float(numel)))
+    return out

@@ -16,6 +16,7 @@ from typing import Any
 from autopar.cost_models.comm import COLLECTIVES
 from autopar.cost_models.hardware import DTYPES, LINK_NAMES, SCHEMA_VERSION, load_hardware
 
+from .collectives import OverlapSample
 from .fit import ComputeFit, LinkFit, fit_alpha_beta, fit_compute, merge_ranks
 from .measure import ProfileConfig, RankMeasurements, stream_mib
 
@@ -36,6 +37,12 @@ class HardwareProfile:
     config: ProfileConfig
     provenance: dict[str, Any]  # date, host, torch_version, backend, devices, world_size, ...
     matmul_sizes: dict[str, list[int]] = field(default_factory=dict)  # dtype -> n measured (slow dtypes stop early)
+    overlap: list[OverlapSample] = field(default_factory=list)  # one per link class measured
+
+    @property
+    def comm_overlap(self) -> OverlapSample | None:
+        """The link whose collective compute hid least: the fraction the planner may count on."""
+        return min(self.overlap, key=lambda o: o.fraction) if self.overlap else None
 
     @property
     def source(self) -> str:
@@ -58,9 +65,10 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
     total = min(r.memory_total_bytes for r in ranks)
     available = min(r.memory_available_bytes for r in ranks)
     names = sorted({r.device_name for r in ranks})
+    overlap = {o.link: o for r in ranks for o in r.overlap}  # the same slowest-rank times on every rank
     return HardwareProfile(name, f"{' + '.join(names)}, {len(ranks)} ranks", devices_per_node,
                            devices_per_node_how, compute, total, max(0, total - available), links, per_kind,
-                           config, provenance, matmul_sizes)
+                           config, provenance, matmul_sizes, list(overlap.values()))
 
 
 def write_profile(profile: HardwareProfile, out: Path) -> None:
@@ -96,6 +104,19 @@ def render_toml(p: HardwareProfile) -> str:
     lines += _number("matmul_efficiency", c.matmul_efficiency, "roofline fit to all those matmuls "
                      f"(rms error {c.matmul_rms_rel_error:.0%})", src)
     lines += _number("launch_overhead_s", c.launch_overhead_s, "median time of a one-element add", src)
+    if c.attention_efficiency is not None:
+        lines += _number("attention_efficiency", c.attention_efficiency, "causal attention forward + backward at "
+                         "[4, 4, 128..512, 64], fraction of the matmul peak the roofline fits "
+                         f"(rms error {c.attention_rms_rel_error:.0%})", src)
+    if c.transcendental_per_s is not None:
+        lines += _number("transcendental_per_s", c.transcendental_per_s, "gelu, silu and softmax forward + "
+                         f"backward on 2^20 float32 elements, evaluations per second the roofline fits (rms error "
+                         f"{c.transcendental_rms_rel_error:.0%})", src)
+    if p.comm_overlap is not None:
+        o = p.comm_overlap
+        lines += _number("comm_overlap", round(o.fraction, 3), f"{o.link} all-reduce of {o.nbytes // 2**20} MiB "
+                         f"{o.comm_s * 1e3:.1f} ms and matmuls {o.compute_s * 1e3:.1f} ms took {o.both_s * 1e3:.1f} "
+                         "ms together: the share of the shorter that was hidden", src)
     lines += ["", "[memory]"]
     lines += _number("capacity_bytes", p.capacity_bytes, _capacity_how(p), src)
     lines += _number("reserve_bytes", p.reserve_bytes, "capacity minus the memory available at the end of the "
