@@ -11,34 +11,38 @@ input dtype: PyTorch's elementwise and reduction kernels compute in float32 "opm
 negligible next to their memory term, so no per-dtype vector peak is needed.
 
 Two optional ceilings refine this where a profile measured them (hardware.py): fused attention (SDPA) at its own
-`attention_efficiency` of the matmul peak, and transcendental ops (gelu, silu, softmax's exp, ...) at
-`transcendental_per_s` evaluations per second, which binds on a CPU (~0.4e9/s per core for erf-based GELU) and never
-on a GPU, where special-function units outrun memory. Both are fitted to forward + backward together, as the
-planner prices backward at twice the forward.
+`attention_efficiency` of the matmul peak, and transcendental ops at `exp_per_s` (exp, sigmoid, log...: silu,
+softmax), `tanh_per_s` (tanh, GELU's tanh approximation) or `erf_per_s` (exact GELU) evaluations per second,
+which bind on a CPU (PyTorch's vectorised tanh is several times slower than its exp there) and never on a GPU,
+where special-function units outrun memory. All are fitted to forward + backward together, as the planner prices
+backward at twice the forward.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from .hardware import Hardware
+from .hardware import FAMILIES, Hardware
 
 
 UNITS = ("vector", "matmul", "attention", "transcendental")
+# What a transcendental op evaluates (exp-like: exp, sigmoid, log, sin): hardware.FAMILIES
 
 
 def op_time_s(hw: Hardware, flops: float, bytes_moved: float, dtype: Any, unit: str = "vector",
-              transcendentals: float = 0.0) -> float:
+              transcendentals: float = 0.0, family: str = "exp") -> float:
     """Seconds for one op moving `bytes_moved` bytes to/from device memory and doing `flops` floating-point ops,
-    `transcendentals` of them evaluations of exp, erf, tanh and the like, on the given unit (UNITS).
+    `transcendentals` of them evaluations of a function of `family` (FAMILIES), on the given unit (UNITS).
 
     Zero work (views, reshapes that alias their input) costs nothing, not even a launch: no kernel runs.
     """
     if flops < 0 or bytes_moved < 0 or transcendentals < 0:
         raise ValueError(f"op_time_s needs flops, bytes_moved and transcendentals >= 0, got {flops}, "
                          f"{bytes_moved} and {transcendentals}")
-    if unit not in UNITS:
-        raise ValueError(f"op_time_s: unit must be one of {UNITS}, got {unit!r}")
+    if unit not in UNITS or family not in FAMILIES:
+        raise ValueError(f"op_time_s: unit must be one of {UNITS} and family one of {FAMILIES}, got {unit!r} "
+                         f"and {family!r}")
     if flops == 0 and bytes_moved == 0:
         return 0.0
     if unit == "matmul":
@@ -48,5 +52,5 @@ def op_time_s(hw: Hardware, flops: float, bytes_moved: float, dtype: Any, unit: 
     else:
         flops_per_s = hw.peak_flops("float32")
     bytes_per_s = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
-    special = transcendentals / hw.transcendental_per_s if unit == "transcendental" else 0.0
+    special = transcendentals / hw.special_per_s.get(family, math.inf) if unit == "transcendental" else 0.0
     return max(flops / flops_per_s, bytes_moved / bytes_per_s, special) + hw.launch_overhead_s

@@ -8,7 +8,7 @@ Schema (version 1), one table per concern:
 
     schema_version, name, device, devices_per_node, source          top level
     [compute]          peak_{bfloat16,float16,float32}_flops_per_s, matmul_efficiency, launch_overhead_s;
-                       optional: attention_efficiency, transcendental_per_s, comm_overlap (see Hardware)
+                       optional: attention_efficiency, {exp,tanh,erf}_per_s, comm_overlap (see Hardware)
     [memory]           capacity_bytes, reserve_bytes, bandwidth_bytes_per_s, efficiency
     [links.intra_node] latency_s, bandwidth_bytes_per_s
     [links.inter_node] latency_s, bandwidth_bytes_per_s
@@ -40,6 +40,7 @@ HARDWARE_DIR = Path(__file__).resolve().parent / "hardware"
 DTYPES = ("bfloat16", "float16", "float32")
 LINK_NAMES = ("intra_node", "inter_node")
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+FAMILIES = ("exp", "tanh", "erf")  # transcendental families with their own rate (compute.py)
 UNIT_SUFFIXES = ("_s", "_bytes", "_per_s")
 SOURCE_SUFFIX = "_source"
 
@@ -86,10 +87,10 @@ class Hardware:
     # Optional (a file may leave them out; the default is what the cost model assumed before they existed):
     # fused attention's fraction of peak, forward and backward together (None: matmul_efficiency);
     attention_efficiency: float | None = None
-    # transcendental evaluations per second (gelu, silu, exp in softmax...), forward and backward together,
-    # an extra ceiling on those ops beside compute and memory (inf: none: a GPU's special-function units outrun
-    # its memory on them);
-    transcendental_per_s: float = math.inf
+    # transcendental evaluations per second by family (compute.py FAMILIES: exp, tanh, erf), forward and backward
+    # together: an extra ceiling on those ops beside compute and memory (a family left out has none: a GPU's
+    # special-function units outrun its memory on them);
+    special_per_s: Mapping[str, float] = field(default_factory=dict, hash=False)
     # the fraction of a collective's time that compute running at the same time hides (1: all of it, as with
     # NCCL on its own stream; on a CPU the collective needs the cores the compute is using).
     comm_overlap: float = 1.0
@@ -204,7 +205,7 @@ SCHEMA: dict[str, Any] = {
         "matmul_efficiency": FRACTION,
         "launch_overhead_s": NONNEGATIVE,
         "attention_efficiency": OPTIONAL_FRACTION,
-        "transcendental_per_s": OPTIONAL_POSITIVE,
+        **{f"{family}_per_s": OPTIONAL_POSITIVE for family in FAMILIES},
         "comm_overlap": OPTIONAL_SHARE,
     }),
     "memory": _with_sources({
@@ -391,7 +392,7 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         memory_efficiency=memory["efficiency"],
         launch_overhead_s=compute["launch_overhead_s"],
         attention_efficiency=compute.get("attention_efficiency"),
-        transcendental_per_s=compute.get("transcendental_per_s", math.inf),
+        special_per_s={f: compute[f"{f}_per_s"] for f in FAMILIES if f"{f}_per_s" in compute},
         comm_overlap=compute.get("comm_overlap", 1.0),
         intra_node=_link("intra_node", links["intra_node"]),
         inter_node=_link("inter_node", links["inter_node"]),

@@ -75,7 +75,8 @@ class OpRule:
     strategies: RuleFn
     flops: FlopFn  # FLOPs of the forward op evaluated on the given (local) shapes
     unit: str = "vector"  # what bounds it (cost_models/compute.py UNITS): "matmul", "attention", "transcendental"
-    # (one exp/erf/tanh... per element of its first input), or "vector" (arithmetic or memory)
+    # (one evaluation per element of its first input, of `special`: "exp"-like, "tanh" or "erf"), or "vector"
+    special: str = "exp"
     saves: str = "inputs"  # kept for backward: "inputs" (consumed activations), "output", "inputs+output", "mask"
     # (dropout's boolean mask), "others" (an input only when another input needs a gradient: mul), "none"
 
@@ -85,6 +86,12 @@ class OpRule:
 
     def transcendentals(self, ins: Sequence[Shape]) -> float:
         return float(numel(ins[0])) if self.unit == "transcendental" and ins else 0.0
+
+    def family(self, info: OpInfo) -> str:
+        """What the op evaluates (cost_models/compute.py FAMILIES); GELU's tanh approximation evaluates tanh."""
+        if self.special == "erf" and info.arg(1, "approximate", "none") == "tanh":
+            return "tanh"
+        return self.special
 
     @property
     def moves_no_data(self) -> bool:
@@ -107,12 +114,13 @@ def no_flops(ins: Sequence[Shape], outs: Sequence[Shape], info: OpInfo) -> float
     return 0.0
 
 
-def register(*ops, flops: FlopFn = elementwise_flops, unit: str = "vector", saves: str = "inputs"):
+def register(*ops, flops: FlopFn = elementwise_flops, unit: str = "vector", saves: str = "inputs",
+             special: str = "exp"):
     """Decorator: register a single-axis rule for aten ops (OpOverloadPacket covers every overload)."""
 
     def wrap(fn: RuleFn) -> RuleFn:
         for op in ops:
-            RULES[op] = OpRule(fn, flops, unit, saves)
+            RULES[op] = OpRule(fn, flops, unit=unit, saves=saves, special=special)
         return fn
 
     return wrap

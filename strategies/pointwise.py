@@ -11,9 +11,10 @@ from autopar.strategies.base import OpInfo, Strategy1D, linear_partial, register
 aten = torch.ops.aten
 
 # Unary ops that are not linear (f(a+b) != f(a)+f(b)): only sharding carries through. The transcendental ones
-# evaluate exp, erf, tanh, log or sin per element (priced at the hardware's transcendental rate where it has one).
-TRANSCENDENTAL = [aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.exp, aten.log, aten.sin, aten.cos, aten.erf,
-                  aten.softplus]
+# evaluate exp, log or sin (exp-like), tanh, or erf (GELU, exact unless approximate="tanh") per element, priced
+# at the hardware's rate for that family where it has one.
+TRANSCENDENTAL = [aten.silu, aten.sigmoid, aten.exp, aten.log, aten.sin, aten.cos, aten.softplus]
+ERF = [aten.gelu, aten.erf]
 UNARY = [
     aten.relu, aten.rsqrt, aten.sqrt, aten.pow, aten.abs, aten.reciprocal, aten.square,
     aten.logical_not, aten.bitwise_not, aten.isnan, aten.isinf, aten.tril, aten.triu,
@@ -61,6 +62,8 @@ def _scalar_args(info: OpInfo) -> bool:
 
 @register(*DROPOUT, saves="mask")
 @register(*TRANSCENDENTAL, unit="transcendental")
+@register(*ERF, unit="transcendental", special="erf")
+@register(aten.tanh, unit="transcendental", special="tanh")
 @register(*UNARY)
 def unary(info: OpInfo) -> list[Strategy1D]:
     skip = 2 if info.node.target.overloadpacket in _POSITIONAL else 0

@@ -18,7 +18,7 @@ from autopar.cost_models.hardware import numeric_fields
 from autopar.profile.collectives import CommSample, OverlapSample, message_bytes
 from autopar.profile.fit import _roofline_hardware, fit_alpha_beta, fit_compute, merge_ranks
 from autopar.profile.measure import ProfileConfig, RankMeasurements, link_layout
-from autopar.profile.microbench import ComputeSample
+from autopar.profile.microbench import FAMILY_OF, ComputeSample
 from autopar.profile.write import build_profile, render_toml, write_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,21 +112,22 @@ def test_matmul_efficiency_is_the_closed_form_least_squares_fraction():
 def test_attention_and_transcendental_rates_are_recovered_from_roofline_timings():
     true = replace(_roofline_hardware({"float32": 100e9, "bfloat16": 200e9, "float16": 100e9}, 40e9, 2e-6),
                    matmul_efficiency=0.9, memory_efficiency=0.7, attention_efficiency=0.3,
-                   transcendental_per_s=0.5e9)
+                   special_per_s={"exp": 1.5e9, "tanh": 0.3e9, "erf": 0.5e9})
     samples = _compute_samples(true)
     for s in (128, 256, 512):
         flops, nbytes = 4.0 * 16 * s * s * 64 * 0.5, 4.0 * 16 * s * 64 * 4
         samples.append(ComputeSample("attention", "float32", s, flops, nbytes,
                                      op_time_s(true, flops, nbytes, "float32", "attention")))
-    for op, per in (("gelu", 1.0), ("silu", 1.0), ("softmax", 5.0)):
+    for op, per in (("gelu", 1.0), ("gelu_tanh", 1.0), ("silu", 1.0), ("softmax", 5.0)):
         n = 2.0**20
+        family = FAMILY_OF[op]
         samples.append(ComputeSample(op, "float32", int(n), per * n, 8.0 * n,
-                                     op_time_s(true, per * n, 8.0 * n, "float32", "transcendental", n), n))
+                                     op_time_s(true, per * n, 8.0 * n, "float32", "transcendental", n, family), n))
     fit = fit_compute(samples)
     peak = fit.peak_flops_per_s["float32"]
     assert fit.attention_efficiency * peak == pytest.approx(0.3 * 100e9, rel=0.01)
-    assert fit.transcendental_per_s == pytest.approx(0.5e9, rel=0.01)  # the grid is 1% apart
-    assert fit.attention_rms_rel_error < 0.01 and fit.transcendental_rms_rel_error < 0.01
+    assert fit.per_s == pytest.approx({"exp": 1.5e9, "tanh": 0.3e9, "erf": 0.5e9}, rel=0.01)  # grid 1% apart
+    assert fit.attention_rms_rel_error < 0.01 and max(fit.per_s_rms_rel_error.values()) < 0.01
 
 
 def test_transcendental_rate_that_never_binds_is_the_least_that_does_not():
@@ -138,7 +139,7 @@ def test_transcendental_rate_that_never_binds_is_the_least_that_does_not():
                                  op_time_s(true, n, 8.0 * n, "float32", "vector"), n))
     fit = fit_compute(samples)
     memory_time = 8.0 * n / (fit.memory_bandwidth_bytes_per_s * fit.memory_efficiency)
-    assert n / fit.transcendental_per_s <= memory_time <= 1.02 * n / fit.transcendental_per_s
+    assert n / fit.per_s["erf"] <= memory_time <= 1.02 * n / fit.per_s["erf"] and "exp" not in fit.per_s
 
 
 @pytest.mark.parametrize("compute_s, comm_s, both_s, fraction", [
@@ -230,9 +231,11 @@ def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, caps
     assert set(hw.intra_node.kinds) == set(COLLECTIVES)  # each collective fitted alone
     per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
                       for f in ("latency_s", "bandwidth_bytes_per_s")}
-    measured = {f"compute.{f}" for f in ("attention_efficiency", "transcendental_per_s", "comm_overlap")}
+    measured = {f"compute.{f}" for f in ("attention_efficiency", "exp_per_s", "tanh_per_s", "erf_per_s",
+                                         "comm_overlap")}
     assert set(hw.sources) == set(numeric_fields()) | per_collective | measured == hw.fields
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
-    assert 0 < hw.attention_efficiency <= 1 and hw.transcendental_per_s > 1e6 and 0 <= hw.comm_overlap <= 1
+    assert 0 < hw.attention_efficiency <= 1 and 0 <= hw.comm_overlap <= 1
+    assert set(hw.special_per_s) == {"exp", "tanh", "erf"} and min(hw.special_per_s.values()) > 1e6
     assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0
     assert "predicted step time" in capsys.readouterr().out

@@ -69,8 +69,8 @@ def show(profile: HardwareProfile, out: Path, elapsed_s: float) -> None:
     table.add_row("launch overhead", f"{c.launch_overhead_s * 1e6:.2f} us")
     if c.attention_efficiency is not None:
         table.add_row("attention efficiency", f"{c.attention_efficiency:.3f}")
-    if c.transcendental_per_s is not None:
-        table.add_row("transcendentals", f"{c.transcendental_per_s / 1e9:.3g} G/s")
+    for family, rate in c.per_s.items():
+        table.add_row(f"{family} evaluations", f"{rate / 1e9:.3g} G/s")
     if profile.comm_overlap is not None:
         table.add_row("comm overlap", f"{profile.comm_overlap.fraction:.2f}")
     for link, fit in profile.links.items():

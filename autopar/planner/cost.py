@@ -87,7 +87,8 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     unit = p.rule.unit if p.rule else "vector"
     dtype = p.info.out_dtypes[0] if p.info.out_dtypes else torch.float32
     special = p.rule.transcendentals(ins) if p.rule else 0.0
-    fwd = op_time_s(ctx.hw, flops, moved, dtype, unit, special) if (flops or moved) else 0.0
+    family = p.rule.family(p.info) if p.rule else "exp"
+    fwd = op_time_s(ctx.hw, flops, moved, dtype, unit, special, family) if (flops or moved) else 0.0
     bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
     saves = saved_kinds(p)
     scale = _activation_scale(ctx, p)

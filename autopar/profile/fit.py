@@ -10,10 +10,10 @@ Compute: the peak of each dtype is the best matmul throughput measured (the sche
 without a datasheet); `matmul_efficiency` and memory `efficiency` are the fractions for which the roofline
 `autopar.cost_models.compute.op_time_s` best predicts every matmul and stream sample (least squares in relative
 error over a 0.001 grid: one parameter, a non-smooth max(), so a grid is exact enough and cannot diverge).
-`attention_efficiency` is fitted the same way to the attention samples, and `transcendental_per_s` to the
-gelu/silu/softmax samples over a log grid (1e6..1e13 per second, 1% steps); both samples hold forward +
-backward as the forward the planner's 1:2 split implies (microbench.FWD_SHARE). Where the transcendental term
-never binds (a GPU), the least rate at which it does not is kept: a lower bound, and inert in the planner.
+`attention_efficiency` is fitted the same way to the attention samples, and each `<family>_per_s` to the samples
+of that family (exp: silu, softmax; tanh: tanh-approximated gelu; erf: gelu) over a log grid (1e6..1e13 per second, 1% steps); all hold forward + backward
+as the forward the planner's 1:2 split implies (microbench.FWD_SHARE). Where the transcendental term never binds
+(a GPU), the least rate at which it does not is kept: a lower bound, and inert in the planner.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -31,7 +31,9 @@ from autopar.cost_models.compute import op_time_s
 from autopar.cost_models.hardware import DTYPES, Hardware, Link
 
 from .collectives import CommSample
-from .microbench import TRANSCENDENTAL_OPS, ComputeSample
+from autopar.cost_models.compute import FAMILIES
+
+from .microbench import FAMILY_OF, ComputeSample
 
 EFFICIENCY_GRID = np.round(np.arange(1, 1001) / 1000, 3)  # 0.001 .. 1.000
 RATE_GRID = 10 ** np.arange(6.0, 13.0, math.log10(1.01))  # 1e6 .. 1e13 per second, 1% apart
@@ -57,8 +59,8 @@ class ComputeFit:
     stream_rms_rel_error: float
     attention_efficiency: float | None = None  # None: no attention samples
     attention_rms_rel_error: float = 0.0
-    transcendental_per_s: float | None = None
-    transcendental_rms_rel_error: float = 0.0
+    per_s: dict[str, float] = field(default_factory=dict)  # transcendental family -> evaluations per second
+    per_s_rms_rel_error: dict[str, float] = field(default_factory=dict)
 
 
 def merge_ranks(per_rank: Sequence[Sequence[Sample]]) -> list[Sample]:
@@ -116,22 +118,23 @@ def fit_compute(samples: Sequence[ComputeSample]) -> ComputeFit:
     if attention:
         eff, err = _best_fraction(lambda e: replace(base, attention_efficiency=e), attention, "attention")
         fit = replace(fit, attention_efficiency=eff, attention_rms_rel_error=err)
-    special = [s for s in samples if s.op in TRANSCENDENTAL_OPS]
-    if special:
-        rate, err = _best_fraction(lambda r: replace(base, transcendental_per_s=r), special, "transcendental",
-                                   grid=RATE_GRID)
-        fit = replace(fit, transcendental_per_s=rate, transcendental_rms_rel_error=err)
-    return fit
+    rates, errors = {}, {}
+    for family in FAMILIES:
+        special = [s for s in samples if FAMILY_OF.get(s.op) == family]
+        if special:
+            rates[family], errors[family] = _best_fraction(lambda r: replace(base, special_per_s={family: r}),
+                                                           special, "transcendental", RATE_GRID, family)
+    return replace(fit, per_s=rates, per_s_rms_rel_error=errors)
 
 
 def _best_fraction(hardware: Callable[[float], Hardware], samples: Sequence[ComputeSample], unit: str,
-                   grid: np.ndarray = EFFICIENCY_GRID) -> tuple[float, float]:
+                   grid: np.ndarray = EFFICIENCY_GRID, family: str = "exp") -> tuple[float, float]:
     """The grid value whose hardware's op_time_s has the least mean squared relative error; (value, rms)."""
     measured = np.array([s.seconds for s in samples])
 
     def rms(value: float) -> float:
         hw = hardware(float(value))
-        predicted = np.array([op_time_s(hw, s.flops, s.bytes_moved, s.dtype, unit, s.transcendentals)
+        predicted = np.array([op_time_s(hw, s.flops, s.bytes_moved, s.dtype, unit, s.transcendentals, family)
                               for s in samples])
         return float(np.sqrt(np.mean((predicted / measured - 1.0) ** 2)))
 

@@ -29,7 +29,7 @@ class ComputeSample:
     flops: float
     bytes_moved: float  # to and from device memory, counted as the roofline counts them
     seconds: float  # median wall time of one call (forward-equivalent for forward + backward samples)
-    transcendentals: float = 0.0  # exp/erf/tanh evaluations among the flops
+    transcendentals: float = 0.0  # exp or erf evaluations among the flops (FAMILY_OF[op])
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -111,7 +111,9 @@ def launch_sample(device: torch.device, budget_s: float) -> ComputeSample:
 # are stored as the forward that model implies, (fwd + bwd) / 3, so fitting them through the roofline gives the
 # rates a training step sees, whatever the true split.
 FWD_SHARE = 1.0 / (1.0 + BACKWARD_FACTOR)
-TRANSCENDENTAL_OPS = ("gelu", "silu", "softmax")
+# transcendental samples: what each evaluates
+FAMILY_OF = {"gelu": "erf", "gelu_tanh": "tanh", "silu": "exp", "softmax": "exp"}
+TRANSCENDENTAL_OPS = tuple(FAMILY_OF)
 
 
 def attention_samples(device: torch.device, dtype: str, budget_s: float, batch_heads: tuple[int, int] = (4, 4),
@@ -136,13 +138,14 @@ def attention_samples(device: torch.device, dtype: str, budget_s: float, batch_h
 
 
 def transcendental_samples(device: torch.device, budget_s: float, numel: int = 2**20) -> list[ComputeSample]:
-    """GELU (erf), SiLU (exp) and a row softmax over 1024 columns (exp), forward and backward, on a float32
-    activation-sized tensor; one transcendental per element. FLOPs as the strategies count them (softmax 5 per
-    element), bytes one read and one write."""
+    """GELU (erf), GELU's tanh approximation, SiLU (exp) and a row softmax over 1024 columns (exp), forward and
+    backward, on a float32 activation-sized tensor; one transcendental per element. FLOPs as the strategies count
+    them (softmax 5 per element), bytes one read and one write."""
     sync, out = synchronizer(device), []
     x = torch.randn(numel // 1024, 1024, device=device, requires_grad=True)
     grad = torch.randn_like(x)
-    ops = {"gelu": (F.gelu, 1.0), "silu": (F.silu, 1.0), "softmax": (lambda t: torch.softmax(t, -1), 5.0)}
+    ops = {"gelu": (F.gelu, 1.0), "gelu_tanh": (lambda t: F.gelu(t, approximate="tanh"), 1.0),
+           "silu": (F.silu, 1.0), "softmax": (lambda t: torch.softmax(t, -1), 5.0)}
     for name in TRANSCENDENTAL_OPS:
         fn, flops = ops[name]
         seconds = measure_s(lambda: torch.autograd.grad(fn(x), x, grad), sync, budget_s)

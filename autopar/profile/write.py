@@ -108,10 +108,11 @@ def render_toml(p: HardwareProfile) -> str:
         lines += _number("attention_efficiency", c.attention_efficiency, "causal attention forward + backward at "
                          "[4, 4, 128..512, 64], fraction of the matmul peak the roofline fits "
                          f"(rms error {c.attention_rms_rel_error:.0%})", src)
-    if c.transcendental_per_s is not None:
-        lines += _number("transcendental_per_s", c.transcendental_per_s, "gelu, silu and softmax forward + "
-                         f"backward on 2^20 float32 elements, evaluations per second the roofline fits (rms error "
-                         f"{c.transcendental_rms_rel_error:.0%})", src)
+    for family, ops in (("exp", "silu and softmax"), ("tanh", "tanh-approximated gelu"), ("erf", "gelu")):
+        if family in c.per_s:
+            lines += _number(f"{family}_per_s", c.per_s[family], f"{ops} forward + backward on 2^20 float32 "
+                             f"elements: {family} evaluations per second the roofline fits (rms error "
+                             f"{c.per_s_rms_rel_error[family]:.0%})", src)
     if p.comm_overlap is not None:
         o = p.comm_overlap
         lines += _number("comm_overlap", round(o.fraction, 3), f"{o.link} all-reduce of {o.nbytes // 2**20} MiB "
