@@ -4,7 +4,7 @@ The planner prices every candidate strategy with these three functions and nothi
 new TOML file under `cost_models/hardware/`, not new code.
 """
 
-from .comm import COLLECTIVES, axis_links, collective_time_s, exposed_s
+from .comm import COLLECTIVES, axis_links, collective_time_s, exposed_s, latency_s
 from .compute import op_time_s
 from .hardware import Hardware, Link, available_hardware, load_hardware
 
@@ -16,6 +16,7 @@ __all__ = [
     "axis_links",
     "collective_time_s",
     "exposed_s",
+    "latency_s",
     "load_hardware",
     "op_time_s",
 ]

@@ -43,6 +43,12 @@ def collective_time_s(kind: str, nbytes: float, group_size: int, link: Link) -> 
     return (n - 1) * alpha + (n - 1) / n * transfer_s
 
 
+def latency_s(kind: str, group_size: int, link: Link) -> float:
+    """The α part of `collective_time_s`: what one collective of `kind` costs however little it moves."""
+    return collective_time_s(kind, 1.0, group_size, link) - collective_time_s(kind, 1.0, group_size,
+                                                                               link.without_latency())
+
+
 def exposed_s(hw: Hardware, comm_s: float, compute_s: float) -> float:
     """Seconds of `comm_s` of collectives left on the critical path when they run beside `compute_s` of compute:
     the hardware's `comm_overlap` share of the compute hides comm, and the rest of the comm is exposed (at

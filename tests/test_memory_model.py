@@ -7,17 +7,18 @@ ZeRO: Rajbhandari et al. 2020 (arXiv 1910.02054) Fig. 1, Psi = 7.5B, N_d = 64. A
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from autopar.capture import capture
-from autopar.cost_models import axis_links, load_hardware
+from autopar.cost_models import axis_links, latency_s, load_hardware
 from autopar.errors import PlanError
 from autopar.models import build_model, parse_model_args, sample_inputs
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.registry import ModelInfo
-from autopar.planner.cost import CostContext, edge_price, node_cost
+from autopar.planner.cost import CostContext, edge_price, node_cost, redistribution_time_s
 from autopar.planner.footprint import evaluate
 from autopar.planner.graph import build
 from autopar.planner.ilp import ShardingILP
@@ -25,7 +26,7 @@ from autopar.planner.predict import redistributions
 from autopar.planner.search import Candidate
 from autopar.planner.memory import MemoryConfig, zero_model_state_bytes
 from autopar.planning import make_plan
-from autopar.placement import R, S
+from autopar.placement import P, R, S
 
 
 @pytest.mark.parametrize("zero, gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
@@ -126,9 +127,31 @@ def test_fixed_zero_and_checkpointing_is_a_what_if():
 
 
 def test_zero3_costs_half_again_the_gradient_traffic():
-    z0, z3 = _plan(None, zero=0, mbs=8), _plan(None, zero=3, mbs=8)
+    cpu = load_hardware("cpu")
+    free = replace(cpu, intra_node=cpu.intra_node.without_latency(), inter_node=cpu.inter_node.without_latency())
+    z0, z3 = (make_plan("gpt-tiny", devices=4, hardware=free, batch=8, fix={"dp": 4, "zero": z, "mbs": 8},
+                        model_args={"hidden": 256, "layers": 4, "seq": 128}) for z in (0, 3))
     assert z3.predicted.grad_sync_s == pytest.approx(1.5 * z0.predicted.grad_sync_s, rel=1e-6)
     assert math.isclose(z3.predicted.compute_s, z0.predicted.compute_s, rel_tol=1e-9)
+
+
+def test_each_collective_the_data_parallel_runtime_issues_pays_its_latency():
+    """Per step: DP one all-reduce per 25 MiB gradient bucket (one here); FSDP per unit (4 blocks + the root) an
+    all-gather in forward, under ZeRO-3 another in backward, and a reduce-scatter; ZeRO-1 a broadcast of each
+    of the 68 parameters after the step (16 per block, the embeddings and the final norm)."""
+    link, n = load_hardware("cpu").intra_node, 4
+
+    def alpha(kind):
+        return latency_s(kind, n, link)
+
+    z0, z1, z2, z3 = (_plan(None, zero=z, mbs=8).predicted for z in (0, 1, 2, 3))
+    bandwidth = z0.grad_sync_s - alpha("all_reduce")
+    assert z1.grad_sync_s == pytest.approx(z0.grad_sync_s, rel=1e-9)
+    assert z2.grad_sync_s == pytest.approx(bandwidth + 5 * (alpha("all_gather") + alpha("reduce_scatter")), rel=1e-6)
+    assert z3.grad_sync_s == pytest.approx(1.5 * bandwidth + 5 * (2 * alpha("all_gather") + alpha("reduce_scatter")),
+                                           rel=1e-6)
+    assert z1.exposed_comm_s - z0.exposed_comm_s == pytest.approx(0.5 * bandwidth + 68 * alpha("send_recv"),
+                                                                  rel=1e-6)
 
 
 # ---------------------------------------------------------------- published case (../shared/reference)
@@ -231,3 +254,19 @@ def test_a_forward_without_backward_frees_its_saved_tensors():
         loss = x.exp().sum()
     loss.backward()  # unpacking still gives autograd what it saved
     assert torch.allclose(x.grad, x.exp().detach())
+
+
+def test_a_move_into_a_checkpointed_block_runs_its_forward_collective_again():
+    """Recomputation reruns the block's forward, its tensor-parallel all-reduces included (Korthikanti et al. 2022
+    Sec. 5); the backward's collectives are not repeated."""
+    hw = load_hardware("cpu")
+    ctx = CostContext(hw, (2,), (axis_links(hw, [("tp", 2)])["tp"],))
+    shape, f32 = (8, 128, 256), torch.float32
+    once = edge_price(ctx, shape, f32, True, False, (P,), (R,), (0,))[0]
+    again = edge_price(ctx, shape, f32, True, False, (P,), (R,), (0,), rerun=True)[0]
+    forward = redistribution_time_s(ctx, shape, f32, (P,), (R,), False)
+    assert forward > 0 and again == pytest.approx(once + forward, rel=1e-12)
+    # tp=2 on gpt-tiny: full checkpointing adds the rerun collectives to the exposed communication
+    plans = {ac: make_plan("gpt-tiny", devices=2, hardware="cpu", batch=8, fix={"tp": 2, "dp": 1, "ac": ac},
+                           model_args={"hidden": 256, "layers": 4, "seq": 128}).predicted for ac in ("none", "full")}
+    assert plans["full"].exposed_comm_s > plans["none"].exposed_comm_s

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="`;`-separated --fix strings, one per plan")
     p.add_argument("--nproc", type=positive_int, default=2, metavar="N", help="ranks to launch")
     p.add_argument("--batch", type=positive_int, default=8, metavar="B")
-    p.add_argument("--steps", type=positive_int, default=6, metavar="S",
+    p.add_argument("--steps", type=positive_int, default=10, metavar="S",
                    help="steps per plan: the first warms up, the median of the others times the step, the last "
                         "is traced for peak memory")
     p.add_argument("--hardware", default="cpu", metavar="NAME_OR_TOML", help="the cost model to check")

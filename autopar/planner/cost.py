@@ -163,7 +163,7 @@ def _regather_saving(ctx: CostContext, shape, dtype, src, dst, partial) -> float
 @functools.lru_cache(maxsize=1 << 16)
 def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool, is_param: bool,
                src: tuple[Placement, ...], dst: tuple[Placement, ...], partial: tuple[int, ...],
-               kept: bool = False) -> tuple[float, float, float]:
+               kept: bool = False, rerun: bool = False) -> tuple[float, float, float]:
     """(exposed seconds, gradient-sync seconds, bytes kept) for one tensor moving from `src` to `dst` once.
 
     Everything is exposed except a parameter's backward collectives: gradients are reduced once per step, off the
@@ -171,8 +171,12 @@ def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, req
     A parameter gathered for a consumer that saves its inputs stays gathered until backward (`kept`): plain
     autograd holds that copy, so it is memory the plan pays for. An activation the consumer saves (`kept`, counted
     at the consumer's placement by node_cost) that arrives through sequence-parallel all-gathers is stored as its
-    shard and gathered again in backward (codegen/regather.py): bytes kept is then the (negative) difference."""
+    shard and gathered again in backward (codegen/regather.py): bytes kept is then the (negative) difference.
+    A move into a checkpointed block (`rerun`) runs its forward collectives again when backward recomputes the
+    block (Korthikanti et al. 2022 Sec. 5: full recomputation repeats the forward's tensor-parallel all-reduces)."""
     total = redistribution_time_s(ctx, shape, dtype, src, dst, requires_grad, partial)
+    if rerun and not is_param:  # moved inside a checkpointed block: its recomputation moves it again
+        total += redistribution_time_s(ctx, shape, dtype, src, dst, False)
     if not is_param:
         return total, 0.0, _regather_saving(ctx, shape, dtype, src, dst, partial) if kept else 0.0
     forward = redistribution_time_s(ctx, shape, dtype, src, dst, False)

@@ -116,7 +116,8 @@ class ShardingILP:
             kept = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
             held_mult = 1 if cp.block is not None and self.ctx.memory.ac != "none" else mult  # recomputed: once
             held_mult *= self.weight(cons, "activations")
-            price = {(o, i): self._edge_price(pp, k, o, i, mult, kept, held_mult) for o in uo for i in ui}
+            rerun = cp.block is not None and self.ctx.memory.ac != "none"
+            price = {(o, i): self._edge_price(pp, k, o, i, mult, kept, held_mult, rerun) for o in uo for i in ui}
             for part, terms in enumerate((self.time_terms, self.sync_terms, self.memory_terms)):
                 if len(uo) == 1:
                     self._add_time(cons, [price[(uo[0], i)][part] for i in ins], terms)
@@ -144,10 +145,10 @@ class ShardingILP:
                 self.prob += x == 0
 
     def _edge_price(self, pp: PNode, k: int, o, i, mult: int, kept: bool,
-                    held_mult: int) -> tuple[float, float, float]:
+                    held_mult: int, rerun: bool = False) -> tuple[float, float, float]:
         """(exposed seconds, gradient-sync seconds, bytes kept) per step for one edge class."""
         exposed, sync, held = edge_price(self.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
-                                         pp.kind == "param", o, i[0], i[1], kept)
+                                         pp.kind == "param", o, i[0], i[1], kept, rerun)
         sync, after_step = zero_sync(self.ctx, sync)
         return self.m * mult * exposed + mult * after_step, mult * sync, held_mult * held
 

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from autopar.cost_models import exposed_s
+from autopar.cost_models import exposed_s, latency_s
 from autopar.placement import fmt
 from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.cost import edge_price, node_cost, saved_kinds
@@ -16,6 +16,7 @@ from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.planner.pipeline import rank_sync, stage_time
 from autopar.planner.staging import pieces
+from autopar.runtime import BUCKET_BYTES
 from autopar.strategies import grad_partial_axes
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     parts, recompute = memory_parts(c, costs)
     recompute *= m
     exposed, sync, _, after_step = redistributions(c)
+    sync_latency, after_latency = runtime_latency(c)
+    sync, after_step = sync + sync_latency, after_step + after_latency
     moment, parts = peak(parts, m)
     compute += recompute
     sync_exposed = exposed_s(ctx.hw, sync, bwd)
@@ -58,6 +61,32 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
                       tokens_per_s=req.batch * req.seq / step if step else math.inf,
                       tflops_per_device=flops / step / req.devices / 1e12 if step else 0.0,
                       model_flops_per_step=flops)
+
+
+def runtime_latency(c: "Candidate") -> tuple[float, float]:
+    """(gradient-sync, after-step) latency of the collectives the data-parallel runtime issues, which the
+    bucketed per-parameter prices leave out (CostContext.bucketed): per gradient bucket one all-reduce (ZeRO 0/1,
+    runtime.py); per FSDP unit (each block and the root, zero.py) an all-gather in forward, another in backward
+    under ZeRO-3, and a reduce-scatter (ZeRO 2/3); and ZeroRedundancyOptimizer's broadcast of every parameter
+    from its owner after the step (ZeRO-1). A CPU host pays ~1 ms per collective (cost_models/hardware/cpu.toml),
+    so these matter there; on GPUs they are microseconds."""
+    pg, ctx = c.graph, c.ctx
+    if ctx.dp <= 1 or "dp" not in pg.axis_names:
+        return 0.0, 0.0
+    link, n = ctx.links[pg.axis_names.index("dp")], ctx.dp
+
+    def latency(kind: str) -> float:
+        return latency_s(kind, n, link)
+
+    params = [p for p in pg.nodes.values() if p.kind == "param" and p.node.users]
+    if ctx.memory.zero >= 2:
+        units = len({p.block for p in params if p.block is not None}) + 1
+        gathers = 2 if ctx.memory.zero == 3 else 1
+        return units * (gathers * latency("all_gather") + latency("reduce_scatter")), 0.0
+    state = sum(math.prod(p.info.out_shapes[0]) * p.info.out_dtypes[0].itemsize for p in params)
+    buckets = max(1, math.ceil(state / BUCKET_BYTES))
+    broadcasts = len(params) * latency("send_recv") if ctx.memory.zero == 1 else 0.0
+    return buckets * latency("all_reduce"), broadcasts
 
 
 def model_flops(c: "Candidate") -> float:
@@ -104,22 +133,22 @@ def redistributions(c: "Candidate") -> tuple[float, float, float, float]:
     """(exposed, gradient-sync, bytes kept, exposed after the step) of the redistributions, consumers needing
     the same placement sharing one move (emit.py)."""
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
-    moves: dict[tuple, tuple[int, bool, int]] = {}
+    moves: dict[tuple, tuple[int, bool, int, bool]] = {}
     checkpointed = ctx.memory.ac != "none"
     for (prod, k, cons, j), mult in edge_classes(pg).items():
         pp, cp, s_c = pg.nodes[prod], pg.nodes[cons], chosen(c, cons)
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
         key = (prod, k, s_c.ins[j], partial)
-        seen, kept, held_mult = moves.get(key, (0, False, 0))
+        seen, kept, held_mult, rerun = moves.get(key, (0, False, 0, False))
         saves = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
         if saves:
             held_mult = max(held_mult, 1 if cp.block is not None and checkpointed else mult)
-        moves[key] = (max(seen, mult), kept or saves, held_mult)
+        moves[key] = (max(seen, mult), kept or saves, held_mult, rerun or (checkpointed and cp.block is not None))
     exposed = sync = held = after = 0.0
-    for (prod, k, dst, partial), (mult, kept, held_mult) in moves.items():
+    for (prod, k, dst, partial), (mult, kept, held_mult, rerun) in moves.items():
         pp = pg.nodes[prod]
         e, s, h = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
-                             pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept)
+                             pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept, rerun)
         s, a = zero_sync(ctx, s)
         exposed, sync, held, after = exposed + m * mult * e, sync + mult * s, held + held_mult * h, after + mult * a
     return exposed, sync, held, after

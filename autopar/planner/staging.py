@@ -99,20 +99,22 @@ def _edges(c, where, add, time, sync, memory) -> None:
     """Resharding time (exposed) by consumer, gradient sync by parameter, bytes kept by consumer; consumers needing
     the same placement share one move (as in predict.redistributions)."""
     pg, ctx = c.graph, c.ctx
-    moves: dict[tuple, list] = {}  # key -> [largest multiplicity, its consumer, copies kept, a keeping consumer]
+    # key -> [largest multiplicity, its consumer, copies kept, a keeping consumer, moved inside a checkpointed block]
+    moves: dict[tuple, list] = {}
     for (prod, k, cons, j), mult in edge_classes(pg).items():
         pp, cp = pg.nodes[prod], pg.nodes[cons]
         s_c = cp.strategies[c.solution.choice[cons]]
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
-        move = moves.setdefault((prod, k, s_c.ins[j], partial), [0, cons, 0, None])
+        move = moves.setdefault((prod, k, s_c.ins[j], partial), [0, cons, 0, None, False])
+        move[4] = move[4] or (cp.block is not None and ctx.memory.ac != "none")
         if move[0] < mult:
             move[0], move[1] = mult, cons
         if "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs):
             held = 1 if cp.block is not None and ctx.memory.ac != "none" else mult
             if held > move[2]:
                 move[2], move[3] = held, cons
-    for (prod, k, dst, partial), (mult, cons, held, keeper) in moves.items():
-        e, s, h = _price(c, prod, k, dst, partial, keeper is not None)
+    for (prod, k, dst, partial), (mult, cons, held, keeper, rerun) in moves.items():
+        e, s, h = _price(c, prod, k, dst, partial, keeper is not None, rerun)
         s, after = zero_sync(ctx, s)
         add(time, cons, mult * e)
         add(sync, prod if pg.nodes[prod].kind == "param" else cons, mult * (s + after))
@@ -120,10 +122,10 @@ def _edges(c, where, add, time, sync, memory) -> None:
             add(memory, keeper, held * h, "activations")
 
 
-def _price(c, prod: str, k: int, dst, partial, kept: bool):
+def _price(c, prod: str, k: int, dst, partial, kept: bool, rerun: bool = False):
     pp = c.graph.nodes[prod]
     return edge_price(c.ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad, pp.kind == "param",
-                      pp.strategies[c.solution.choice[prod]].outs[k], dst, partial, kept)
+                      pp.strategies[c.solution.choice[prod]].outs[k], dst, partial, kept, rerun)
 
 
 def _boundary_bytes(c) -> float:

@@ -9,10 +9,10 @@ All ranks of the group must call `collective_samples` with the same arguments: t
 (the slowest rank's warm-up decides), and each timing is the slowest rank's, since a collective ends for everyone
 only when it ends for the last rank.
 
-Each timed call follows GAP_S of compute, as every collective in a training step follows compute, and the time
-is the mean over calls. Back-to-back calls pipeline: on a CPU host they hide the cost of waking the backend's
-threads and of ranks arriving apart, which a training step pays on every call (gloo on 2 vCPUs: a 1 MiB
-all-reduce takes ~1 ms back to back, ~3 ms after compute).
+Each timed call follows GAP_S (5 ms) of compute, as every collective in a training step follows compute, and
+the time is the mean over calls. Back-to-back calls pipeline: on a CPU host they hide the cost of waking the
+backend's threads and of ranks arriving apart, which a training step pays on every call (gloo on 2 vCPUs: a
+1 MiB all-reduce takes ~1 ms back to back, ~3 ms after compute).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _slowest(values: list[float], group: dist.ProcessGroup, device: torch.device
     return t.tolist()
 
 
-GAP_S = 2e-3  # compute before each timed collective
+GAP_S = 5e-3  # compute before each timed collective: about what separates a step's collectives
 MAX_CALLS = 30
 
 

@@ -61,14 +61,37 @@ def measure_s(fn: Callable[[], object], sync: Callable[[], None], budget_s: floa
 
 
 MAX_CALL_S = 0.5  # a matmul size whose single call would take longer is not measured (see matmul_samples)
+FLUSH_BYTES = 128 * 2**20  # written before each cold call: more than any CPU's last-level cache or a GPU's L2
+
+
+def measure_cold_s(fn: Callable[[], object], sync: Callable[[], None], flush: torch.Tensor, budget_s: float,
+                   max_calls: int = 20) -> float:
+    """Median seconds of single calls of `fn`, each after writing `flush` so that its operands come from memory,
+    as in a training step, where other ops ran since a matmul's operands were last touched (the weights, since
+    the previous step). On this kind of host that is ~10% slower than a loop whose operands stay in cache."""
+    start = time.perf_counter()
+    fn()
+    sync()
+    calls = max(3, min(max_calls, int(budget_s / max(time.perf_counter() - start, 1e-9))))
+    times = []
+    for i in range(calls):
+        flush.fill_(i)
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], budget_s: float) -> list[ComputeSample]:
-    """n x n @ n x n per dtype and size: 2n^3 FLOPs, 3n^2 elements read or written. A dtype the host has no fast
+    """n x n @ n x n per dtype and size, cache-cold (measure_cold_s): 2n^3 FLOPs, 3n^2 elements read or written.
+    A dtype the host has no fast
     path for (float16 on a CPU without it: ~3 GFLOP/s, a 2048^3 matmul 44 s) stops before the size whose call
     would take more than MAX_CALL_S, judged from the last size by its n^3 work: its peak is its best throughput at
     the sizes measured, and the profile keeps to its time budget."""
     sync, out = synchronizer(device), []
+    flush = torch.empty(FLUSH_BYTES // 4, device=device)
     for name in dtypes:
         last = None
         for n in sizes:
@@ -76,7 +99,7 @@ def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], bu
                 break
             a = torch.randn(n, n, device=device).to(DTYPES[name])
             b = torch.randn(n, n, device=device).to(DTYPES[name])
-            seconds = measure_s(lambda: torch.mm(a, b), sync, budget_s)
+            seconds = measure_cold_s(lambda: torch.mm(a, b), sync, flush, budget_s)
             out.append(ComputeSample("matmul", name, n, 2.0 * n**3, 3.0 * n * n * a.element_size(), seconds))
             last = (n, seconds)
     return out
