@@ -16,6 +16,7 @@ import logging
 import os
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,19 @@ class Captured:
         if name in self.buffers or name in self.constants:
             return "buffer"
         return "input"
+
+
+@contextlib.contextmanager
+def without_source_lines() -> Iterator[None]:
+    """Traces taken inside carry no `node.meta["stack_trace"]`: torch.fx extracts and formats the Python stack for
+    every node it records (about a quarter of torch.export's time on Llama-3-8B), which only generated code and
+    debugging show. Planning alone (`autopar plan`) never shows them."""
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
 
 
 def capture(model: torch.nn.Module, sample_inputs: tuple) -> Captured:

@@ -1,0 +1,84 @@
+"""Tier 0: what makes `autopar plan` fast changes nothing it decides. HiGHS receives the very model pulp's own
+loader would give it; a trace without source lines is the same graph; planning in the CLI leaves the process as
+it found it (garbage collection on, source lines recorded)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pulp
+import pytest
+import torch
+
+from autopar.capture import capture, without_source_lines
+from autopar.cli.main import main
+from autopar.cost_models import axis_links, load_hardware
+from autopar.models import build_model, sample_inputs
+from autopar.planner.cost import CostContext
+from autopar.planner.graph import build
+from autopar.planner.ilp import ShardingILP, _BulkHiGHS
+
+pytestmark = pytest.mark.filterwarnings("ignore:Constructing LpVariable:DeprecationWarning")
+
+AXES = ("dp", "tp")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, info = build_model("gpt-tiny", {"layers": 2}, device="meta")
+    return model, sample_inputs(info, 4, 32, device="meta")
+
+
+def _loaded(solver_cls, prob: pulp.LpProblem) -> dict:
+    """The LP HiGHS holds after `solver_cls` loaded `prob`: every array of it."""
+    solver = solver_cls(msg=False, threads=1)
+    solver.createAndConfigureSolver(prob)
+    solver.buildSolverModel(prob)
+    lp = prob.solverModel.getLp()
+    a = lp.a_matrix_
+    return {"cost": lp.col_cost_, "col_lower": lp.col_lower_, "col_upper": lp.col_upper_, "row_lower": lp.row_lower_,
+            "row_upper": lp.row_upper_, "integrality": [int(t) for t in lp.integrality_], "format": str(a.format_),
+            "start": a.start_, "index": a.index_, "value": a.value_}
+
+
+def test_bulk_loader_gives_highs_the_model_pulp_would(tiny):
+    """A tp=2 ILP (transport variables, binaries, memory rows) and a pin added afterwards through pulp: column by
+    column and row by row, the same costs, bounds, integrality and coefficients in the same order."""
+    model, inputs = tiny
+    hw = load_hardware("a100-80gb-sxm")
+    degrees = (2, 2)
+    links = axis_links(hw, list(zip(AXES, degrees)))
+    ilp = ShardingILP(build(capture(model, inputs), degrees, AXES), CostContext(hw, degrees,
+                                                                                tuple(links[a] for a in AXES)),
+                      budget_bytes=hw.memory_bytes)
+    owner, xs = next((o, xs) for o, xs in ilp.x.items() if len(xs) > 2)
+    ilp.prob += xs[1] == 0, f"test_pin_{owner}"
+    theirs, ours = _loaded(pulp.HiGHS, ilp.prob), _loaded(_BulkHiGHS, ilp.prob)
+    assert len(theirs["cost"]) > 100 and len(theirs["value"]) > 100
+    for key, value in theirs.items():
+        assert np.array_equal(np.asarray(value), np.asarray(ours[key])), key
+
+
+def test_a_trace_without_source_lines_is_the_same_graph(tiny):
+    model, inputs = tiny
+    with_lines = capture(model, inputs)
+    with without_source_lines():
+        without = capture(model, inputs)
+    assert not torch.fx.config.do_not_emit_stack_traces  # restored on the way out
+    ops = [n for n in with_lines.graph.nodes if n.op == "call_function"]
+    assert ops and any(n.stack_trace for n in ops)
+    assert not any(n.stack_trace for n in without.graph.nodes)
+
+    def shape(n):
+        return [(n.name, str(n.target), tuple(getattr(n.meta.get("val"), "shape", ())))]
+
+    assert [shape(n) for n in with_lines.graph.nodes] == [shape(n) for n in without.graph.nodes]
+
+
+def test_planning_in_the_cli_leaves_collection_and_source_lines_on(tmp_path):
+    assert gc.isenabled()
+    code = main(["plan", "gpt-tiny", "--devices", "2", "--hardware", "cpu", "--batch", "4",
+                 "--json", str(tmp_path / "plan.json")])
+    assert code == 0 and (tmp_path / "plan.json").exists()
+    assert gc.isenabled() and not torch.fx.config.do_not_emit_stack_traces
