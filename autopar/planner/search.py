@@ -10,6 +10,7 @@ evaluated, not searched.
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -137,7 +138,13 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         dps = sorted({d["dp"] for d in mesh_candidates(req, blocks)})
         raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))} (with mbs "
                         f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
-    flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy)
+
+    def early(jobs):  # the full trace the flat front-runner will need, taken while workers solve the first ILPs:
+        sizes = {req.batch // m for _, m, _ in jobs}  # when each job, once solved, settles its mesh at one size
+        if proxy is not None and len(sizes) == 1 and all(_settles(cfg) for _, _, cfg in jobs):
+            full_trace(sizes.pop())
+
+    flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy, early)
             if c.solution is not None]
 
     def ahead():  # the full trace the flat front-runner will need, taken while workers price pipelines
@@ -263,12 +270,14 @@ def _frontier(configs: list[MemoryConfig], fits) -> list[MemoryConfig]:
     return out
 
 
-def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Candidate]:
+def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
+                  meanwhile: Callable[[list], object] | None = None) -> list[Candidate]:
     """Each mesh's best (micro-batching, ZeRO stage, checkpointing), in rounds: each round traces each micro-batch
     size it needs once (here, so forked workers inherit the trace), then solves every pending mesh's frontier
     configurations, in parallel worker processes where that is safe (no process group), in order otherwise.
     A mesh is done once it fits without checkpointing or ZeRO-3 (more micro-batches cannot be faster then), or
-    after two micro-batch counts past its first fit."""
+    after two micro-batch counts past its first fit. `meanwhile(jobs)` runs here while workers solve the first
+    round's jobs (not at all where nothing is forked)."""
     pending = {i: (micro_batch_counts(req, d["dp"], d["pp"]), memory_configs(req, d["dp"])) for i, d in
                enumerate(meshes)}
     proxy = (*proxy, {}) if proxy is not None else None  # + a cache of bounds per (mesh, configuration)
@@ -292,7 +301,9 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None) -> list[Cand
             progress(f"solving {len(jobs)} candidate(s): " + ", ".join(
                 f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
         solved_here: dict[int, bool] = {}
-        for i, job, sol in zip(owners, jobs, _run_jobs(req, trace, budget, jobs)):
+        first = {"meanwhile": functools.partial(meanwhile, jobs)} if meanwhile is not None else {}
+        solutions, meanwhile = _run_jobs(req, trace, budget, jobs, **first), None
+        for i, job, sol in zip(owners, jobs, solutions):
             if sol is None:
                 refused.add((i, job[1], job[2]))
                 solved_here.setdefault(i, False)
@@ -429,13 +440,18 @@ def _advance(pending, best, extra, solved_here, refused, meshes) -> None:
         counts, cfgs = pending[i]
         if i in solved_here and not solved_here[i] and any((i, counts[0], c) not in refused for c in cfgs):
             continue  # same m, next frontier
-        done = i in best and best[i].memory.ac == "none" and best[i].memory.zero < 3 and meshes[i]["pp"] == 1
+        done = i in best and _settles(best[i].memory) and meshes[i]["pp"] == 1
         if i in best:
             extra[i] = extra.get(i, 0) + 1
         if done or extra.get(i, 0) > 2 or len(counts) == 1:
             del pending[i]
         else:
             pending[i] = (counts[1:], cfgs)
+
+
+def _settles(cfg: MemoryConfig) -> bool:
+    """A pp = 1 mesh solved without checkpointing or ZeRO-3 needs no more micro-batches: they could not be faster."""
+    return cfg.ac == "none" and cfg.zero < 3
 
 
 def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
@@ -451,7 +467,8 @@ def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
     return fits
 
 
-def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
+def _run_jobs(req, trace, budget, jobs, *, meanwhile: Callable[[], object] | None = None) -> list[Solution | None]:
+    """Each job's solution; in forked workers where that is safe, while `meanwhile` runs here."""
     workers = min(len(jobs), os.cpu_count() or 1, 4)
     if workers < 2 or _forbid_fork():
         return [_solve_one(req, trace, budget, *job) for job in jobs]
@@ -459,7 +476,10 @@ def _run_jobs(req, trace, budget, jobs) -> list[Solution | None]:
     _FORK_STATE = (req, trace, budget, None, None)
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            return list(pool.map(_job_worker, jobs))
+            futures = [pool.submit(_job_worker, job) for job in jobs]  # the workers fork here, before meanwhile
+            if meanwhile is not None:
+                meanwhile()
+            return [f.result() for f in futures]
     finally:
         _FORK_STATE = None
 
