@@ -197,6 +197,22 @@ def test_written_file_loads_with_a_source_on_every_number(tmp_path):
         assert hw.intra_node.alpha_beta(kind) == pytest.approx((fit.latency_s, fit.bandwidth_bytes_per_s), rel=1e-3)
 
 
+def test_a_collective_whose_times_do_not_grow_takes_the_links_joint_fit(tmp_path):
+    true = _roofline_hardware({"float32": 150e9, "bfloat16": 1.2e12, "float16": 150e9}, 16e9, 2e-6)
+    comm = [replace(s, seconds=1e-3) if s.kind == "send_recv" else s for s in _comm(GLOO, group_sizes=(2,))]
+    ranks = [RankMeasurements(r, "host-a", "Test CPU", _compute_samples(true), comm, 25_000_000_000,
+                              23_000_000_000) for r in range(2)]
+    provenance = {"date": "2026-01-02T03:04:05+00:00", "host": "host-a", "torch_version": "2.13.0",
+                  "backend": "gloo", "world_size": 2}
+    profile = build_profile(ranks, "test-cpu", 8, "--devices-per-node 8", ProfileConfig(), provenance)
+    joint = profile.links["intra_node"]
+    assert profile.per_kind["intra_node"]["send_recv"].latency_s == joint.latency_s
+    assert "send_recv alone: latency" in render_toml(profile) and "the link's joint fit" in render_toml(profile)
+    write_profile(profile, tmp_path / "x.toml")
+    assert load_hardware(tmp_path / "x.toml").intra_node.alpha_beta("send_recv")[0] == pytest.approx(
+        joint.latency_s, rel=1e-3)
+
+
 # ---------------------------------------------------------------- the command
 
 

@@ -46,6 +46,7 @@ class LinkFit:
     bandwidth_bytes_per_s: float  # bus bandwidth, 1/β
     rms_rel_error: float  # of the fitted model over the samples it was fitted to
     samples: int
+    note: str = ""  # how it was obtained, where not by its own least squares
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def fit_alpha_beta(samples: Sequence[CommSample]) -> LinkFit:
     if alpha < 0:  # latency below resolution: the best fit with α = 0 (1-D least squares, closed form)
         x = design[:, 1]
         alpha, beta = 0.0, float(x.sum() / (x @ x))
-    if beta <= 0:
+    largest = int(np.argmax(nbytes))
+    if beta <= 0 or design[largest, 1] * beta < 0.01:  # bandwidth explains under 1% of the largest message's time
         raise ValueError("collective times do not grow with message size; rerun with larger messages or "
                          "on an idle machine")
     rel = design @ np.array([alpha, beta]) - 1.0

@@ -35,7 +35,7 @@ class ProfileConfig:
     @classmethod
     def quick(cls) -> ProfileConfig:
         return cls(matmul_sizes=(256, 512, 1024), stream_numels=(2**21, 2**23),
-                   message_bytes=tuple(8**k for k in range(1, 8)), budget_s=0.06)
+                   message_bytes=tuple(8**k for k in range(1, 9)), budget_s=0.06)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
              if any(s.link == link for s in comm)}
     if "intra_node" not in links:
         raise ValueError("no intra_node collectives were measured: run at least 2 ranks on one host")
-    per_kind = {link: {kind: fit_alpha_beta([s for s in comm if s.link == link and s.kind == kind])
+    per_kind = {link: {kind: _own_fit([s for s in comm if s.link == link and s.kind == kind], links[link])
                        for kind in COLLECTIVES} for link in links}
     total = min(r.memory_total_bytes for r in ranks)
     available = min(r.memory_available_bytes for r in ranks)
@@ -69,6 +69,15 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
     return HardwareProfile(name, f"{' + '.join(names)}, {len(ranks)} ranks", devices_per_node,
                            devices_per_node_how, compute, total, max(0, total - available), links, per_kind,
                            config, provenance, matmul_sizes, list(overlap.values()))
+
+
+def _own_fit(samples: list, joint: LinkFit) -> LinkFit:
+    """A collective's own fit, or the link's joint one where its times alone do not grow with message size (noise
+    on a busy host, or messages too small to show bandwidth): the file then says so in the comment."""
+    try:
+        return fit_alpha_beta(samples)
+    except ValueError:
+        return replace(joint, note="its own times did not grow with message size; the link's joint fit")
 
 
 def write_profile(profile: HardwareProfile, out: Path) -> None:
@@ -173,7 +182,7 @@ def _str(text: str) -> str:
 
 def _kind_fit(f: LinkFit) -> str:
     return (f"latency {f.latency_s * 1e6:.1f} us, bandwidth {f.bandwidth_bytes_per_s / 1e9:.3g} GB/s "
-            f"(rms error {f.rms_rel_error:.0%})")
+            f"(rms error {f.rms_rel_error:.0%})" + (f": {f.note}" if f.note else ""))
 
 
 def _capacity_how(p: HardwareProfile) -> str:
