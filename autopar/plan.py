@@ -25,7 +25,7 @@ class Prediction:
     grad_sync_exposed_s: float  # the part backward could not hide
     bubble_s: float = 0.0  # pipeline bubble: time the slowest stage's device waits, fill and drain (pp > 1)
     recompute_s: float = 0.0  # activation recomputation (forward re-run in backward), part of compute_s
-    optimizer_s: float = 0.0  # the optimizer step over the states this device updates
+    optimizer_s: float = 0.0  # the optimizer step over the states this device updates (+ FSDP2's host work)
     memory_bytes_per_device: float  # peak, the sum of the parts below
     memory_parts: dict[str, float]  # the parts present at the peak (planner/footprint.py), summing to it
     memory_peak_at: str = ""  # the moment of the peak: "backward start" (activations) or "backward end" (gradients)

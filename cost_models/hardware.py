@@ -13,6 +13,7 @@ Schema (version 1), one table per concern:
     [links.intra_node] latency_s, bandwidth_bytes_per_s
     [links.inter_node] latency_s, bandwidth_bytes_per_s
     [links.<link>.<collective>]  optional: latency_s, bandwidth_bytes_per_s fitted to that collective alone
+    [runtime]          optional: zero2_per_param_s, zero3_per_param_s (see Hardware)
 
 Every dimensional field ends in its unit (`_s`, `_bytes`, `_per_s`); dimensionless ones are counts or fractions.
 Every number may cite where it comes from in a sibling `<field>_source` string (datasheet, paper, or the
@@ -94,6 +95,9 @@ class Hardware:
     # the fraction of a collective's time that compute running at the same time hides (1: all of it, as with
     # NCCL on its own stream; on a CPU the collective needs the cores the compute is using).
     comm_overlap: float = 1.0
+    # host time FSDP2 adds per parameter tensor per step beyond its collectives, under ZeRO-2 and ZeRO-3 (0: none
+    # counted: on a GPU that host work runs ahead of the device's kernels)
+    zero_per_param_s: Mapping[int, float] = field(default_factory=dict, hash=False)
     # Dotted field name ("compute.matmul_efficiency") -> where that number comes from; and the profile run that
     # wrote the file, if any. Neither changes a cost, so neither takes part in equality or hashing.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -164,6 +168,7 @@ OPTIONAL_FRACTION = _Kind("a number in (0, 1]", _bounded(0.0, strict=True, high=
                           optional=True)
 OPTIONAL_SHARE = _Kind("a number in [0, 1]", _bounded(0.0, strict=False, high=1.0), dimensional=False, optional=True)
 OPTIONAL_POSITIVE = _Kind("a number > 0", _bounded(0.0, strict=True), dimensional=True, optional=True)
+OPTIONAL_NONNEGATIVE = _Kind("a number >= 0", _bounded(0.0, strict=False), dimensional=True, optional=True)
 POSITIVE = _Kind("a number > 0", _bounded(0.0, strict=True), dimensional=True)
 NONNEGATIVE = _Kind("a number >= 0", _bounded(0.0, strict=False), dimensional=True)
 BYTES = _Kind("a whole number of bytes > 0", _whole(1), dimensional=True)
@@ -172,7 +177,7 @@ SOURCE = _Kind("a non-empty string citing a datasheet, paper or profile run", _t
 OPTIONAL_TEXT = _Kind("a non-empty string", _text, dimensional=False, optional=True)
 OPTIONAL_COUNT = _Kind("a whole number >= 1", _whole(1), dimensional=False, optional=True)
 NUMERIC_KINDS = (COUNT, FRACTION, POSITIVE, NONNEGATIVE, BYTES, NONNEGATIVE_BYTES, OPTIONAL_FRACTION, OPTIONAL_SHARE,
-                 OPTIONAL_POSITIVE)
+                 OPTIONAL_POSITIVE, OPTIONAL_NONNEGATIVE)
 
 
 def _with_sources(table: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -190,7 +195,7 @@ PROVENANCE_SCHEMA = {
     "world_size": OPTIONAL_COUNT, "nodes": OPTIONAL_COUNT, "threads_per_rank": OPTIONAL_COUNT,
     "host_load": OPTIONAL_TEXT,  # other work on the host slows what was measured; this says how much there was
 }
-OPTIONAL_TABLES = frozenset({"provenance",
+OPTIONAL_TABLES = frozenset({"provenance", "runtime",
                              *(f"links.{link}.{kind}" for link in LINK_NAMES for kind in COLLECTIVES)})
 SCHEMA: dict[str, Any] = {
     **_with_sources({
@@ -215,6 +220,7 @@ SCHEMA: dict[str, Any] = {
         "efficiency": FRACTION,
     }),
     "links": {name: _LINK_SCHEMA for name in LINK_NAMES},
+    "runtime": _with_sources({f"zero{z}_per_param_s": OPTIONAL_NONNEGATIVE for z in (2, 3)}),
     "provenance": PROVENANCE_SCHEMA,
 }
 
@@ -394,6 +400,8 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         attention_efficiency=compute.get("attention_efficiency"),
         special_per_s={f: compute[f"{f}_per_s"] for f in FAMILIES if f"{f}_per_s" in compute},
         comm_overlap=compute.get("comm_overlap", 1.0),
+        zero_per_param_s={z: v["runtime"][f"zero{z}_per_param_s"] for z in (2, 3)
+                          if f"zero{z}_per_param_s" in v.get("runtime", {})},
         intra_node=_link("intra_node", links["intra_node"]),
         inter_node=_link("inter_node", links["inter_node"]),
         source=v["source"],

@@ -152,6 +152,11 @@ def test_each_collective_the_data_parallel_runtime_issues_pays_its_latency():
                                            rel=1e-6)
     assert z1.exposed_comm_s - z0.exposed_comm_s == pytest.approx(0.5 * bandwidth + 68 * alpha("send_recv"),
                                                                   rel=1e-6)
+    # FSDP2's own host work per parameter (profiled on a one-rank mesh) joins the step under ZeRO 2/3
+    per_param = load_hardware("cpu").zero_per_param_s
+    assert z2.optimizer_s - z0.optimizer_s == pytest.approx(68 * per_param[2], rel=1e-6)
+    assert z3.optimizer_s - z0.optimizer_s == pytest.approx(68 * per_param[3], rel=1e-6) and per_param[3] > 0
+    assert z1.optimizer_s == pytest.approx(z0.optimizer_s, rel=1e-12)
 
 
 # ---------------------------------------------------------------- published case (../shared/reference)

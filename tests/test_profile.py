@@ -241,17 +241,18 @@ def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, caps
     proc = subprocess.run([*LAUNCHERS[launcher], "--out", str(out), "--quick", "--name", "here"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[4/4] intra_node collectives" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert "[4/5] intra_node collectives" in proc.stdout and f"wrote {out}" in proc.stdout
     hw = load_hardware(out)
     assert hw.name == "here" and hw.provenance["world_size"] == 2 and hw.provenance["backend"] == "gloo"
     assert set(hw.intra_node.kinds) == set(COLLECTIVES)  # each collective fitted alone
     per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
                       for f in ("latency_s", "bandwidth_bytes_per_s")}
     measured = {f"compute.{f}" for f in ("attention_efficiency", "exp_per_s", "tanh_per_s", "erf_per_s",
-                                         "comm_overlap")}
+                                         "comm_overlap")} | {"runtime.zero2_per_param_s", "runtime.zero3_per_param_s"}
     assert set(hw.sources) == set(numeric_fields()) | per_collective | measured == hw.fields
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
     assert 0 < hw.attention_efficiency <= 1 and 0 <= hw.comm_overlap <= 1
     assert set(hw.special_per_s) == {"exp", "tanh", "erf"} and min(hw.special_per_s.values()) > 1e6
+    assert set(hw.zero_per_param_s) == {2, 3} and all(v >= 0 for v in hw.zero_per_param_s.values())
     assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0
     assert "predicted step time" in capsys.readouterr().out

@@ -276,7 +276,8 @@ def step_table(plan: Plan, hardware: Hardware | None) -> Table:
             ("gradient sync, exposed", p.grad_sync_exposed_s,
              f"of {seconds(p.grad_sync_s)} gradient collectives; the rest overlaps backward"),
             ("pipeline bubble", p.bubble_s, ""), ("recompute", p.recompute_s, ""),
-            ("optimizer step", p.optimizer_s, "")]
+            ("optimizer step", p.optimizer_s, "with FSDP2's per-parameter work" if plan.zero >= 2 and p.optimizer_s
+             else "")]
     table = _table("predicted step time", "part", ">time", ">share", "")
     for name, t, note in rows:
         if t or note:

@@ -48,6 +48,7 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
     exposed, sync, _, after_step = redistributions(c)
     sync_latency, after_latency = runtime_latency(c)
     sync, after_step = sync + sync_latency, after_step + after_latency
+    optimizer += fsdp_host_s(c)
     moment, parts = peak(parts, m)
     compute += recompute
     sync_exposed = exposed_s(ctx.hw, sync, bwd)
@@ -87,6 +88,16 @@ def runtime_latency(c: "Candidate") -> tuple[float, float]:
     buckets = max(1, math.ceil(state / BUCKET_BYTES))
     broadcasts = len(params) * latency("send_recv") if ctx.memory.zero == 1 else 0.0
     return buckets * latency("all_reduce"), broadcasts
+
+
+def fsdp_host_s(c: "Candidate") -> float:
+    """FSDP2's own host work per step under ZeRO 2/3 (copies in and out of its buffers, DTensor dispatch in the
+    optimizer): the hardware's profiled seconds per parameter tensor (zero_per_param_s), on the critical path on
+    a CPU; none is counted where the file has no such number (a GPU, whose kernels it runs ahead of)."""
+    if c.ctx.dp <= 1 or c.ctx.memory.zero < 2:
+        return 0.0
+    params = sum(1 for p in c.graph.nodes.values() if p.kind == "param" and p.node.users)
+    return params * c.ctx.hw.zero_per_param_s.get(c.ctx.memory.zero, 0.0)
 
 
 def model_flops(c: "Candidate") -> float:

@@ -83,7 +83,7 @@ def _slowest(values: list[float], group: dist.ProcessGroup, device: torch.device
 
 
 GAP_S = 5e-3  # compute before each timed collective: about what separates a step's collectives
-MAX_CALLS = 30
+MAX_CALLS = 60  # per size: a call's time after compute is heavy-tailed on a CPU host, and the mean is what a step pays
 
 
 def _time_collective(fn: Callable[[], None], group: dist.ProcessGroup, device: torch.device,
@@ -94,7 +94,7 @@ def _time_collective(fn: Callable[[], None], group: dist.ProcessGroup, device: t
     fn()
     sync()
     (first,) = _slowest([time.perf_counter() - start], group, device)  # also lines the ranks up
-    calls = max(repeats, min(MAX_CALLS, int(budget_s / (first + GAP_S))))
+    calls = max(repeats, min(MAX_CALLS, int(2 * budget_s / (first + GAP_S))))
     total = 0.0
     for _ in range(calls):
         gap()
@@ -156,7 +156,7 @@ class OverlapSample:
 
 
 def overlap_sample(link: str, group: dist.ProcessGroup, device: torch.device, budget_s: float,
-                   nbytes: int = 16 * 2**20, repeats: int = 3) -> OverlapSample:
+                   nbytes: int = 16 * 2**20, repeats: int = 9) -> OverlapSample:
     """Does compute hide a collective running at the same time? NCCL runs on its own stream and SMs, so on a GPU
     together takes about max(compute, comm); gloo on a CPU needs the cores the compute is using, so together
     takes about their sum. The matmul loop is sized to take as long as the all-reduce alone, where the

@@ -17,10 +17,11 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from .collectives import CommSample, OverlapSample, collective_samples, overlap_sample
-from .microbench import (DTYPES, ComputeSample, attention_samples, launch_sample, matmul_samples, stream_samples,
-                         transcendental_samples)
+from .microbench import (DTYPES, ComputeSample, attention_samples, fsdp_overhead_s, launch_sample, matmul_samples,
+                         stream_samples, transcendental_samples)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class RankMeasurements:
     memory_total_bytes: int = 0
     memory_available_bytes: int = 0  # free for training when measured, after this rank's runtime started
     overlap: list[OverlapSample] = field(default_factory=list)  # one per link class this rank measured
+    fsdp_per_param_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> FSDP2's host seconds
 
 
 def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str], None]) -> RankMeasurements:
@@ -58,7 +60,8 @@ def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str
     dist.all_gather_object(hosts, socket.gethostname())
     out = RankMeasurements(rank, hosts[rank], device_name(device))
     layout = link_layout(hosts)
-    phases = 3 + len(layout)
+    fsdp = device.type == "cpu"  # on a GPU FSDP's host work runs ahead of the kernels: not measured, counted as 0
+    phases = 3 + len(layout) + fsdp
     say(f"[1/{phases}] launch floor and memory bandwidth ({stream_mib(config.stream_numels)} MiB float32 streams)")
     out.compute.append(launch_sample(device, config.budget_s))
     out.compute += stream_samples(device, list(config.stream_numels), config.budget_s)
@@ -78,6 +81,12 @@ def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str
         if group is not None:
             out.comm += collective_samples(link, group, device, list(config.message_bytes), config.budget_s)
             out.overlap.append(overlap_sample(link, group, device, config.budget_s))
+    if fsdp:
+        say(f"[{phases}/{phases}] FSDP2's own work per parameter, on a one-rank mesh "
+            f"(+{time.perf_counter() - start:.0f} s)")
+        alone, _ = dist.new_subgroups_by_enumeration([[r] for r in range(world)])  # every rank creates all
+        mesh = DeviceMesh.from_group(alone, "cpu")
+        out.fsdp_per_param_s = {z: fsdp_overhead_s(mesh, z == 3, config.budget_s) for z in (2, 3)}
     out.memory_total_bytes, out.memory_available_bytes = memory_bytes(device)
     dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
     return out

@@ -8,6 +8,7 @@ and how well the cost model's formula fits it; the run itself goes to `[provenan
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ class HardwareProfile:
     provenance: dict[str, Any]  # date, host, torch_version, backend, devices, world_size, ...
     matmul_sizes: dict[str, list[int]] = field(default_factory=dict)  # dtype -> n measured (slow dtypes stop early)
     overlap: list[OverlapSample] = field(default_factory=list)  # one per link class measured
+    fsdp_per_param_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> median over ranks
 
     @property
     def comm_overlap(self) -> OverlapSample | None:
@@ -66,9 +68,10 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
     available = min(r.memory_available_bytes for r in ranks)
     names = sorted({r.device_name for r in ranks})
     overlap = {o.link: o for r in ranks for o in r.overlap}  # the same slowest-rank times on every rank
+    fsdp = {z: statistics.median(r.fsdp_per_param_s[z] for r in ranks) for z in ranks[0].fsdp_per_param_s}
     return HardwareProfile(name, f"{' + '.join(names)}, {len(ranks)} ranks", devices_per_node,
                            devices_per_node_how, compute, total, max(0, total - available), links, per_kind,
-                           config, provenance, matmul_sizes, list(overlap.values()))
+                           config, provenance, matmul_sizes, list(overlap.values()), fsdp)
 
 
 def _own_fit(samples: list, joint: LinkFit) -> LinkFit:
@@ -137,6 +140,11 @@ def render_toml(p: HardwareProfile) -> str:
                      f"(rms error {c.stream_rms_rel_error:.0%})", src)
     for link in LINK_NAMES:
         lines += ["", *_link(p, link)]
+    if p.fsdp_per_param_s:
+        lines += ["", "[runtime]"]
+        for z, seconds in sorted(p.fsdp_per_param_s.items()):
+            lines += _number(f"zero{z}_per_param_s", seconds, f"FSDP2 as ZeRO-{z} on a one-rank mesh minus plain "
+                             "training, per parameter tensor per step (64 small Linear parameters)", src)
     lines += ["", "[provenance]", *(f"{k} = {_value(v)}" for k, v in p.provenance.items())]
     return "\n".join(lines) + "\n"
 
