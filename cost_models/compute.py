@@ -25,9 +25,8 @@ from typing import Any
 
 from .hardware import FAMILIES, Hardware
 
-
-UNITS = ("vector", "matmul", "attention", "transcendental")
-# What a transcendental op evaluates (exp-like: exp, sigmoid, log, sin): hardware.FAMILIES
+UNITS = ("vector", "matmul", "attention", "transcendental")  # what bounds an op; FAMILIES: what a transcendental
+# op evaluates (exp-like: exp, sigmoid, log, sin; tanh; erf)
 
 
 def op_time_s(hw: Hardware, flops: float, bytes_moved: float, dtype: Any, unit: str = "vector",

@@ -69,8 +69,8 @@ def runtime_latency(c: "Candidate") -> tuple[float, float]:
     bucketed per-parameter prices leave out (CostContext.bucketed): per gradient bucket one all-reduce (ZeRO 0/1,
     runtime.py); per FSDP unit (each block and the root, zero.py) an all-gather in forward, another in backward
     under ZeRO-3, and a reduce-scatter (ZeRO 2/3); and ZeroRedundancyOptimizer's broadcast of every parameter
-    from its owner after the step (ZeRO-1). A CPU host pays ~1 ms per collective (cost_models/hardware/cpu.toml),
-    so these matter there; on GPUs they are microseconds."""
+    from its owner after the step (ZeRO-1; each priced as one message's latency). A CPU host pays ~1 ms per
+    collective (cost_models/hardware/cpu.toml), so these matter there; on GPUs they are microseconds."""
     pg, ctx = c.graph, c.ctx
     if ctx.dp <= 1 or "dp" not in pg.axis_names:
         return 0.0, 0.0

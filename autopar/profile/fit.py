@@ -11,9 +11,10 @@ without a datasheet); `matmul_efficiency` and memory `efficiency` are the fracti
 `autopar.cost_models.compute.op_time_s` best predicts every matmul and stream sample (least squares in relative
 error over a 0.001 grid: one parameter, a non-smooth max(), so a grid is exact enough and cannot diverge).
 `attention_efficiency` is fitted the same way to the attention samples, and each `<family>_per_s` to the samples
-of that family (exp: silu, softmax; tanh: tanh-approximated gelu; erf: gelu) over a log grid (1e6..1e13 per second, 1% steps); all hold forward + backward
-as the forward the planner's 1:2 split implies (microbench.FWD_SHARE). Where the transcendental term never binds
-(a GPU), the least rate at which it does not is kept: a lower bound, and inert in the planner.
+of that family (exp: silu, softmax; tanh: tanh-approximated gelu; erf: gelu) over a log grid (1e6..1e13 per
+second, 1% steps); all hold forward + backward as the forward the planner's 1:2 split implies
+(microbench.FWD_SHARE). Where the transcendental term never binds (a GPU), the least rate at which it does not is
+kept: a lower bound, and inert in the planner.
 """
 
 from __future__ import annotations

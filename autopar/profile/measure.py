@@ -2,8 +2,10 @@
 
 Phases: the launch floor and memory streams, matmuls per dtype and size, fused attention and transcendental ops
 (forward and backward), then collectives on each link class the ranks span, with one all-reduce also timed
-against concurrent compute (how much of it compute hides): `intra_node` among ranks that share a host, `inter_node` among ranks with the same local index on
-different hosts (one host measures only `intra_node`). The process group is passed in, never global state.
+against concurrent compute (how much of it compute hides): `intra_node` among ranks that share a host,
+`inter_node` among ranks with the same local index on different hosts (one host measures only `intra_node`);
+last, on a CPU host, FSDP2's own work per parameter on a one-rank mesh. The process group is passed in, never
+global state.
 """
 
 from __future__ import annotations

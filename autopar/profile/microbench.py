@@ -29,7 +29,7 @@ class ComputeSample:
     flops: float
     bytes_moved: float  # to and from device memory, counted as the roofline counts them
     seconds: float  # median wall time of one call (forward-equivalent for forward + backward samples)
-    transcendentals: float = 0.0  # exp or erf evaluations among the flops (FAMILY_OF[op])
+    transcendentals: float = 0.0  # exp, tanh or erf evaluations among the flops (FAMILY_OF[op])
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -86,10 +86,9 @@ def measure_cold_s(fn: Callable[[], object], sync: Callable[[], None], flush: to
 
 def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], budget_s: float) -> list[ComputeSample]:
     """n x n @ n x n per dtype and size, cache-cold (measure_cold_s): 2n^3 FLOPs, 3n^2 elements read or written.
-    A dtype the host has no fast
-    path for (float16 on a CPU without it: ~3 GFLOP/s, a 2048^3 matmul 44 s) stops before the size whose call
-    would take more than MAX_CALL_S, judged from the last size by its n^3 work: its peak is its best throughput at
-    the sizes measured, and the profile keeps to its time budget."""
+    A dtype the host has no fast path for (float16 on a CPU without it: ~3 GFLOP/s, a 2048^3 matmul 44 s) stops
+    before the size whose call would take more than MAX_CALL_S, judged from the last size by its n^3 work: its peak
+    is its best throughput at the sizes measured, and the profile keeps to its time budget."""
     sync, out = synchronizer(device), []
     flush = torch.empty(FLUSH_BYTES // 4, device=device)
     for name in dtypes:
