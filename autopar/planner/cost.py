@@ -102,6 +102,12 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     return NodeCost(fwd, bwd, act, 0.0, out_bytes)
 
 
+def recomputed(ctx: CostContext, p: PNode) -> bool:
+    """p runs inside a checkpointed block: backward runs it (and the moves into it) again, and what it saves is
+    held for one block at a time."""
+    return p.block is not None and ctx.memory.ac != "none"
+
+
 def _activation_scale(ctx: CostContext, p: PNode) -> float:
     return activation_scale(ctx.memory, p.info.out_dtypes[0].itemsize) if p.info.out_dtypes else 1.0
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, saved_kinds
+from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, recomputed, saved_kinds
 from autopar.planner.footprint import Term, phases
 from autopar.planner.footprint import terms as footprint_terms
 from autopar.planner.graph import PlanGraph, PNode
@@ -116,9 +116,8 @@ class ShardingILP:
                 self._add_equal_placement(prod, outs, uo, cons, ins)
                 continue
             kept = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
-            held_mult = 1 if cp.block is not None and self.ctx.memory.ac != "none" else mult  # recomputed: once
-            held_mult *= self.weight(cons, "activations")
-            rerun = cp.block is not None and self.ctx.memory.ac != "none"
+            rerun = recomputed(self.ctx, cp)
+            held_mult = (1 if rerun else mult) * self.weight(cons, "activations")  # recomputed: held once
             price = self._edge_prices(pp, k, uo, ui, mult, kept, held_mult, rerun)  # price[a][b]: uo[a] -> ui[b]
             at_out = _positions(outs, uo)  # strategy of the producer -> index of its placement in uo
             at_in = _positions(ins, ui)
@@ -176,12 +175,11 @@ class ShardingILP:
     def _add_transport(self, prod: str, at_out: list[int], cons: str, at_in: list[int], price: list[list]) -> None:
         """y[a][b] >= 0 moves the tensor from placement a to b; the y's of row a sum to the producer's x's at a, of
         column b to the consumer's x's at b. Built as plain (variable, coefficient) lists: this is most of the ILP."""
-        new = self.prob.add_variable if hasattr(self.prob, "add_variable") else pulp.LpVariable
         y = []
         for row in price:
             ys = []
             for values in row:
-                v = new(f"y_{self.n_y}", lowBound=0)
+                v = self._var(f"y_{self.n_y}", lowBound=0)
                 self.n_y += 1
                 if values[0]:
                     self.time_terms[v] = values[0]

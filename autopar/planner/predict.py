@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from autopar.cost_models import exposed_s, latency_s
 from autopar.placement import fmt
 from autopar.plan import NodeDecision, Plan, Prediction
-from autopar.planner.cost import edge_price, node_cost, saved_kinds
+from autopar.planner.cost import edge_price, node_cost, recomputed, saved_kinds
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.planner.pipeline import rank_sync, stage_time
@@ -79,7 +79,7 @@ def runtime_latency(c: "Candidate") -> tuple[float, float]:
     def latency(kind: str) -> float:
         return latency_s(kind, n, link)
 
-    params = [p for p in pg.nodes.values() if p.kind == "param" and p.node.users]
+    params = _used_params(pg)
     if ctx.memory.zero >= 2:
         units = len({p.block for p in params if p.block is not None}) + 1
         gathers = 2 if ctx.memory.zero == 3 else 1
@@ -96,8 +96,12 @@ def fsdp_host_s(c: "Candidate") -> float:
     a CPU; none is counted where the file has no such number (a GPU, whose kernels it runs ahead of)."""
     if c.ctx.dp <= 1 or c.ctx.memory.zero < 2:
         return 0.0
-    params = sum(1 for p in c.graph.nodes.values() if p.kind == "param" and p.node.users)
-    return params * c.ctx.hw.zero_per_param_s.get(c.ctx.memory.zero, 0.0)
+    return len(_used_params(c.graph)) * c.ctx.hw.zero_per_param_s.get(c.ctx.memory.zero, 0.0)
+
+
+def _used_params(pg) -> list:
+    """The parameters the optimizer and the data-parallel runtime handle (a tied weight's second name is unused)."""
+    return [p for p in pg.nodes.values() if p.kind == "param" and p.node.users]
 
 
 def model_flops(c: "Candidate") -> float:
@@ -145,7 +149,6 @@ def redistributions(c: "Candidate") -> tuple[float, float, float, float]:
     the same placement sharing one move (emit.py)."""
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
     moves: dict[tuple, tuple[int, bool, int, bool]] = {}
-    checkpointed = ctx.memory.ac != "none"
     for (prod, k, cons, j), mult in edge_classes(pg).items():
         pp, cp, s_c = pg.nodes[prod], pg.nodes[cons], chosen(c, cons)
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
@@ -153,8 +156,8 @@ def redistributions(c: "Candidate") -> tuple[float, float, float, float]:
         seen, kept, held_mult, rerun = moves.get(key, (0, False, 0, False))
         saves = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
         if saves:
-            held_mult = max(held_mult, 1 if cp.block is not None and checkpointed else mult)
-        moves[key] = (max(seen, mult), kept or saves, held_mult, rerun or (checkpointed and cp.block is not None))
+            held_mult = max(held_mult, 1 if recomputed(ctx, cp) else mult)
+        moves[key] = (max(seen, mult), kept or saves, held_mult, rerun or recomputed(ctx, cp))
     exposed = sync = held = after = 0.0
     for (prod, k, dst, partial), (mult, kept, held_mult, rerun) in moves.items():
         pp = pg.nodes[prod]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autopar.cost_models import axis_links, collective_time_s, exposed_s
-from autopar.planner.cost import edge_price, nbytes, node_cost, saved_kinds
+from autopar.planner.cost import edge_price, nbytes, node_cost, recomputed, saved_kinds
 from autopar.planner.footprint import peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
@@ -106,11 +106,11 @@ def _edges(c, where, add, time, sync, memory) -> None:
         s_c = cp.strategies[c.solution.choice[cons]]
         partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
         move = moves.setdefault((prod, k, s_c.ins[j], partial), [0, cons, 0, None, False])
-        move[4] = move[4] or (cp.block is not None and ctx.memory.ac != "none")
+        move[4] = move[4] or recomputed(ctx, cp)
         if move[0] < mult:
             move[0], move[1] = mult, cons
         if "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs):
-            held = 1 if cp.block is not None and ctx.memory.ac != "none" else mult
+            held = 1 if recomputed(ctx, cp) else mult
             if held > move[2]:
                 move[2], move[3] = held, cons
     for (prod, k, dst, partial), (mult, cons, held, keeper, rerun) in moves.items():
