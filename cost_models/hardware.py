@@ -342,7 +342,7 @@ def _unknown_key_message(key: str, schema: Mapping[str, Any], section: str) -> s
 
 # Dimension and factor to the schema's unit for each suffix it reads, longest first so `_bytes_per_s` wins.
 _FIELD_UNITS = (("_flops_per_s", ("FLOP/s", 1.0)), ("_bytes_per_s", ("bytes/s", 1.0)),
-                ("_bytes", ("bytes", 1.0)), ("_s", ("seconds", 1.0)))
+                ("_per_s", ("evaluations per second", 1.0)), ("_bytes", ("bytes", 1.0)), ("_s", ("seconds", 1.0)))
 _PREFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15,
              "ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
 # Lower-case unit text -> (dimension, factor to the base unit). Bits per second are left out on purpose:
@@ -353,6 +353,9 @@ _UNITS: dict[str, tuple[str, float]] = {
     **{f"{p}b": ("bytes", f) for p, f in _PREFIXES.items()},
     **{f"{p}{b}": ("bytes/s", f) for p, f in _PREFIXES.items() for b in ("b/s", "bytes/s")},
     **{f"{p}{u}": ("FLOP/s", f) for p, f in _PREFIXES.items() for u in ("flop/s", "flops", "flops/s")},
+    # a rate of events (exp_per_us): the stem keeps "per", so the written unit is the time after it
+    **{f"per_{t}": ("evaluations per second", 1.0 / f) for t, f in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6),
+                                                                     ("ns", 1e-9))},
 }
 
 

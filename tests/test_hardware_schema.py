@@ -58,6 +58,12 @@ MALFORMED = [
      "bandwidth_bytes_per_s = 0\n", ["'links.intra_node.all_gather.bandwidth_bytes_per_s' = 0 is invalid"]),
     ("collective's missing field", lambda: GOOD + "\n[links.intra_node.reduce_scatter]\nlatency_s = 1e-6\n",
      ["missing field 'links.intra_node.reduce_scatter.bandwidth_bytes_per_s'", "add it"]),
+    ("rate in another unit", lambda: GOOD.replace("launch_overhead_s =", "tanh_per_us = 1e3\nlaunch_overhead_s ="),
+     ["'compute.tanh_per_us'", "reads 'tanh_per_s' in evaluations per second", "multiply the value by 1e+06"]),
+    ("overlap above one", lambda: GOOD.replace("launch_overhead_s =", "comm_overlap = 1.5\nlaunch_overhead_s ="),
+     ["field 'compute.comm_overlap' = 1.5 is invalid", "a number in [0, 1]"]),
+    ("negative runtime overhead", lambda: GOOD + "\n[runtime]\nzero3_per_param_s = -1\n",
+     ["field 'runtime.zero3_per_param_s' = -1 is invalid", "a number >= 0"]),
     ("TOML syntax", lambda: GOOD.replace("devices_per_node = 8", "devices_per_node = = 8"),
      ["not valid TOML", f"line {GOOD.splitlines().index('devices_per_node = 8') + 1}", "fix the syntax"]),
 ]
