@@ -50,5 +50,8 @@ def make_optimizer(params, cls: type[torch.optim.Optimizer], stage: int, dp_grou
     if stage == 1 and dp_group is not None:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=dp_group, **kwargs)
+        # One flat bucket per rank: after the step each rank broadcasts its bucket, n messages instead of one per
+        # parameter (68 for gpt-tiny: ~23 ms of gloo latency a step on a CPU host against ~2 ms)
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=dp_group,
+                                       parameters_as_bucket_view=True, **kwargs)
     return cls(params, **kwargs)

@@ -68,9 +68,10 @@ def runtime_latency(c: "Candidate") -> tuple[float, float]:
     """(gradient-sync, after-step) latency of the collectives the data-parallel runtime issues, which the
     bucketed per-parameter prices leave out (CostContext.bucketed): per gradient bucket one all-reduce (ZeRO 0/1,
     runtime.py); per FSDP unit (each block and the root, zero.py) an all-gather in forward, another in backward
-    under ZeRO-3, and a reduce-scatter (ZeRO 2/3); and ZeroRedundancyOptimizer's broadcast of every parameter
-    from its owner after the step (ZeRO-1; each priced as one message's latency). A CPU host pays ~1 ms per
-    collective (cost_models/hardware/cpu.toml), so these matter there; on GPUs they are microseconds."""
+    under ZeRO-3, and a reduce-scatter (ZeRO 2/3); and, after the step under ZeRO-1, ZeroRedundancyOptimizer's
+    broadcast of each dp rank's parameter bucket from that rank (zero.py: one flat bucket per rank, priced as one
+    message's latency each). A CPU host pays ~1 ms per collective (cost_models/hardware/cpu.toml), so these
+    matter there; on GPUs they are microseconds."""
     pg, ctx = c.graph, c.ctx
     if ctx.dp <= 1 or "dp" not in pg.axis_names:
         return 0.0, 0.0
@@ -86,7 +87,7 @@ def runtime_latency(c: "Candidate") -> tuple[float, float]:
         return units * (gathers * latency("all_gather") + latency("reduce_scatter")), 0.0
     state = sum(math.prod(p.info.out_shapes[0]) * p.info.out_dtypes[0].itemsize for p in params)
     buckets = max(1, math.ceil(state / BUCKET_BYTES))
-    broadcasts = len(params) * latency("send_recv") if ctx.memory.zero == 1 else 0.0
+    broadcasts = n * latency("send_recv") if ctx.memory.zero == 1 else 0.0
     return buckets * latency("all_reduce"), broadcasts
 
 
