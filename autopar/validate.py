@@ -5,6 +5,11 @@ Each plan runs `examples/train.py --measure` under torchrun (a few steps: the fi
 the following ones is the step time, and the last is traced for its peak tensor bytes; the largest over ranks,
 autopar/measure.py). Statistics: mean absolute percentage error of step time and of memory, and Spearman's rank
 correlation of predicted vs measured step time (does the planner order the plans as the machine does?).
+
+With several rounds the plans run round-robin (every plan once per round, so a slow spell of the machine falls on
+all of them alike) and each plan's numbers are the medians over its rounds (`combine`): one launch of a plan can
+land 15-20% off its usual time on a 2-core host (where its ranks' threads are placed), which is the spread of the
+seven default plans' times.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ def run_plan(model: str, model_args: str, fix: str, nproc: int, batch: int, hard
     last = next((ln for ln in reversed(proc.stderr.splitlines()) if "autopar: error" in ln), None)
     reason = last.split("autopar: error: ", 1)[-1] if last else f"torchrun exited {proc.returncode}"
     raise AutoparError(f"plan --fix {fix} did not run: {reason}")
+
+
+def combine(runs: list[Row]) -> Row:
+    """One plan's rounds as one row: the predictions (the same every round) and the median measurements."""
+    if not runs or len({r.fix for r in runs}) != 1:
+        raise ValueError("combine takes the rounds of one plan")
+    return Row(runs[0].fix, runs[0].predicted_s, float(np.median([r.measured_s for r in runs])),
+               runs[0].predicted_bytes, float(np.median([r.measured_bytes for r in runs])))
 
 
 def spearman(a: list[float], b: list[float]) -> float:

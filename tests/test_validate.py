@@ -7,7 +7,7 @@ import math
 import pytest
 
 from autopar.cli.main import main
-from autopar.validate import Row, spearman, statistics
+from autopar.validate import Row, combine, spearman, statistics
 
 
 def test_spearman_orders_and_ties():
@@ -25,10 +25,21 @@ def test_statistics_report_errors_against_the_measurement():
     assert s["step_within_25"] == 2 and s["memory_within_15"] == 2
 
 
+def test_rounds_combine_to_the_median_measurement():
+    runs = [Row("dp=2", 0.2, t, 100, b) for t, b in ((0.30, 90), (0.21, 92), (0.25, 91))]
+    row = combine(runs)
+    assert (row.fix, row.predicted_s, row.predicted_bytes) == ("dp=2", 0.2, 100)
+    assert row.measured_s == pytest.approx(0.25) and row.measured_bytes == 91
+    with pytest.raises(ValueError):
+        combine([runs[0], Row("tp=2", 0.2, 0.3, 100, 90)])
+
+
 @pytest.mark.dist
 def test_validate_runs_plans_and_prints_the_comparison(capsys):
-    assert main(["validate", "--plans", "dp=2;dp=2,ac=full", "--steps", "2", "--model-args",
+    assert main(["validate", "--plans", "dp=2;dp=2,ac=full", "--steps", "2", "--rounds", "2", "--model-args",
                  "hidden=64,layers=2,seq=32"]) == 0
     out = capsys.readouterr().out
     assert "predicted vs measured" in out and "Spearman" in out
+    # round-robin: the first plan's second run comes after the second plan's first
+    assert out.index("round 2/2: running --fix dp=2 ") > out.index("round 1/2: running --fix dp=2,ac=full")
     assert "dp=2,ac=f" in out  # the second plan's row (rich may shorten the cell)

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autopar.cli.plan_cmd import positive_int
-from autopar.validate import DEFAULT_PLANS, run_plan, statistics
+from autopar.validate import DEFAULT_PLANS, combine, run_plan, statistics
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,17 +24,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=10, metavar="S",
                    help="steps per plan: the first warms up, the median of the others times the step, the last "
                         "is traced for peak memory")
+    p.add_argument("--rounds", type=positive_int, default=3, metavar="R",
+                   help="run the plans round-robin R times and report each plan's median (default 3; one launch "
+                        "can land 15-20%% off on a small host)")
     p.add_argument("--hardware", default="cpu", metavar="NAME_OR_TOML", help="the cost model to check")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
-    rows = []
-    for fix in (f.strip() for f in args.plans.split(";") if f.strip()):
-        console.print(f"running --fix {fix} on {args.nproc} ranks", highlight=False)
-        rows.append(run_plan(args.model, args.model_args, fix, args.nproc, args.batch, args.hardware, args.steps))
-    table = Table(title=f"predicted vs measured on this machine ({args.model}, {args.nproc} ranks, {args.hardware})",
+    plans = [f.strip() for f in args.plans.split(";") if f.strip()]
+    runs: dict[str, list] = {fix: [] for fix in plans}
+    for r in range(args.rounds):
+        for fix in plans:
+            console.print(f"round {r + 1}/{args.rounds}: running --fix {fix} on {args.nproc} ranks", highlight=False)
+            runs[fix].append(run_plan(args.model, args.model_args, fix, args.nproc, args.batch, args.hardware,
+                                      args.steps))
+    rows = [combine(runs[fix]) for fix in plans]
+    rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+    table = Table(title=f"predicted vs measured on this machine ({args.model}, {args.nproc} ranks, {args.hardware}"
+                        f"{rounds})",
                   title_justify="left")
     for col in ("plan", ">predicted step", ">measured step", ">error", ">predicted MiB", ">measured MiB", ">error"):
         table.add_column(col.lstrip(">"), justify="right" if col.startswith(">") else "left")
