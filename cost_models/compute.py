@@ -10,6 +10,10 @@ input dtype: PyTorch's elementwise and reduction kernels compute in float32 "opm
 (aten/src/ATen/OpMathType.h). That also lets integer and bool ops (index, masks) be costed; their compute term is
 negligible next to their memory term, so no per-dtype vector peak is needed.
 
+A matmul also pays `matmul_overhead_s` per call where a profile fitted one: on a CPU, packing operands and cold
+caches cost ~0.1 ms per call whatever its size, so [128, 256] @ [256, 768] runs at ~65% of the throughput of
+[2048, 256] @ [256, 768] (autopar profile's layer-shaped samples; 0 in the datasheet files).
+
 Two optional ceilings refine this where a profile measured them (hardware.py): fused attention (SDPA) at its own
 `attention_efficiency` of the matmul peak, and transcendental ops at `exp_per_s` (exp, sigmoid, log...: silu,
 softmax), `tanh_per_s` (tanh, GELU's tanh approximation) or `erf_per_s` (exact GELU) evaluations per second,
@@ -52,4 +56,5 @@ def op_time_s(hw: Hardware, flops: float, bytes_moved: float, dtype: Any, unit: 
         flops_per_s = hw.peak_flops("float32")
     bytes_per_s = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
     special = transcendentals / hw.special_per_s.get(family, math.inf) if unit == "transcendental" else 0.0
-    return max(flops / flops_per_s, bytes_moved / bytes_per_s, special) + hw.launch_overhead_s
+    fixed = hw.launch_overhead_s + (hw.matmul_overhead_s if unit == "matmul" else 0.0)
+    return max(flops / flops_per_s, bytes_moved / bytes_per_s, special) + fixed

@@ -8,7 +8,8 @@ Schema (version 1), one table per concern:
 
     schema_version, name, device, devices_per_node, source          top level
     [compute]          peak_{bfloat16,float16,float32}_flops_per_s, matmul_efficiency, launch_overhead_s;
-                       optional: attention_efficiency, {exp,tanh,erf}_per_s, comm_overlap (see Hardware)
+                       optional: matmul_overhead_s, attention_efficiency, {exp,tanh,erf}_per_s, comm_overlap
+                       (see Hardware)
     [memory]           capacity_bytes, reserve_bytes, bandwidth_bytes_per_s, efficiency
     [links.intra_node] latency_s, bandwidth_bytes_per_s
     [links.inter_node] latency_s, bandwidth_bytes_per_s
@@ -86,6 +87,9 @@ class Hardware:
     inter_node: Link
     source: str  # provenance of the numbers
     # Optional (a file may leave them out; the default is what the cost model assumed before they existed):
+    # a fixed cost per matmul call beyond its FLOPs (operand packing, cold caches; 0: none), which makes a small
+    # micro-batch's or a tensor-parallel shard's matmuls slower per FLOP than a large one's;
+    matmul_overhead_s: float = 0.0
     # fused attention's fraction of peak, forward and backward together (None: matmul_efficiency);
     attention_efficiency: float | None = None
     # transcendental evaluations per second by family (compute.py FAMILIES: exp, tanh, erf), forward and backward
@@ -209,6 +213,7 @@ SCHEMA: dict[str, Any] = {
         **{f"peak_{dtype}_flops_per_s": POSITIVE for dtype in DTYPES},
         "matmul_efficiency": FRACTION,
         "launch_overhead_s": NONNEGATIVE,
+        "matmul_overhead_s": OPTIONAL_NONNEGATIVE,
         "attention_efficiency": OPTIONAL_FRACTION,
         **{f"{family}_per_s": OPTIONAL_POSITIVE for family in FAMILIES},
         "comm_overlap": OPTIONAL_SHARE,
@@ -400,6 +405,7 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         matmul_efficiency=compute["matmul_efficiency"],
         memory_efficiency=memory["efficiency"],
         launch_overhead_s=compute["launch_overhead_s"],
+        matmul_overhead_s=compute.get("matmul_overhead_s", 0.0),
         attention_efficiency=compute.get("attention_efficiency"),
         special_per_s={f: compute[f"{f}_per_s"] for f in FAMILIES if f"{f}_per_s" in compute},
         comm_overlap=compute.get("comm_overlap", 1.0),

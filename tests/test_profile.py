@@ -18,7 +18,7 @@ from autopar.cost_models.hardware import numeric_fields
 from autopar.profile.collectives import CommSample, OverlapSample, message_bytes
 from autopar.profile.fit import _roofline_hardware, fit_alpha_beta, fit_compute, merge_ranks
 from autopar.profile.measure import ProfileConfig, RankMeasurements, link_layout
-from autopar.profile.microbench import FAMILY_OF, ComputeSample
+from autopar.profile.microbench import FAMILY_OF, SHAPED_MATMULS, ComputeSample
 from autopar.profile.write import build_profile, render_toml, write_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,19 +94,39 @@ def test_compute_fit_reproduces_timings_made_by_the_roofline():
     assert fit.matmul_rms_rel_error < 0.01 and fit.stream_rms_rel_error < 0.01
 
 
-def test_matmul_efficiency_is_the_closed_form_least_squares_fraction():
-    # Throughput that grows with size, as on real devices: t = F / (peak * e_n), e_n = 0.5, 0.8, 1.0.
+def test_matmul_efficiency_and_per_call_overhead_are_recovered_from_layer_shaped_timings():
+    # t = F / (peak * 0.8) + 90 us, as on a CPU: small matmuls run at a lower share of the peak than large ones
     peaks = {"float32": 100e9, "bfloat16": 100e9, "float16": 100e9}
     samples = [ComputeSample("tiny_add", "float32", 1, 1.0, 12.0, 0.0),
                ComputeSample("copy", "float32", 2**23, 0.0, 2**26, 2**26 / 10e9)]
     for dtype in peaks:
-        for n, e in ((256, 0.5), (512, 0.8), (1024, 1.0)):
+        for m, k, n in [(n, n, n) for n in (256, 512, 1024)] + list(SHAPED_MATMULS):
+            samples.append(ComputeSample("matmul", dtype, m, 2.0 * m * k * n, 0.0, 2.0 * m * k * n / 80e9 + 90e-6))
+    fit = fit_compute(samples)
+    assert fit.peak_flops_per_s["float32"] * fit.matmul_efficiency == pytest.approx(80e9, rel=0.01)
+    assert fit.matmul_overhead_s == pytest.approx(90e-6, rel=0.05) and fit.matmul_rms_rel_error < 0.01
+    # and a matmul the profile never ran is priced through both
+    hw = replace(_roofline_hardware(fit.peak_flops_per_s, 10e9, 0.0), matmul_efficiency=fit.matmul_efficiency,
+                 matmul_overhead_s=fit.matmul_overhead_s)
+    flops = 2.0 * 128 * 256 * 768
+    assert op_time_s(hw, flops, 0.0, "float32", "matmul") == pytest.approx(flops / 80e9 + 90e-6, rel=0.02)
+
+
+def test_matmul_times_without_a_fixed_cost_fit_no_overhead():
+    # Throughput falling with size (the opposite of a fixed cost) cannot be explained by one: the overhead clips
+    # at 0 and the efficiency is the closed-form least-squares fraction.
+    peaks = {"float32": 100e9, "bfloat16": 100e9, "float16": 100e9}
+    samples = [ComputeSample("tiny_add", "float32", 1, 1.0, 12.0, 0.0),
+               ComputeSample("copy", "float32", 2**23, 0.0, 2**26, 2**26 / 10e9)]
+    for dtype in peaks:
+        for n, e in ((256, 1.0), (512, 0.8), (1024, 0.5)):
             samples.append(ComputeSample("matmul", dtype, n, 2.0 * n**3, 0.0, 2.0 * n**3 / (100e9 * e)))
     # Minimise sum(((x k - y) / y)^2) over k = 1/eff, with x = F/peak and y = t: k = sum(x/y) / sum((x/y)^2).
     # Here x/y is e_n (the fitted peak is the best throughput, 100e9), so eff = 1/k = sum(e^2) / sum(e).
-    ratios = np.array([0.5, 0.8, 1.0] * 3)
-    closed = (ratios**2).sum() / ratios.sum()
-    assert fit_compute(samples).matmul_efficiency == pytest.approx(closed, abs=1e-3)
+    ratios = np.array([1.0, 0.8, 0.5] * 3)
+    fit = fit_compute(samples)
+    assert fit.matmul_overhead_s == 0.0
+    assert fit.matmul_efficiency == pytest.approx((ratios**2).sum() / ratios.sum(), abs=1e-3)
 
 
 def test_attention_and_transcendental_rates_are_recovered_from_roofline_timings():
@@ -187,7 +207,7 @@ def test_written_file_loads_with_a_source_on_every_number(tmp_path):
     assert hw.inter_node == replace(hw.intra_node, name="inter_node")  # one host: a copy, and it says so
     per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
                       for f in ("latency_s", "bandwidth_bytes_per_s")}
-    assert set(hw.sources) == set(numeric_fields()) | per_collective
+    assert set(hw.sources) == set(numeric_fields()) | per_collective | {"compute.matmul_overhead_s"}
     assert all(s.startswith("autopar profile 2026-01-02 host-a") for s in hw.sources.values())
     assert "not measured (one host)" in hw.sources["links.inter_node.bandwidth_bytes_per_s"]
     assert hw.memory_bytes == 25_000_000_000 and hw.memory_reserve_bytes == 2_000_000_000
@@ -247,11 +267,11 @@ def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, caps
     assert set(hw.intra_node.kinds) == set(COLLECTIVES)  # each collective fitted alone
     per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
                       for f in ("latency_s", "bandwidth_bytes_per_s")}
-    measured = {f"compute.{f}" for f in ("attention_efficiency", "exp_per_s", "tanh_per_s", "erf_per_s",
-                                         "comm_overlap")} | {"runtime.zero2_per_param_s", "runtime.zero3_per_param_s"}
+    measured = {f"compute.{f}" for f in ("matmul_overhead_s", "attention_efficiency", "exp_per_s", "tanh_per_s",
+                                         "erf_per_s", "comm_overlap")} | {"runtime.zero2_per_param_s", "runtime.zero3_per_param_s"}
     assert set(hw.sources) == set(numeric_fields()) | per_collective | measured == hw.fields
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
-    assert 0 < hw.attention_efficiency <= 1 and 0 <= hw.comm_overlap <= 1
+    assert 0 < hw.attention_efficiency <= 1 and 0 <= hw.comm_overlap <= 1 and hw.matmul_overhead_s >= 0
     assert set(hw.special_per_s) == {"exp", "tanh", "erf"} and min(hw.special_per_s.values()) > 1e6
     assert set(hw.zero_per_param_s) == {2, 3} and all(v >= 0 for v in hw.zero_per_param_s.values())
     assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0

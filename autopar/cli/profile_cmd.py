@@ -64,6 +64,7 @@ def show(profile: HardwareProfile, out: Path, elapsed_s: float) -> None:
     for dtype, peak in c.peak_flops_per_s.items():
         table.add_row(f"peak {dtype}", f"{peak / 1e9:,.1f} GFLOP/s")
     table.add_row("matmul efficiency", f"{c.matmul_efficiency:.3f}")
+    table.add_row("matmul overhead", f"{c.matmul_overhead_s * 1e6:.1f} us per call")
     table.add_row("memory bandwidth", f"{c.memory_bandwidth_bytes_per_s / 1e9:.2f} GB/s")
     table.add_row("memory efficiency", f"{c.memory_efficiency:.3f}")
     table.add_row("launch overhead", f"{c.launch_overhead_s * 1e6:.2f} us")

@@ -10,7 +10,10 @@ Compute: the peak of each dtype is the best matmul throughput measured (the sche
 without a datasheet); `matmul_efficiency` and memory `efficiency` are the fractions for which the roofline
 `autopar.cost_models.compute.op_time_s` best predicts every matmul and stream sample (least squares in relative
 error over a 0.001 grid: one parameter, a non-smooth max(), so a grid is exact enough and cannot diverge).
-`attention_efficiency` is fitted the same way to the attention samples, and each `<family>_per_s` to the samples
+The matmul fit has a second parameter, `matmul_overhead_s`, a fixed cost per call (operand packing, cold caches)
+that the activation-shaped samples (microbench.SHAPED_MATMULS) expose: for each efficiency on the grid the
+overhead minimising the relative error has a closed form (the error is linear in it), clipped at 0; samples that
+follow the roofline exactly fit an overhead of 0. `attention_efficiency` is fitted the same way as the efficiencies to the attention samples, and each `<family>_per_s` to the samples
 of that family (exp: silu, softmax; tanh: tanh-approximated gelu; erf: gelu) over a log grid (1e6..1e13 per
 second, 1% steps); all hold forward + backward as the forward the planner's 1:2 split implies
 (microbench.FWD_SHARE). Where the transcendental term never binds (a GPU), the least rate at which it does not is
@@ -63,6 +66,7 @@ class ComputeFit:
     attention_rms_rel_error: float = 0.0
     per_s: dict[str, float] = field(default_factory=dict)  # transcendental family -> evaluations per second
     per_s_rms_rel_error: dict[str, float] = field(default_factory=dict)
+    matmul_overhead_s: float = 0.0  # fixed seconds per matmul call
 
 
 def merge_ranks(per_rank: Sequence[Sequence[Sample]]) -> list[Sample]:
@@ -114,9 +118,9 @@ def fit_compute(samples: Sequence[ComputeSample]) -> ComputeFit:
     base = _roofline_hardware(peaks, bandwidth, launch)
     mem_eff, mem_err = _best_fraction(lambda e: replace(base, memory_efficiency=e), streams, "vector")
     base = replace(base, memory_efficiency=mem_eff)
-    mm_eff, mm_err = _best_fraction(lambda e: replace(base, matmul_efficiency=e), matmuls, "matmul")
-    base = replace(base, matmul_efficiency=mm_eff)
-    fit = ComputeFit(peaks, mm_eff, bandwidth, mem_eff, launch, mm_err, mem_err)
+    mm_eff, overhead, mm_err = _matmul_fit(base, matmuls)
+    base = replace(base, matmul_efficiency=mm_eff, matmul_overhead_s=overhead)
+    fit = ComputeFit(peaks, mm_eff, bandwidth, mem_eff, launch, mm_err, mem_err, matmul_overhead_s=overhead)
     attention = [s for s in samples if s.op == "attention"]
     if attention:
         eff, err = _best_fraction(lambda e: replace(base, attention_efficiency=e), attention, "attention")
@@ -128,6 +132,22 @@ def fit_compute(samples: Sequence[ComputeSample]) -> ComputeFit:
             rates[family], errors[family] = _best_fraction(lambda r: replace(base, special_per_s={family: r}),
                                                            special, "transcendental", RATE_GRID, family)
     return replace(fit, per_s=rates, per_s_rms_rel_error=errors)
+
+
+def _matmul_fit(base: Hardware, matmuls: Sequence[ComputeSample]) -> tuple[float, float, float]:
+    """(efficiency, overhead per call, rms relative error): for each efficiency on the grid, the overhead c >= 0
+    minimising sum(((a + c) / y - 1)^2), a the roofline time without it and y the measured time, is
+    c = sum((1 - a/y) / y) / sum(1 / y^2)."""
+    measured = np.array([s.seconds for s in matmuls])
+    best = (math.inf, 1.0, 0.0)
+    for e in EFFICIENCY_GRID:
+        hw = replace(base, matmul_efficiency=float(e), matmul_overhead_s=0.0)
+        a = np.array([op_time_s(hw, s.flops, s.bytes_moved, s.dtype, "matmul") for s in matmuls])
+        c = max(0.0, float(np.sum((1 - a / measured) / measured) / np.sum(1 / measured**2)))
+        err = float(np.sqrt(np.mean(((a + c) / measured - 1.0) ** 2)))
+        if err < best[0]:
+            best = (err, float(e), c)
+    return best[1], best[2], best[0]
 
 
 def _best_fraction(hardware: Callable[[float], Hardware], samples: Sequence[ComputeSample], unit: str,

@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .collectives import CommSample, OverlapSample, collective_samples, overlap_sample
 from .microbench import (DTYPES, ComputeSample, attention_samples, fsdp_overhead_s, launch_sample, matmul_samples,
-                         stream_samples, transcendental_samples)
+                         shaped_matmul_samples, stream_samples, transcendental_samples)
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,11 @@ def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str
     out.compute.append(launch_sample(device, config.budget_s))
     out.compute += stream_samples(device, list(config.stream_numels), config.budget_s)
     sizes = "..".join(str(n) for n in (config.matmul_sizes[0], config.matmul_sizes[-1]))
-    say(f"[2/{phases}] matmul throughput, {', '.join(DTYPES)} at n = {sizes} (+{time.perf_counter() - start:.0f} s)")
+    dtype = "bfloat16" if device.type == "cuda" else "float32"  # what training runs matmuls and attention in
+    say(f"[2/{phases}] matmul throughput, {', '.join(DTYPES)} at n = {sizes}, and {dtype} at layer shapes "
+        f"(+{time.perf_counter() - start:.0f} s)")
     out.compute += matmul_samples(device, list(DTYPES), list(config.matmul_sizes), config.budget_s)
-    dtype = "bfloat16" if device.type == "cuda" else "float32"  # what training runs attention in, there
+    out.compute += shaped_matmul_samples(device, dtype, config.budget_s)
     say(f"[3/{phases}] {dtype} attention and gelu/silu/softmax, forward + backward "
         f"(+{time.perf_counter() - start:.0f} s)")
     out.compute += attention_samples(device, dtype, config.budget_s)

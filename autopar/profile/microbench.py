@@ -104,6 +104,26 @@ def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], bu
     return out
 
 
+# Activation-shaped matmuls, [M, K] @ [K, N]: rows of tokens against a layer's weight, as training runs them. Cubes
+# alone cannot tell a fixed cost per call (operand packing, cold caches) from a lower efficiency; these can, so
+# the fit prices a small micro-batch's or a tensor-parallel shard's matmuls (fit.py: matmul_overhead_s).
+SHAPED_MATMULS = tuple((m, k, n) for m in (128, 512, 2048) for k, n in ((256, 1024), (1024, 256)))
+
+
+def shaped_matmul_samples(device: torch.device, dtype: str, budget_s: float,
+                          shapes: tuple[tuple[int, int, int], ...] = SHAPED_MATMULS) -> list[ComputeSample]:
+    """[M, K] @ [K, N] in the training dtype, cache-cold (size: M): 2MKN FLOPs, MK + KN + MN elements."""
+    sync, out = synchronizer(device), []
+    flush = torch.empty(FLUSH_BYTES // 4, device=device)
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device).to(DTYPES[dtype])
+        b = torch.randn(k, n, device=device).to(DTYPES[dtype])
+        seconds = measure_cold_s(lambda: torch.mm(a, b), sync, flush, budget_s)
+        out.append(ComputeSample("matmul", dtype, m, 2.0 * m * k * n, (m * k + k * n + m * n) * a.element_size(),
+                                 seconds))
+    return out
+
+
 def stream_samples(device: torch.device, numels: list[int], budget_s: float) -> list[ComputeSample]:
     """float32 copy (1 read + 1 write) and out-of-place add (2 reads + 1 write) over buffers far larger than L2."""
     sync, out = synchronizer(device), []

@@ -113,8 +113,11 @@ def render_toml(p: HardwareProfile) -> str:
     for dtype in DTYPES:
         lines += _number(f"peak_{dtype}_flops_per_s", c.peak_flops_per_s[dtype],
                          f"best {dtype} n x n x n matmul throughput, {sizes(dtype)}", src)
-    lines += _number("matmul_efficiency", c.matmul_efficiency, "roofline fit to all those matmuls "
-                     f"(rms error {c.matmul_rms_rel_error:.0%})", src)
+    lines += _number("matmul_efficiency", c.matmul_efficiency, "roofline fit to all those matmuls and the "
+                     f"[M, K] @ [K, N] layer shapes, with the overhead below (rms error {c.matmul_rms_rel_error:.0%})",
+                     src)
+    lines += _number("matmul_overhead_s", c.matmul_overhead_s, "fixed time per matmul call, fitted with the "
+                     "efficiency above", src)
     lines += _number("launch_overhead_s", c.launch_overhead_s, "median time of a one-element add", src)
     if c.attention_efficiency is not None:
         lines += _number("attention_efficiency", c.attention_efficiency, "causal attention forward + backward at "
