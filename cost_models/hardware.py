@@ -14,7 +14,7 @@ Schema (version 1), one table per concern:
     [links.intra_node] latency_s, bandwidth_bytes_per_s
     [links.inter_node] latency_s, bandwidth_bytes_per_s
     [links.<link>.<collective>]  optional: latency_s, bandwidth_bytes_per_s fitted to that collective alone
-    [runtime]          optional: zero2_per_param_s, zero3_per_param_s (see Hardware)
+    [runtime]          optional: zero{2,3}_per_param_s, zero{2,3}_per_byte_s (see Hardware)
 
 Every dimensional field ends in its unit (`_s`, `_bytes`, `_per_s`); dimensionless ones are counts or fractions.
 Every number may cite where it comes from in a sibling `<field>_source` string (datasheet, paper, or the
@@ -102,6 +102,8 @@ class Hardware:
     # host time FSDP2 adds per parameter tensor per step beyond its collectives, under ZeRO-2 and ZeRO-3 (0: none
     # counted: on a GPU that host work runs ahead of the device's kernels)
     zero_per_param_s: Mapping[int, float] = field(default_factory=dict, hash=False)
+    # and per byte of parameter, for its copies in and out of FSDP2's buffers (0: none counted)
+    zero_per_byte_s: Mapping[int, float] = field(default_factory=dict, hash=False)
     # Dotted field name ("compute.matmul_efficiency") -> where that number comes from; and the profile run that
     # wrote the file, if any. Neither changes a cost, so neither takes part in equality or hashing.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -225,7 +227,8 @@ SCHEMA: dict[str, Any] = {
         "efficiency": FRACTION,
     }),
     "links": {name: _LINK_SCHEMA for name in LINK_NAMES},
-    "runtime": _with_sources({f"zero{z}_per_param_s": OPTIONAL_NONNEGATIVE for z in (2, 3)}),
+    "runtime": _with_sources({f"zero{z}_per_{unit}_s": OPTIONAL_NONNEGATIVE for z in (2, 3)
+                              for unit in ("param", "byte")}),
     "provenance": PROVENANCE_SCHEMA,
 }
 
@@ -411,6 +414,8 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         comm_overlap=compute.get("comm_overlap", 1.0),
         zero_per_param_s={z: v["runtime"][f"zero{z}_per_param_s"] for z in (2, 3)
                           if f"zero{z}_per_param_s" in v.get("runtime", {})},
+        zero_per_byte_s={z: v["runtime"][f"zero{z}_per_byte_s"] for z in (2, 3)
+                         if f"zero{z}_per_byte_s" in v.get("runtime", {})},
         intra_node=_link("intra_node", links["intra_node"]),
         inter_node=_link("inter_node", links["inter_node"]),
         source=v["source"],

@@ -152,10 +152,15 @@ def test_each_collective_the_data_parallel_runtime_issues_pays_its_latency():
                                            rel=1e-6)
     assert z1.exposed_comm_s - z0.exposed_comm_s == pytest.approx(0.5 * bandwidth + n * alpha("send_recv"),
                                                                   rel=1e-6)
-    # FSDP2's own host work per parameter (profiled on a one-rank mesh) joins the step under ZeRO 2/3
-    per_param = load_hardware("cpu").zero_per_param_s
-    assert z2.optimizer_s - z0.optimizer_s == pytest.approx(68 * per_param[2], rel=1e-6)
-    assert z3.optimizer_s - z0.optimizer_s == pytest.approx(68 * per_param[3], rel=1e-6) and per_param[3] > 0
+    # FSDP2's own host work per parameter and per parameter byte (profiled on a one-rank mesh) joins the step
+    # under ZeRO 2/3: 68 parameters, every byte of them held on each dp rank (tp=1)
+    cpu = load_hardware("cpu")
+    model, _ = build_model("gpt-tiny", {"hidden": 256, "layers": 4, "seq": 128})
+    held = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied lm_head counted once
+    for z, pred in ((2, z2), (3, z3)):
+        host = 68 * cpu.zero_per_param_s[z] + held * cpu.zero_per_byte_s[z]
+        assert pred.optimizer_s - z0.optimizer_s == pytest.approx(host, rel=1e-6)
+    assert cpu.zero_per_param_s[3] > 0 and cpu.zero_per_byte_s[3] > 0
     assert z1.optimizer_s == pytest.approx(z0.optimizer_s, rel=1e-12)
 
 

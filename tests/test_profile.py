@@ -268,11 +268,13 @@ def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, caps
     per_collective = {f"links.{link}.{kind}.{f}" for link in ("intra_node", "inter_node") for kind in COLLECTIVES
                       for f in ("latency_s", "bandwidth_bytes_per_s")}
     measured = {f"compute.{f}" for f in ("matmul_overhead_s", "attention_efficiency", "exp_per_s", "tanh_per_s",
-                                         "erf_per_s", "comm_overlap")} | {"runtime.zero2_per_param_s", "runtime.zero3_per_param_s"}
+                                         "erf_per_s", "comm_overlap")}
+    measured |= {f"runtime.zero{z}_per_{u}_s" for z in (2, 3) for u in ("param", "byte")}
     assert set(hw.sources) == set(numeric_fields()) | per_collective | measured == hw.fields
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
     assert 0 < hw.attention_efficiency <= 1 and 0 <= hw.comm_overlap <= 1 and hw.matmul_overhead_s >= 0
     assert set(hw.special_per_s) == {"exp", "tanh", "erf"} and min(hw.special_per_s.values()) > 1e6
-    assert set(hw.zero_per_param_s) == {2, 3} and all(v >= 0 for v in hw.zero_per_param_s.values())
+    assert set(hw.zero_per_param_s) == set(hw.zero_per_byte_s) == {2, 3}
+    assert all(v >= 0 for v in [*hw.zero_per_param_s.values(), *hw.zero_per_byte_s.values()])
     assert main(["plan", "gpt-tiny", "--devices", "2", "--batch", "2", "--hardware", str(out)]) == 0
     assert "predicted step time" in capsys.readouterr().out

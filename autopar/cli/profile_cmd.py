@@ -75,7 +75,8 @@ def show(profile: HardwareProfile, out: Path, elapsed_s: float) -> None:
     if profile.comm_overlap is not None:
         table.add_row("comm overlap", f"{profile.comm_overlap.fraction:.2f}")
     for z, seconds in sorted(profile.fsdp_per_param_s.items()):
-        table.add_row(f"FSDP2 (ZeRO-{z}) per parameter", f"{seconds * 1e6:.0f} us")
+        per_mib = profile.fsdp_per_byte_s.get(z, 0.0) * 2**20
+        table.add_row(f"FSDP2 (ZeRO-{z}) per parameter", f"{seconds * 1e6:.0f} us + {per_mib * 1e3:.2f} ms/MiB")
     for link, fit in profile.links.items():
         table.add_row(f"{link} latency", f"{fit.latency_s * 1e6:.1f} us")
         table.add_row(f"{link} bandwidth", f"{fit.bandwidth_bytes_per_s / 1e9:.3f} GB/s")

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from autopar.cost_models import exposed_s, latency_s
-from autopar.placement import fmt
+from autopar.placement import fmt, local_shape
 from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.cost import edge_price, node_cost, recomputed, saved_kinds
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
@@ -93,11 +93,15 @@ def runtime_latency(c: "Candidate") -> tuple[float, float]:
 
 def fsdp_host_s(c: "Candidate") -> float:
     """FSDP2's own host work per step under ZeRO 2/3 (copies in and out of its buffers, DTensor dispatch in the
-    optimizer): the hardware's profiled seconds per parameter tensor (zero_per_param_s), on the critical path on
+    optimizer): the hardware's profiled seconds per parameter tensor (zero_per_param_s) and per byte of the
+    parameters as this rank holds them, tensor-parallel shards (zero_per_byte_s), on the critical path on
     a CPU; none is counted where the file has no such number (a GPU, whose kernels it runs ahead of)."""
     if c.ctx.dp <= 1 or c.ctx.memory.zero < 2:
         return 0.0
-    return len(_used_params(c.graph)) * c.ctx.hw.zero_per_param_s.get(c.ctx.memory.zero, 0.0)
+    hw, zero, params = c.ctx.hw, c.ctx.memory.zero, _used_params(c.graph)
+    held = sum(math.prod(local_shape(p.info.out_shapes[0], chosen(c, p.node.name).outs[0], c.ctx.degrees))
+               * p.info.out_dtypes[0].itemsize for p in params)
+    return len(params) * hw.zero_per_param_s.get(zero, 0.0) + held * hw.zero_per_byte_s.get(zero, 0.0)
 
 
 def _used_params(pg) -> list:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .collectives import CommSample, OverlapSample, collective_samples, overlap_sample
-from .microbench import (DTYPES, ComputeSample, attention_samples, fsdp_overhead_s, launch_sample, matmul_samples,
+from .microbench import (DTYPES, ComputeSample, attention_samples, fsdp_overhead_fit, launch_sample, matmul_samples,
                          shaped_matmul_samples, stream_samples, transcendental_samples)
 
 
@@ -52,6 +52,7 @@ class RankMeasurements:
     memory_available_bytes: int = 0  # free for training when measured, after this rank's runtime started
     overlap: list[OverlapSample] = field(default_factory=list)  # one per link class this rank measured
     fsdp_per_param_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> FSDP2's host seconds
+    fsdp_per_byte_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> and per parameter byte
 
 
 def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str], None]) -> RankMeasurements:
@@ -90,7 +91,8 @@ def measure_rank(device: torch.device, config: ProfileConfig, say: Callable[[str
             f"(+{time.perf_counter() - start:.0f} s)")
         alone, _ = dist.new_subgroups_by_enumeration([[r] for r in range(world)])  # every rank creates all
         mesh = DeviceMesh.from_group(alone, "cpu")
-        out.fsdp_per_param_s = {z: fsdp_overhead_s(mesh, z == 3, config.budget_s) for z in (2, 3)}
+        for z in (2, 3):
+            out.fsdp_per_param_s[z], out.fsdp_per_byte_s[z] = fsdp_overhead_fit(mesh, z == 3, config.budget_s)
     out.memory_total_bytes, out.memory_available_bytes = memory_bytes(device)
     dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
     return out

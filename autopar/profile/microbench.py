@@ -196,6 +196,18 @@ def transcendental_samples(device: torch.device, budget_s: float, numel: int = 2
     return out
 
 
+def fsdp_overhead_fit(mesh, reshard_after_forward: bool, budget_s: float,
+                      widths: tuple[int, int] = (64, 256)) -> tuple[float, float]:
+    """(seconds per parameter tensor, seconds per parameter byte) FSDP2 adds per step: `fsdp_overhead_s` at two
+    layer widths, the line through them (each Linear holds a weight and a bias; bytes are their mean). Its copies
+    in and out of the all-gather and reduce-scatter buffers grow with a parameter's size: at width 256 (gpt-tiny's
+    size) it costs ~1.5x what it does at 64 on a CPU. Both clipped at 0."""
+    sizes = [(w * w + w) * 4 / 2 for w in widths]
+    times = [fsdp_overhead_s(mesh, reshard_after_forward, budget_s, width=w) for w in widths]
+    per_byte = max(0.0, (times[1] - times[0]) / (sizes[1] - sizes[0]))
+    return max(0.0, times[0] - per_byte * sizes[0]), per_byte
+
+
 def fsdp_overhead_s(mesh, reshard_after_forward: bool, budget_s: float, units: int = 4, per_unit: int = 8,
                     width: int = 64) -> float:
     """Host seconds FSDP2 (autopar/zero.py's ZeRO-2/3) adds per parameter tensor per step, beyond its collectives:

@@ -40,6 +40,7 @@ class HardwareProfile:
     matmul_sizes: dict[str, list[int]] = field(default_factory=dict)  # dtype -> n measured (slow dtypes stop early)
     overlap: list[OverlapSample] = field(default_factory=list)  # one per link class measured
     fsdp_per_param_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> median over ranks
+    fsdp_per_byte_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> median over ranks
 
     @property
     def comm_overlap(self) -> OverlapSample | None:
@@ -69,9 +70,10 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
     names = sorted({r.device_name for r in ranks})
     overlap = {o.link: o for r in ranks for o in r.overlap}  # the same slowest-rank times on every rank
     fsdp = {z: statistics.median(r.fsdp_per_param_s[z] for r in ranks) for z in ranks[0].fsdp_per_param_s}
+    per_byte = {z: statistics.median(r.fsdp_per_byte_s[z] for r in ranks) for z in ranks[0].fsdp_per_byte_s}
     return HardwareProfile(name, f"{' + '.join(names)}, {len(ranks)} ranks", devices_per_node,
                            devices_per_node_how, compute, total, max(0, total - available), links, per_kind,
-                           config, provenance, matmul_sizes, list(overlap.values()), fsdp)
+                           config, provenance, matmul_sizes, list(overlap.values()), fsdp, per_byte)
 
 
 def _own_fit(samples: list, joint: LinkFit) -> LinkFit:
@@ -147,7 +149,10 @@ def render_toml(p: HardwareProfile) -> str:
         lines += ["", "[runtime]"]
         for z, seconds in sorted(p.fsdp_per_param_s.items()):
             lines += _number(f"zero{z}_per_param_s", seconds, f"FSDP2 as ZeRO-{z} on a one-rank mesh minus plain "
-                             "training, per parameter tensor per step (64 small Linear parameters)", src)
+                             "training, per parameter tensor per step (64 Linear parameters at widths 64 and 256)", src)
+            if z in p.fsdp_per_byte_s:
+                lines += _number(f"zero{z}_per_byte_s", p.fsdp_per_byte_s[z], "and per parameter byte (its "
+                                 "copies in and out of FSDP2's buffers), from the same two widths", src)
     lines += ["", "[provenance]", *(f"{k} = {_value(v)}" for k, v in p.provenance.items())]
     return "\n".join(lines) + "\n"
 
