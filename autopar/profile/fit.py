@@ -13,11 +13,12 @@ error over a 0.001 grid: one parameter, a non-smooth max(), so a grid is exact e
 The matmul fit has a second parameter, `matmul_overhead_s`, a fixed cost per call (operand packing, cold caches)
 that the activation-shaped samples (microbench.SHAPED_MATMULS) expose: for each efficiency on the grid the
 overhead minimising the relative error has a closed form (the error is linear in it), clipped at 0; samples that
-follow the roofline exactly fit an overhead of 0. `attention_efficiency` is fitted the same way as the efficiencies to the attention samples, and each `<family>_per_s` to the samples
-of that family (exp: silu, softmax; tanh: tanh-approximated gelu; erf: gelu) over a log grid (1e6..1e13 per
-second, 1% steps); all hold forward + backward as the forward the planner's 1:2 split implies
-(microbench.FWD_SHARE). Where the transcendental term never binds (a GPU), the least rate at which it does not is
-kept: a lower bound, and inert in the planner.
+follow the roofline exactly fit an overhead of 0. `attention_efficiency` is fitted on a grid like the other
+efficiencies, to the attention samples, and each `<family>_per_s` to the samples of that family (exp: silu,
+softmax; tanh: tanh-approximated gelu; erf: gelu) over a log grid (1e6..1e13 per second, 1% steps); all hold
+forward + backward as the forward the planner's 1:2 split implies (microbench.FWD_SHARE). Where the
+transcendental term never binds (a GPU), the least rate at which it does not is kept: a lower bound, and inert
+in the planner.
 """
 
 from __future__ import annotations
