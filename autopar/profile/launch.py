@@ -86,6 +86,9 @@ def _rank_main(rank: int, world: int, local_rank: int, init: str, req: ProfileRe
             if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5:
                 say(f"warning: the host was busy ({profile.provenance['host_load']}); other work slowed what "
                     "was measured, so rerun on an idle machine for numbers the planner should trust")
+        # Tear the process group down together: a rank that destroyed it and exited while rank 0 was still
+        # fitting aborted now and then in gloo's teardown ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
