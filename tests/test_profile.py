@@ -18,6 +18,7 @@ from autopar.cost_models.hardware import numeric_fields
 from autopar.profile.collectives import CommSample, OverlapSample, message_bytes
 from autopar.profile.fit import _roofline_hardware, fit_alpha_beta, fit_compute, merge_ranks
 from autopar.profile.measure import ProfileConfig, RankMeasurements, link_layout
+from autopar.profile import microbench
 from autopar.profile.microbench import FAMILY_OF, SHAPED_MATMULS, ComputeSample
 from autopar.profile.write import build_profile, render_toml, write_profile
 
@@ -170,6 +171,23 @@ def test_transcendental_rate_that_never_binds_is_the_least_that_does_not():
 ])
 def test_overlap_fraction_is_the_hidden_share_of_the_shorter(compute_s, comm_s, both_s, fraction):
     assert OverlapSample("intra_node", 2**24, compute_s, comm_s, both_s).fraction == pytest.approx(fraction)
+
+
+@pytest.mark.parametrize("per_param, per_byte", [(150e-6, 1e-9), (200e-6, 0.0)])
+def test_fsdp_host_work_splits_into_per_parameter_and_per_byte(monkeypatch, per_param, per_byte):
+    # FSDP2's toy timed at two widths (each Linear: a w x w weight and a w bias, bytes their mean)
+    def toy(mesh, reshard, budget_s, width):
+        return per_param + per_byte * (width * width + width) * 4 / 2
+
+    monkeypatch.setattr(microbench, "fsdp_overhead_s", toy)
+    got = microbench.fsdp_overhead_fit(None, True, 0.1)
+    assert got == pytest.approx((per_param, per_byte), rel=1e-9, abs=1e-15)
+
+
+def test_fsdp_host_work_that_shrinks_with_size_clips_to_no_per_byte_cost(monkeypatch):
+    monkeypatch.setattr(microbench, "fsdp_overhead_s", lambda mesh, reshard, budget_s, width: 1e-4 * 64 / width)
+    per_param, per_byte = microbench.fsdp_overhead_fit(None, False, 0.1)
+    assert per_byte == 0.0 and per_param == pytest.approx(1e-4)
 
 
 def test_ranks_merge_by_median_per_measurement():
