@@ -16,7 +16,7 @@ from autopar.cli.main import main
 from autopar.cost_models import COLLECTIVES, Link, collective_time_s, load_hardware, op_time_s
 from autopar.cost_models.hardware import numeric_fields
 from autopar.profile.collectives import CommSample, OverlapSample, message_bytes
-from autopar.profile.fit import _roofline_hardware, fit_alpha_beta, fit_compute, merge_ranks
+from autopar.profile.fit import FIT_FLOOR_BYTES, _roofline_hardware, fit_alpha_beta, fit_compute, merge_ranks
 from autopar.profile.measure import ProfileConfig, RankMeasurements, link_layout
 from autopar.profile import microbench
 from autopar.profile.microbench import FAMILY_OF, SHAPED_MATMULS, ComputeSample
@@ -41,7 +41,18 @@ def test_fit_recovers_alpha_and_beta_exactly_from_model_timings():
     fit = fit_alpha_beta(_comm(GLOO))
     assert fit.latency_s == pytest.approx(150e-6, rel=1e-9)
     assert fit.bandwidth_bytes_per_s == pytest.approx(1.2e9, rel=1e-9)
-    assert fit.rms_rel_error < 1e-9 and fit.samples == len(COLLECTIVES) * 2 * len(SIZES)
+    large = [n for n in SIZES if n >= FIT_FLOOR_BYTES]  # what training sends; the small ones scatter on gloo
+    assert fit.rms_rel_error < 1e-9 and fit.samples == len(COLLECTIVES) * 2 * len(large)
+
+
+def test_small_messages_do_not_bend_the_fit_of_the_sizes_training_sends():
+    # latency-bound messages measured 2x their model time (a busy host's wake-ups) leave the fit unchanged ...
+    noisy = [replace(s, seconds=2 * s.seconds) if s.nbytes < FIT_FLOOR_BYTES else s for s in _comm(GLOO)]
+    fit = fit_alpha_beta(noisy)
+    assert (fit.latency_s, fit.bandwidth_bytes_per_s) == pytest.approx((150e-6, 1.2e9), rel=1e-9)
+    # ... unless fewer than 3 sizes reach the floor: then every sample counts
+    few = [s for s in _comm(GLOO) if s.nbytes <= 4 * FIT_FLOOR_BYTES]
+    assert fit_alpha_beta(few).samples == len(few)
 
 
 def test_fit_recovers_nvlink_like_numbers_through_5_percent_noise():
