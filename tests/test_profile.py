@@ -302,6 +302,9 @@ def test_quick_profile_on_two_gloo_ranks_writes_a_file_that_plans(tmp_path, caps
     assert set(hw.sources) == set(numeric_fields()) | per_collective | measured == hw.fields
     assert hw.intra_node.bandwidth_bytes_per_s > 1e6 and hw.peak_flops("float32") > 1e9
     assert 0 < hw.attention_efficiency <= 1 and 0 <= hw.comm_overlap <= 1 and hw.matmul_overhead_s >= 0
+    # the peak's comment names the cubes it was measured over, the layer shapes' M not among them
+    assert "float32 matmul throughput over n x n x n, n = 256..1024 and [M, K] @ [K, N] layer shapes" in \
+        out.read_text()
     assert set(hw.special_per_s) == {"exp", "tanh", "erf"} and min(hw.special_per_s.values()) > 1e6
     assert set(hw.zero_per_param_s) == set(hw.zero_per_byte_s) == {2, 3}
     assert all(v >= 0 for v in [*hw.zero_per_param_s.values(), *hw.zero_per_byte_s.values()])

@@ -46,6 +46,7 @@ from .microbench import FAMILY_OF, ComputeSample
 
 EFFICIENCY_GRID = np.round(np.arange(1, 1001) / 1000, 3)  # 0.001 .. 1.000
 RATE_GRID = 10 ** np.arange(6.0, 13.0, math.log10(1.01))  # 1e6 .. 1e13 per second, 1% apart
+MATMUL_OPS = ("matmul", "layer_matmul")  # n x n x n cubes and [M, K] @ [K, N] layer shapes: one fit, one peak
 Sample = TypeVar("Sample", ComputeSample, CommSample)
 
 
@@ -119,7 +120,7 @@ def fit_alpha_beta(samples: Sequence[CommSample]) -> LinkFit:
 
 def fit_compute(samples: Sequence[ComputeSample]) -> ComputeFit:
     """Roofline parameters from matmul, stream and tiny-op samples of one device (see the module docstring)."""
-    matmuls = [s for s in samples if s.op == "matmul"]
+    matmuls = [s for s in samples if s.op in MATMUL_OPS]
     streams = [s for s in samples if s.op in ("copy", "add")]
     launch = statistics.median(s.seconds for s in samples if s.op == "tiny_add")
     missing = [d for d in DTYPES if not any(s.dtype == d for s in matmuls)]

@@ -23,9 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class ComputeSample:
-    op: str  # "matmul" | "copy" | "add" | "tiny_add" | "attention" | one of TRANSCENDENTAL_OPS
+    op: str  # "matmul" | "layer_matmul" | "copy" | "add" | "tiny_add" | "attention" | one of TRANSCENDENTAL_OPS
     dtype: str  # "float32" | "bfloat16" | "float16"
-    size: int  # n of an n x n x n matmul; elements of a stream
+    size: int  # n of an n x n x n matmul; M of a layer matmul; elements of a stream
     flops: float
     bytes_moved: float  # to and from device memory, counted as the roofline counts them
     seconds: float  # median wall time of one call (forward-equivalent for forward + backward samples)
@@ -85,10 +85,10 @@ def measure_cold_s(fn: Callable[[], object], sync: Callable[[], None], flush: to
 
 
 def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], budget_s: float) -> list[ComputeSample]:
-    """n x n @ n x n per dtype and size, cache-cold (measure_cold_s): 2n^3 FLOPs, 3n^2 elements read or written.
-    A dtype the host has no fast path for (float16 on a CPU without it: ~3 GFLOP/s, a 2048^3 matmul 44 s) stops
-    before the size whose call would take more than MAX_CALL_S, judged from the last size by its n^3 work: its peak
-    is its best throughput at the sizes measured, and the profile keeps to its time budget."""
+    """n x n @ n x n per dtype and size (_mm_sample). A dtype the host has no fast path for (float16 on a CPU
+    without it: ~3 GFLOP/s, a 2048^3 matmul 44 s) stops before the size whose call would take more than MAX_CALL_S,
+    judged from the last size by its n^3 work: its peak is its best throughput at the sizes measured, and the
+    profile keeps to its time budget."""
     sync, out = synchronizer(device), []
     flush = torch.empty(FLUSH_BYTES // 4, device=device)
     for name in dtypes:
@@ -96,11 +96,8 @@ def matmul_samples(device: torch.device, dtypes: list[str], sizes: list[int], bu
         for n in sizes:
             if last is not None and last[1] * (n / last[0]) ** 3 > MAX_CALL_S:
                 break
-            a = torch.randn(n, n, device=device).to(DTYPES[name])
-            b = torch.randn(n, n, device=device).to(DTYPES[name])
-            seconds = measure_cold_s(lambda: torch.mm(a, b), sync, flush, budget_s)
-            out.append(ComputeSample("matmul", name, n, 2.0 * n**3, 3.0 * n * n * a.element_size(), seconds))
-            last = (n, seconds)
+            out.append(_mm_sample("matmul", device, name, (n, n, n), sync, flush, budget_s))
+            last = (n, out[-1].seconds)
     return out
 
 
@@ -112,16 +109,20 @@ SHAPED_MATMULS = tuple((m, k, n) for m in (128, 512, 2048) for k, n in ((256, 10
 
 def shaped_matmul_samples(device: torch.device, dtype: str, budget_s: float,
                           shapes: tuple[tuple[int, int, int], ...] = SHAPED_MATMULS) -> list[ComputeSample]:
-    """[M, K] @ [K, N] in the training dtype, cache-cold (size: M): 2MKN FLOPs, MK + KN + MN elements."""
-    sync, out = synchronizer(device), []
+    """[M, K] @ [K, N] in the training dtype (_mm_sample; op "layer_matmul", size M)."""
+    sync = synchronizer(device)
     flush = torch.empty(FLUSH_BYTES // 4, device=device)
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=device).to(DTYPES[dtype])
-        b = torch.randn(k, n, device=device).to(DTYPES[dtype])
-        seconds = measure_cold_s(lambda: torch.mm(a, b), sync, flush, budget_s)
-        out.append(ComputeSample("matmul", dtype, m, 2.0 * m * k * n, (m * k + k * n + m * n) * a.element_size(),
-                                 seconds))
-    return out
+    return [_mm_sample("layer_matmul", device, dtype, shape, sync, flush, budget_s) for shape in shapes]
+
+
+def _mm_sample(op: str, device: torch.device, dtype: str, shape: tuple[int, int, int], sync, flush,
+               budget_s: float) -> ComputeSample:
+    """[M, K] @ [K, N], cache-cold (measure_cold_s): 2MKN FLOPs, MK + KN + MN elements read or written."""
+    m, k, n = shape
+    a = torch.randn(m, k, device=device).to(DTYPES[dtype])
+    b = torch.randn(k, n, device=device).to(DTYPES[dtype])
+    seconds = measure_cold_s(lambda: torch.mm(a, b), sync, flush, budget_s)
+    return ComputeSample(op, dtype, m, 2.0 * m * k * n, (m * k + k * n + m * n) * a.element_size(), seconds)
 
 
 def stream_samples(device: torch.device, numels: list[int], budget_s: float) -> list[ComputeSample]:

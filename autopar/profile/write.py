@@ -38,6 +38,7 @@ class HardwareProfile:
     config: ProfileConfig
     provenance: dict[str, Any]  # date, host, torch_version, backend, devices, world_size, ...
     matmul_sizes: dict[str, list[int]] = field(default_factory=dict)  # dtype -> n measured (slow dtypes stop early)
+    layer_matmul_dtypes: tuple[str, ...] = ()  # the dtypes also timed at [M, K] @ [K, N] layer shapes
     overlap: list[OverlapSample] = field(default_factory=list)  # one per link class measured
     fsdp_per_param_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> median over ranks
     fsdp_per_byte_s: dict[int, float] = field(default_factory=dict)  # ZeRO stage -> median over ranks
@@ -58,6 +59,7 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
     merged = merge_ranks([r.compute for r in ranks])
     compute = fit_compute(merged)
     matmul_sizes = {d: sorted({s.size for s in merged if s.op == "matmul" and s.dtype == d}) for d in DTYPES}
+    layered = tuple(d for d in DTYPES if any(s.op == "layer_matmul" and s.dtype == d for s in merged))
     comm = merge_ranks([r.comm for r in ranks])
     links = {link: fit_alpha_beta([s for s in comm if s.link == link]) for link in LINK_NAMES
              if any(s.link == link for s in comm)}
@@ -73,7 +75,7 @@ def build_profile(ranks: list[RankMeasurements], name: str, devices_per_node: in
     per_byte = {z: statistics.median(r.fsdp_per_byte_s[z] for r in ranks) for z in ranks[0].fsdp_per_byte_s}
     return HardwareProfile(name, f"{' + '.join(names)}, {len(ranks)} ranks", devices_per_node,
                            devices_per_node_how, compute, total, max(0, total - available), links, per_kind,
-                           config, provenance, matmul_sizes, list(overlap.values()), fsdp, per_byte)
+                           config, provenance, matmul_sizes, layered, list(overlap.values()), fsdp, per_byte)
 
 
 def _own_fit(samples: list, joint: LinkFit) -> LinkFit:
@@ -113,8 +115,9 @@ def render_toml(p: HardwareProfile) -> str:
         "[compute]",
     ]
     for dtype in DTYPES:
+        layers = " and [M, K] @ [K, N] layer shapes" if dtype in p.layer_matmul_dtypes else ""
         lines += _number(f"peak_{dtype}_flops_per_s", c.peak_flops_per_s[dtype],
-                         f"best {dtype} n x n x n matmul throughput, {sizes(dtype)}", src)
+                         f"best {dtype} matmul throughput over n x n x n, {sizes(dtype)}{layers}", src)
     lines += _number("matmul_efficiency", c.matmul_efficiency, "roofline fit to all those matmuls and the "
                      f"[M, K] @ [K, N] layer shapes, with the overhead below (rms error {c.matmul_rms_rel_error:.0%})",
                      src)
