@@ -10,9 +10,9 @@ input dtype: PyTorch's elementwise and reduction kernels compute in float32 "opm
 (aten/src/ATen/OpMathType.h). That also lets integer and bool ops (index, masks) be costed; their compute term is
 negligible next to their memory term, so no per-dtype vector peak is needed.
 
-A matmul also pays `matmul_overhead_s` per call where a profile fitted one: on a CPU, packing operands and cold
-caches cost ~0.1 ms per call whatever its size, so [128, 256] @ [256, 768] runs at ~65% of the throughput of
-[2048, 256] @ [256, 768] (autopar profile's layer-shaped samples; 0 in the datasheet files).
+A matmul also pays `matmul_overhead_s` per call where a profile fitted one: on this project's 2-core CPU host,
+packing operands and cold caches cost ~0.2 ms per call whatever its size (fitted 175-229 us), and
+[128, 256] @ [256, 768] runs at ~65% of the throughput of [2048, 256] @ [256, 768] (0 in the datasheet files).
 
 Two optional ceilings refine this where a profile measured them (hardware.py): fused attention (SDPA) at its own
 `attention_efficiency` of the matmul peak, and transcendental ops at `exp_per_s` (exp, sigmoid, log...: silu,

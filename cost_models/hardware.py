@@ -412,10 +412,8 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         attention_efficiency=compute.get("attention_efficiency"),
         special_per_s={f: compute[f"{f}_per_s"] for f in FAMILIES if f"{f}_per_s" in compute},
         comm_overlap=compute.get("comm_overlap", 1.0),
-        zero_per_param_s={z: v["runtime"][f"zero{z}_per_param_s"] for z in (2, 3)
-                          if f"zero{z}_per_param_s" in v.get("runtime", {})},
-        zero_per_byte_s={z: v["runtime"][f"zero{z}_per_byte_s"] for z in (2, 3)
-                         if f"zero{z}_per_byte_s" in v.get("runtime", {})},
+        zero_per_param_s=_per_zero_stage(v.get("runtime", {}), "param"),
+        zero_per_byte_s=_per_zero_stage(v.get("runtime", {}), "byte"),
         intra_node=_link("intra_node", links["intra_node"]),
         inter_node=_link("inter_node", links["inter_node"]),
         source=v["source"],
@@ -423,6 +421,11 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         provenance=dict(v.get("provenance", {})),
         fields=frozenset(_numbers(v)),
     )
+
+
+def _per_zero_stage(runtime: Mapping[str, Any], unit: str) -> dict[int, float]:
+    """ZeRO stage -> the [runtime] table's `zero{stage}_per_{unit}_s`, for the stages the file gives."""
+    return {z: runtime[f"zero{z}_per_{unit}_s"] for z in (2, 3) if f"zero{z}_per_{unit}_s" in runtime}
 
 
 def _link(name: str, table: Mapping[str, Any]) -> Link:
