@@ -18,13 +18,13 @@ from autopar.codegen.collectives import AxisComm
 from autopar.codegen.emit import emit
 from autopar.cost_models import load_hardware
 from autopar.errors import MeshError, PlanError
-from autopar.pipeline import check_stages
+from autopar.runtime.pipeline import check_stages
 from autopar.placement import parse
 from autopar.plan import Plan
 from autopar.planner.graph import build
 from autopar.planner.predict import fingerprint
 from autopar.planner.search import AXES, SearchRequest, search
-from autopar.runtime import CompiledModel
+from autopar.runtime.compiled import CompiledModel
 from autopar.strategies import Strategy
 
 

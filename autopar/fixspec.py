@@ -11,9 +11,9 @@ import math
 import re
 from typing import Callable
 
-from autopar.checkpointing import AC_MODES
+from autopar.runtime.checkpointing import AC_MODES
 from autopar.errors import AutoparError, MeshError, NotSupportedYet
-from autopar.zero import PRECISIONS, ZERO_STAGES
+from autopar.runtime.zero import PRECISIONS, ZERO_STAGES
 
 MESH_AXES = ("dp", "tp", "pp", "cp")
 PLANNER_KEYS = ("pp", "dp", "tp", "mbs", "zero", "ac", "precision", "schedule", "v")  # what make_plan(fix=...) understands today

@@ -3,7 +3,7 @@ live ranks, their measured step time and peak memory beside the predictions, and
 
 Each plan runs `examples/train.py --measure` under torchrun (a few steps: the first warms up, the median of
 the following ones is the step time, and the last is traced for its peak tensor bytes; the largest over ranks,
-autopar/measure.py). Statistics: mean absolute percentage error of step time and of memory, and Spearman's rank
+autopar/runtime/measure.py). Statistics: mean absolute percentage error of step time and of memory, and Spearman's rank
 correlation of predicted vs measured step time (does the planner order the plans as the machine does?).
 
 With several rounds the plans run round-robin (every plan once per round, so a slow spell of the machine falls on

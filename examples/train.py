@@ -24,7 +24,7 @@ import torch.distributed as dist
 import autopar
 from autopar.cli.plan_cmd import positive_int, usage_error
 from autopar.errors import AutoparError
-from autopar.measure import measure_step
+from autopar.runtime.measure import measure_step
 from autopar.fixspec import parse_fix, parse_pins, planner_fix
 from autopar.models import build_model, parse_model_args, sample_inputs
 from autopar.plan import Plan

@@ -1,4 +1,4 @@
-"""Pipeline parallelism at run time (autopar/pipeline.py): stages cut from the split program, torch's schedules.
+"""Pipeline parallelism at run time (autopar/runtime/pipeline.py): stages cut from the split program, torch's schedules.
 
 Tier 3 acceptance, like test_parity.py: gpt-tiny and llama-tiny with 4 layers, pp=2 alone and with dp, tp, both,
 ZeRO and activation checkpointing, every schedule that runs on gloo: 10 steps of losses within 1e-5 relative of
@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 
 from autopar.errors import MeshError, NotSupportedYet, PlanError
-from autopar.pipeline import check_stages
+from autopar.runtime.pipeline import check_stages
 from autopar.planning import make_plan
 from tests.dist_utils import ROOT, grad_mismatches, max_rel_diff, run_train
 

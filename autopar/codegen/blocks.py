@@ -36,7 +36,7 @@ def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
         inputs, outputs, sub = _segment(nodes)
         root.add_module(name, fx.GraphModule(gm, sub, class_name=name))
         call = top.call_module(name, tuple(env[n] for n in inputs))
-        call.meta[BLOCK_META] = label  # pipeline stages are cut along these labels (autopar/pipeline.py)
+        call.meta[BLOCK_META] = label  # pipeline stages are cut along these labels (autopar/runtime/pipeline.py)
         for k, out in enumerate(outputs):
             env[out] = top.call_function(operator.getitem, (call, k))
         if label:

@@ -43,7 +43,7 @@ class CostContext:
 
     @property
     def bucketed(self) -> "CostContext":
-        """The same mesh with latency-free links: parameter gradients are reduced in buckets (runtime.py), so
+        """The same mesh with latency-free links: parameter gradients are reduced in buckets (runtime/compiled.py), so
         their latency is paid per bucket, not per parameter."""
         return replace(self, links=tuple(link.without_latency() for link in self.links))
 
@@ -173,7 +173,7 @@ def edge_price(ctx: CostContext, shape: tuple[int, ...], dtype: torch.dtype, req
     """(exposed seconds, gradient-sync seconds, bytes kept) for one tensor moving from `src` to `dst` once.
 
     Everything is exposed except a parameter's backward collectives: gradients are reduced once per step, off the
-    critical path where backward can hide them (runtime.py), and priced by bandwidth only (see `bucketed`).
+    critical path where backward can hide them (runtime/compiled.py), and priced by bandwidth only (see `bucketed`).
     A parameter gathered for a consumer that saves its inputs stays gathered until backward (`kept`): plain
     autograd holds that copy, so it is memory the plan pays for. An activation the consumer saves (`kept`, counted
     at the consumer's placement by node_cost) that arrives through sequence-parallel all-gathers is stored as its

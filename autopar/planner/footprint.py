@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from autopar.checkpointing import KEEP_UNDER_SELECTIVE
+from autopar.runtime.checkpointing import KEEP_UNDER_SELECTIVE
 from autopar.placement import local_shape
 from autopar.planner.cost import CostContext, NodeCost, nbytes, saved_input_bytes
 from autopar.planner.graph import PlanGraph, PNode, storage_root
 from autopar.planner.memory import state_bytes_per_element, transient_bytes_per_element
-from autopar.runtime import BUCKET_BYTES
+from autopar.runtime.compiled import BUCKET_BYTES
 
 # part -> the moments it is present at ("start", "end" of backward)
 PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gathered": ("start", "end"),

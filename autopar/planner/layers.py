@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from autopar.checkpointing import KEEP_UNDER_SELECTIVE
+from autopar.runtime.checkpointing import KEEP_UNDER_SELECTIVE
 from autopar.plan import Prediction
 from autopar.planner.cost import node_cost
 from autopar.planner.footprint import block_input_terms, evaluate, peak, phases

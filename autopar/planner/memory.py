@@ -4,7 +4,7 @@ Two accountings of model state live here, on purpose:
 - `zero_model_state_bytes` is the published formula (Rajbhandari et al. 2020, arXiv 1910.02054, Sec. 5.1: mixed
   precision Adam keeps 2 + 2 + 12 bytes per parameter; ZeRO-1 partitions the 12, ZeRO-2 also the 2 of gradients,
   ZeRO-3 everything), used to check the planner against the paper and to explain plans;
-- `state_bytes_per_element` is what autopar's runtime (zero.py) holds at the step's peak, which the planner must
+- `state_bytes_per_element` is what autopar's runtime (runtime/zero.py) holds at the step's peak, which the planner must
   predict: FSDP2 keeps sharded fp32 parameters (the master copy) and fp32 sharded gradients, and under ZeRO-2 every
   block's gathered copy from forward to backward; stages 0/1 keep fp32 parameters (autocast makes bf16 copies).
 Activations (Korthikanti et al. 2022, arXiv 2205.05198): each tensor autograd saves is counted once; checkpointing a
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autopar.checkpointing import AC_MODES
-from autopar.zero import PRECISIONS, ZERO_STAGES
+from autopar.runtime.checkpointing import AC_MODES
+from autopar.runtime.zero import PRECISIONS, ZERO_STAGES
 
 ADAM_MOMENTS = 8.0  # fp32 exp_avg + exp_avg_sq
 FP32 = 4.0

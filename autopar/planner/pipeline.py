@@ -155,7 +155,7 @@ def p2p_memory(boundary: float, stages: list[Stage], flight: float, m: int) -> d
     gradients into every stage but the last (`_setup_backward_recv_info`). A received activation is the stage's
     input, saved by its first operator: for the `flight` micro-batches in flight it is already in `activations`.
     p2p_grads: backward leaves each received activation's gradient on its buffer after sending it (autograd
-    accumulates into the leaf); the runtime frees them after the step (autopar/pipeline.py), so all m exist at
+    accumulates into the leaf); the runtime frees them after the step (autopar/runtime/pipeline.py), so all m exist at
     backward end."""
     receives = sum(not s.first for s in stages)
     buffers = boundary * (receives * (m - min(flight, m)) + sum(not s.last for s in stages) * m)

@@ -16,7 +16,7 @@ from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.planner.pipeline import rank_sync, stage_time
 from autopar.planner.staging import pieces
-from autopar.runtime import BUCKET_BYTES
+from autopar.runtime.compiled import BUCKET_BYTES
 from autopar.strategies import grad_partial_axes
 
 if TYPE_CHECKING:

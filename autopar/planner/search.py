@@ -23,7 +23,7 @@ from autopar.capture import Captured
 from autopar.cost_models import Hardware, axis_links
 from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan, Prediction
-from autopar.checkpointing import AC_MODES
+from autopar.runtime.checkpointing import AC_MODES
 from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build

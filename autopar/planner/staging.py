@@ -1,4 +1,4 @@
-"""A solved candidate as a pipeline: its costs split by where they run (pipeline.py's pieces), the stage cut by
+"""A solved candidate as a pipeline: its costs split by where they run (runtime/pipeline.py's pieces), the stage cut by
 dynamic programming, the schedule and virtual stages that predict the shortest step within the memory budget."""
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def layouts(c: "Candidate", req, budget: float) -> list[Layout]:
 
 
 def _schedules(req, p: int, m: int, blocks: int, c=None) -> list[tuple[str, int]]:
-    """(schedule, v) pairs the pins allow. Zero-bubble is left out where the runtime refuses it (pipeline.py):
+    """(schedule, v) pairs the pins allow. Zero-bubble is left out where the runtime refuses it (runtime/pipeline.py):
     under selective checkpointing and under ZeRO-3."""
     pinned_s, pinned_v = req.fix.get("schedule"), req.fix.get("v")
     runs_zb = c is None or not (c.memory.ac == "selective" or c.memory.zero == 3 and c.ctx.dp > 1)

@@ -211,7 +211,7 @@ def fsdp_overhead_fit(mesh, reshard_after_forward: bool, budget_s: float,
 
 def fsdp_overhead_s(mesh, reshard_after_forward: bool, budget_s: float, units: int = 4, per_unit: int = 8,
                     width: int = 64) -> float:
-    """Host seconds FSDP2 (autopar/zero.py's ZeRO-2/3) adds per parameter tensor per step, beyond its collectives:
+    """Host seconds FSDP2 (autopar/runtime/zero.py's ZeRO-2/3) adds per parameter tensor per step, beyond its collectives:
     a toy of `units` blocks of `per_unit` small Linear layers trained (forward, backward, AdamW) plain and under
     `fully_shard` per block and root on `mesh`, a one-rank mesh, so the collectives move nothing and the
     difference is FSDP's own work (copies in and out of its buffers, DTensor dispatch in the optimizer). On a CPU

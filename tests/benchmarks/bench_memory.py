@@ -3,7 +3,7 @@
     python tests/benchmarks/bench_memory.py [--quick] [--json OUT]
 
 For each configuration (model x mesh x ZeRO stage x checkpointing), `examples/train.py --measure` trains 3 steps
-on 4 ranks and measures the last one (autopar/measure.py: live tensor bytes at the step's start plus the highest
+on 4 ranks and measures the last one (autopar/runtime/measure.py: live tensor bytes at the step's start plus the highest
 running sum of the CPU allocator's events during it), taking the largest rank; beside it the plan's own
 prediction. The error is predicted / measured - 1. Published reference: Aceso (Liu et al., EuroSys 2024) reports
 -15.6% .. +14% for its memory model. Measures, never asserts.

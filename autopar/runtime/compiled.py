@@ -2,7 +2,7 @@
 shards, the plan's activation checkpointing and ZeRO stage, gradient synchronisation for parameters whose
 gradient is partial along an axis (data parallelism's all-reduce) where FSDP does not own it, and the training
 step: the plan's micro-batches, accumulated (pp = 1) or run by a pipeline schedule over this rank's stages
-(pp > 1, autopar/pipeline.py), gradients synchronised once per step.
+(pp > 1, autopar/runtime/pipeline.py), gradients synchronised once per step.
 
 Synchronisation follows DDP's design (Li et al. 2020, "PyTorch Distributed", VLDB): parameters are grouped into
 buckets in reverse order of use; when every gradient of a bucket has been accumulated, the bucket is flattened and
@@ -21,14 +21,14 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from autopar.checkpointing import apply_checkpointing
+from autopar.runtime.checkpointing import apply_checkpointing
 from autopar.codegen.blocks import full_code, split_blocks
 from autopar.codegen.collectives import all_gather
 from autopar.codegen.regather import regather_saved
 from autopar.errors import NotSupportedYet, PlanError
-from autopar.pipeline import Pipeline, local_stages
+from autopar.runtime.pipeline import Pipeline, local_stages
 from autopar.placement import Placement
-from autopar.zero import make_optimizer, shard_with_fsdp
+from autopar.runtime.zero import make_optimizer, shard_with_fsdp
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
@@ -50,7 +50,7 @@ class CompiledModel(nn.Module):
         apply_checkpointing(program, {name: ac_mode(plan, name) for name in self.blocks})
         self.pp = plan.degrees.get("pp", 1)
         shared: dict[str, tuple[int, ...]] = {}
-        if self.pp > 1:  # keep only this rank's pipeline stages (autopar/pipeline.py)
+        if self.pp > 1:  # keep only this rank's pipeline stages (autopar/runtime/pipeline.py)
             program, shared = local_stages(program, plan, mesh.get_local_rank("pp"), self._autocast)
         self.param_paths = _param_paths(program, param_placements)  # FQN -> attribute path in `program`
         if self.zero >= 2:  # FSDP owns the dp reduction of the parameters the graph leaves dp-partial on every use
