@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from autopar.capture import Captured, capture
 from autopar.codegen.collectives import AxisComm
 from autopar.codegen.emit import emit
+from autopar.codegen.random_ops import check_random_ops
 from autopar.cost_models import load_hardware
 from autopar.errors import MeshError, PlanError
 from autopar.runtime.pipeline import check_stages
@@ -67,6 +68,7 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
                         f"{fingerprint(pg)}); re-plan for this model and batch")
     if pp > 1:
         check_stages(plan, list(dict.fromkeys(p.block for p in pg.nodes.values() if p.block)))
+    check_random_ops(pg, plan.num_micro_batches, pp > 1)
     names = (("pp",) if pp > 1 else ()) + AXES  # the pipeline axis outermost: stages talk least often
     mesh = mesh or init_device_mesh(_device_type(), ((pp,) if pp > 1 else ()) + degrees, mesh_dim_names=names)
     coords = tuple(mesh.get_local_rank(a) for a in AXES)

@@ -19,8 +19,9 @@ UNARY = [
     aten.relu, aten.rsqrt, aten.sqrt, aten.pow, aten.abs, aten.reciprocal, aten.square,
     aten.logical_not, aten.bitwise_not, aten.isnan, aten.isinf, aten.tril, aten.triu,
 ]
-# Dropout draws a mask per rank: never on partial sums (the addends would get different masks). Its backward
-# needs only the mask (1 byte per element; Korthikanti et al. 2022 Sec. 4.1).
+# Dropout draws a random mask: the planning graph runs it whole on every rank (planner/graph.py draws_random), so
+# it draws what one process draws; the rule keeps its cost and saving. Its backward needs only the mask (1 byte
+# per element; Korthikanti et al. 2022 Sec. 4.1).
 DROPOUT = [aten.dropout, aten.native_dropout]
 # Unary ops that are linear in their input (neg is linear; copies and casts keep sums).
 LINEAR_UNARY = [

@@ -66,9 +66,12 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     worst, bad = 0.0, {}
     for step, (x, y) in enumerate(data):
+        rng = torch.get_rng_state()  # the reference draws the same random numbers as the compiled step
         loss = compiled.train_step(x, y).item()
+        after, _ = torch.get_rng_state(), torch.set_rng_state(rng)
         ref_loss = ref(x, y)
         ref_loss.backward()
+        assert torch.equal(after, torch.get_rng_state()), "the compiled step drew other random numbers than eager"
         worst = max(worst, abs(loss - ref_loss.item()) / max(abs(ref_loss.item()), 1e-12))
         if step == 0:
             grads = {k: p.grad.clone() for k, p in ref.named_parameters() if p.grad is not None}

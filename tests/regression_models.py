@@ -113,3 +113,21 @@ def builtin_targets() -> BuiltinTargets:
     capture.__wrapped__ = original
     autopar.api.capture = capture
     return BuiltinTargets()
+
+
+class TwoDropouts(_Base):
+    """Dropout (p > 0) on an activation and on a linear layer's output: random ops the plan must run whole."""
+
+    def forward(self, tokens, targets):
+        h = F.dropout(self.emb(tokens), p=0.2, training=True)
+        h = F.dropout(self.a(h), p=0.3, training=True)
+        return self.loss(h, targets)
+
+
+def rank_seeded_dropouts() -> TwoDropouts:
+    """TwoDropouts on ranks whose random generators were seeded differently (a user's mistake)."""
+    import torch.distributed as dist
+
+    model = TwoDropouts()
+    torch.manual_seed(1000 + dist.get_rank())
+    return model

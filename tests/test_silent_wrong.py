@@ -6,6 +6,8 @@ process (losses and first-step gradients within 1e-5 relative), on real gloo ran
   column-parallel linear's input;
 - in-place ops on an activation after a collective (dp=2): they modified the collective's output, which autograd
   forbids; capture now functionalizes them;
+- random ops (dropout) run whole on every rank and draw what one process draws; a plan that would draw them in
+  another order (micro-batches) or ranks whose generators differ are refused at compile time;
 - Python builtins as call targets (`operator.getitem` before a saved reshape, `operator.add/mul/neg`): the
   planning graph read `.overloadpacket` from every target.
 """
@@ -28,7 +30,10 @@ WORLD2 = [_case("rotation-tp2", "ComplexRotation", {"tp": 2}), _case("rfft-tp2",
           _case("inplace-dp2", "InplaceAfterCollective", {"dp": 2}),
           _case("inplace-tp2", "InplaceAfterCollective", {"tp": 2}),
           _case("split-reshape-tp2", "SplitReshape", {"tp": 2}),
-          _case("builtins-dp2", "builtin_targets", {"dp": 2}), _case("builtins-tp2", "builtin_targets", {"tp": 2})]
+          _case("builtins-dp2", "builtin_targets", {"dp": 2}), _case("builtins-tp2", "builtin_targets", {"tp": 2}),
+          _case("dropout-dp2", "TwoDropouts", {"dp": 2}), _case("dropout-tp2", "TwoDropouts", {"tp": 2}),
+          _case("dropout-microbatches", "TwoDropouts", {"dp": 2, "mbs": 2}),
+          _case("dropout-seeds-differ", "rank_seeded_dropouts", {"dp": 2})]
 WORLD4 = [_case("rotation-dp2xtp2", "ComplexRotation", {"dp": 2, "tp": 2}),
           _case("rfft-dp2xtp2", "RfftMix", {"dp": 2, "tp": 2})]
 
@@ -58,3 +63,18 @@ def test_inplace_after_a_collective_is_exact(results, case):
 @pytest.mark.parametrize("case", ["split-reshape-tp2", "builtins-dp2", "builtins-tp2"])
 def test_builtin_call_targets_plan_and_train(results, case):
     _exact(results[case])
+
+
+@pytest.mark.parametrize("case", ["dropout-dp2", "dropout-tp2"])
+def test_random_ops_run_whole_and_draw_what_one_process_draws(results, case):
+    _exact(results[case])
+
+
+def test_random_ops_in_another_order_are_refused(results):
+    error = results["dropout-microbatches"].get("error", "")
+    assert error.startswith("PlanError") and "2 ops" in error and "micro-batches" in error and "mbs=" in error, error
+
+
+def test_random_ops_with_unlike_generators_are_refused(results):
+    error = results["dropout-seeds-differ"].get("error", "")
+    assert error.startswith("PlanError") and "torch.manual_seed" in error, error

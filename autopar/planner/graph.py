@@ -216,11 +216,20 @@ def _strategies(p: PNode, degrees: Sequence[int]) -> list[Strategy]:
         return [Strategy(outs=(), ins=tuple((R,) * len(degrees) for _ in p.inputs))]
     if p.kind != "op":
         rules = _placeholder_rules(p.info.out_shapes[0]) if p.info.out_shapes else [Strategy1D((), ())]
-    elif p.rule is not None:
+    elif p.rule is not None and not draws_random(p.node):
         rules = p.rule.strategies(p.info)
-    else:
+    else:  # no rule, or a random op (see draws_random): whole tensors on every rank
         rules = [Strategy1D((R,) * len(p.info.out_shapes), (R,) * len(p.inputs))]
     return expand(rules, degrees, p.info) or expand(rules[:1], degrees, p.info)
+
+
+def draws_random(node: fx.Node) -> bool:
+    """Ops that draw from the random generator (dropout, rand_like, bernoulli, ...: aten's `nondeterministic_seeded`
+    tag). A rank that draws only its shard draws different numbers from one process drawing the whole tensor, and
+    partial sums would get a mask per addend; run whole on every rank from the same generator state, they draw
+    exactly what one process draws, and consumers take their shard locally (issue 18)."""
+    tags = getattr(node.target, "tags", ())
+    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags
 
 
 def _pnode(node: fx.Node, captured: Captured, graph_nodes, done: dict[str, PNode]) -> PNode:
