@@ -27,11 +27,12 @@ from autopar.planner.predict import fingerprint
 from autopar.planner.search import AXES, SearchRequest, search
 from autopar.runtime.compiled import CompiledModel
 from autopar.strategies import Strategy
+from autopar.verify import verify_first_step
 
 
 def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: tuple, plan: str | Path | Plan | None = None,
-            fix: dict | None = None, hardware: str | None = None, memory_budget_bytes: float | None = None
-            ) -> CompiledModel:
+            fix: dict | None = None, hardware: str | None = None, memory_budget_bytes: float | None = None,
+            verify: bool = False) -> CompiledModel:
     """Parallelise `model` over the ranks of the current process group.
 
     sample_inputs: the forward's arguments at the training batch shape (the global batch; every rank passes the
@@ -39,6 +40,8 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     first samples of each input). mesh: a DeviceMesh with axes named from ("dp", "tp"), or ("pp", "dp", "tp") with
     pp outermost, pins the degrees; None lets the planner choose them for the world size. plan: a plan file or
     Plan to run instead of searching. fix: pins such as {"dp": 2, "tp": 2} (or {"pp": 2, "schedule": "1f1b"}).
+    verify: run the parallel program's first step on the first micro-batch of sample_inputs beside `model` run
+    eagerly, and raise VerifyError naming the first parameter whose gradient differs (autopar/verify.py).
     Train with `compiled.train_step(*batch)`.
     """
     if not dist.is_initialized():
@@ -78,8 +81,11 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     emitted = emit(pg, decisions, coords, fsdp_axes)
     root, placements, aliases = _shard_parameters(model, captured, pg, decisions, mesh, coords)
     deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
-    return CompiledModel(root, emitted.graph, plan, mesh, captured.program.call_spec.out_spec, placements,
-                         deferred, aliases)
+    compiled = CompiledModel(root, emitted.graph, plan, mesh, captured.program.call_spec.out_spec, placements,
+                             deferred, aliases)
+    if verify:
+        verify_first_step(compiled, model, sample_inputs)
+    return compiled
 
 
 def _tracer(model: nn.Module, sample_inputs: tuple) -> Callable[[int], Captured]:

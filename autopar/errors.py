@@ -28,3 +28,7 @@ class PlanError(AutoparError):
 
 class NotSupportedYet(AutoparError):
     """A known capability that this version does not provide."""
+
+
+class VerifyError(AutoparError):
+    """`autopar.compile(..., verify=True)` found the parallel program's first step differing from one process."""

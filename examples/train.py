@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="measure the step time (median of the steps between the first and the last, untraced) and "
                          "the last step's peak tensor memory; print them beside the plan's prediction")
     ap.add_argument("--print-code", action="store_true", help="print rank 0's generated program")
+    ap.add_argument("--verify", action="store_true",
+                    help="check the parallel program's first step against this model run in one process first; "
+                         "refuse, naming the first differing parameter, if they differ")
     return ap.parse_args(argv)
 
 
@@ -70,7 +73,7 @@ def train(args: argparse.Namespace) -> list[float]:
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)
         model = autopar.compile(model, sample_inputs=example, fix=_fix(args), plan=plan,
-                                hardware=args.hardware)
+                                hardware=args.hardware, verify=args.verify)
         if rank0 and args.print_code:
             print(model.code, file=sys.stderr)
     opt = model.optimizer(torch.optim.AdamW, lr=args.lr) if not args.reference else \

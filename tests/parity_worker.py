@@ -60,8 +60,7 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
     model = build(case)
     ref = copy.deepcopy(model)
     data = batches(model.vocab, case.get("batch", 4), model.seq, case.get("steps", 2), case.get("seed", 0))
-    compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify) if verify else \
-        autopar.compile(model, sample_inputs=data[0], fix=case["fix"])
+    compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify)
     opt = compiled.optimizer(torch.optim.SGD, lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     worst, bad = 0.0, {}

@@ -131,3 +131,34 @@ def rank_seeded_dropouts() -> TwoDropouts:
     model = TwoDropouts()
     torch.manual_seed(1000 + dist.get_rank())
     return model
+
+
+class SoftmaxMix(_Base):
+    """A softmax over a column-parallel linear layer's output features."""
+
+    def __init__(self, d: int = 16):
+        super().__init__(d)
+        self.b = nn.Linear(d, d)
+
+    def forward(self, tokens, targets):
+        h = torch.softmax(self.a(self.emb(tokens)), dim=-1)
+        return self.loss(self.b(h), targets)
+
+
+def broken_softmax_rule() -> SoftmaxMix:
+    """SoftmaxMix, with softmax's rule in this process made wrong on purpose: it claims the normalised dim may stay
+    sharded (each rank would normalise over its own features only), which the planner takes as free."""
+    from dataclasses import replace
+
+    from autopar.placement import S
+    from autopar.strategies import RULES
+    from autopar.strategies.base import Strategy1D
+
+    for op in (torch.ops.aten.softmax, torch.ops.aten._softmax):
+        rule = RULES[op]
+        if not getattr(rule.strategies, "broken", False):
+            def wrong(info, right=rule.strategies):
+                return right(info) + [Strategy1D(outs=(S(d),), ins=(S(d),)) for d in range(len(info.in_shapes[0]))]
+            wrong.broken = True
+            RULES[op] = replace(rule, strategies=wrong)
+    return SoftmaxMix()

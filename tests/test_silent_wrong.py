@@ -33,7 +33,9 @@ WORLD2 = [_case("rotation-tp2", "ComplexRotation", {"tp": 2}), _case("rfft-tp2",
           _case("builtins-dp2", "builtin_targets", {"dp": 2}), _case("builtins-tp2", "builtin_targets", {"tp": 2}),
           _case("dropout-dp2", "TwoDropouts", {"dp": 2}), _case("dropout-tp2", "TwoDropouts", {"tp": 2}),
           _case("dropout-microbatches", "TwoDropouts", {"dp": 2, "mbs": 2}),
-          _case("dropout-seeds-differ", "rank_seeded_dropouts", {"dp": 2})]
+          _case("dropout-seeds-differ", "rank_seeded_dropouts", {"dp": 2}),
+          {**_case("verify-passes", "SoftmaxMix", {"tp": 2}), "verify": True},
+          {**_case("verify-catches-broken-rule", "broken_softmax_rule", {"tp": 2}), "verify": True}]
 WORLD4 = [_case("rotation-dp2xtp2", "ComplexRotation", {"dp": 2, "tp": 2}),
           _case("rfft-dp2xtp2", "RfftMix", {"dp": 2, "tp": 2})]
 
@@ -78,3 +80,15 @@ def test_random_ops_in_another_order_are_refused(results):
 def test_random_ops_with_unlike_generators_are_refused(results):
     error = results["dropout-seeds-differ"].get("error", "")
     assert error.startswith("PlanError") and "torch.manual_seed" in error, error
+
+
+def test_verify_passes_a_correct_program(results):
+    _exact(results["verify-passes"])
+
+
+def test_verify_catches_a_broken_rule_and_names_the_parameter(results):
+    """softmax's rule, monkeypatched to keep its normalised dim sharded, trains silently wrong without verify; with
+    verify=True compile refuses and names the first parameter (in the model's order) whose gradient differs."""
+    error = results["verify-catches-broken-rule"].get("error", "")
+    assert error.startswith("VerifyError"), error
+    assert "the first parameter whose gradient differs is 'emb.weight'" in error, error
