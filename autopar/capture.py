@@ -131,6 +131,7 @@ def _functionalized(ep: ExportedProgram) -> ExportedProgram:
         return ep
     with _quiet():
         ep = ep.run_decompositions({})
+    _differentiable_copies(ep.graph)
     kinds = {OutputKind.BUFFER_MUTATION: "buffer", OutputKind.USER_INPUT_MUTATION: "input",
              OutputKind.PARAMETER_MUTATION: "parameter"}
     for spec in ep.graph_signature.output_specs:
@@ -139,6 +140,21 @@ def _functionalized(ep: ExportedProgram) -> ExportedProgram:
                              "rank on its own shards and cannot write that update back on every plan. Compute the "
                              "new value out of place and return it, or update it outside the forward")
     return ep
+
+
+def _differentiable_copies(graph: fx.Graph) -> None:
+    """Functionalization turns `dst.copy_(src)` (what `h[..., :2] = v` does) into `aten.copy(dst, src)`, which has
+    no derivative; its value is src broadcast to dst's shape in dst's dtype, written with ops that have one."""
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.copy.default]:
+        dst, src = node.args[:2]
+        out = node.meta["val"]
+        with graph.inserting_before(node):
+            value = graph.call_function(torch.ops.aten.expand.default, (src, list(out.shape)))
+            value.meta = {**node.meta, "val": src.meta["val"].expand(out.shape)}
+            value = graph.call_function(torch.ops.aten._to_copy.default, (value,), {"dtype": out.dtype})
+            value.meta = dict(node.meta)
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
 
 
 _TRACE_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}

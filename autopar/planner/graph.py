@@ -228,8 +228,22 @@ def draws_random(node: fx.Node) -> bool:
     tag). A rank that draws only its shard draws different numbers from one process drawing the whole tensor, and
     partial sums would get a mask per addend; run whole on every rank from the same generator state, they draw
     exactly what one process draws, and consumers take their shard locally (issue 18)."""
-    tags = getattr(node.target, "tags", ())
-    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags
+    if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    probability = _DROPOUT_ARG.get(packet_of(node.target))  # tagged for a dropout they may not do
+    if probability is None:
+        return True
+    (index, name), default = probability
+    p = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    train = node.args[2] if probability[0][0] == 1 and len(node.args) > 2 else node.kwargs.get("train", True)
+    return bool(p) and train is not False
+
+
+_aten = torch.ops.aten
+# (argument index, name), default of the dropout probability of ops that draw only when it is > 0 (and training)
+_DROPOUT_ARG = {_aten.dropout: ((1, "p"), 0.5), _aten.native_dropout: ((1, "p"), 0.5),
+                _aten.feature_dropout: ((1, "p"), 0.5), _aten.alpha_dropout: ((1, "p"), 0.5),
+                _aten.scaled_dot_product_attention: ((4, "dropout_p"), 0.0)}
 
 
 def _pnode(node: fx.Node, captured: Captured, graph_nodes, done: dict[str, PNode]) -> PNode:
