@@ -162,3 +162,12 @@ def broken_softmax_rule() -> SoftmaxMix:
             wrong.broken = True
             RULES[op] = replace(rule, strategies=wrong)
     return SoftmaxMix()
+
+
+class SliceAssign(_Base):
+    """`h[..., :2] = ...` on an activation: functionalized to aten.copy, which has no derivative (fuzzer find)."""
+
+    def forward(self, tokens, targets):
+        h = self.a(self.emb(tokens)).clone()
+        h[..., :2] = h[..., 2:4] * 2.0
+        return self.loss(h, targets)
