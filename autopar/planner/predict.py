@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 from autopar.cost_models import exposed_s, latency_s
 from autopar.placement import fmt, local_shape
 from autopar.plan import NodeDecision, Plan, Prediction
-from autopar.planner.cost import edge_price, node_cost, recomputed, saved_kinds
+from autopar.planner.cost import edge_price, node_cost
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
-from autopar.planner.ilp import edge_classes, zero_sync
+from autopar.planner.ilp import zero_sync
+from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import rank_sync, stage_time
 from autopar.planner.staging import pieces
 from autopar.runtime.compiled import BUCKET_BYTES
-from autopar.strategies import grad_partial_axes
 
 if TYPE_CHECKING:
     from autopar.planner.search import Candidate, SearchRequest
@@ -151,25 +151,16 @@ def memory_parts(c: "Candidate", costs: dict) -> tuple[dict[str, float], float]:
 
 def redistributions(c: "Candidate") -> tuple[float, float, float, float]:
     """(exposed, gradient-sync, bytes kept, exposed after the step) of the redistributions, consumers needing
-    the same placement sharing one move (emit.py)."""
+    the same placement of one value sharing one move (moves.py, as codegen emits them)."""
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
-    moves: dict[tuple, tuple[int, bool, int, bool]] = {}
-    for (prod, k, cons, j), mult in edge_classes(pg).items():
-        pp, cp, s_c = pg.nodes[prod], pg.nodes[cons], chosen(c, cons)
-        partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
-        key = (prod, k, s_c.ins[j], partial)
-        seen, kept, held_mult, rerun = moves.get(key, (0, False, 0, False))
-        saves = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
-        if saves:
-            held_mult = max(held_mult, 1 if recomputed(ctx, cp) else mult)
-        moves[key] = (max(seen, mult), kept or saves, held_mult, rerun or recomputed(ctx, cp))
     exposed = sync = held = after = 0.0
-    for (prod, k, dst, partial), (mult, kept, held_mult, rerun) in moves.items():
-        pp = pg.nodes[prod]
-        e, s, h = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
-                             pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept, rerun)
+    for mv in chosen_moves(pg, ctx, c.solution.choice):
+        pp = pg.nodes[mv.producer]
+        e, s, h = edge_price(ctx, pp.info.out_shapes[mv.k], pp.info.out_dtypes[mv.k], pp.requires_grad,
+                             pp.kind == "param", mv.src, mv.dst, mv.partial, mv.held > 0, mv.rerun)
         s, a = zero_sync(ctx, s)
-        exposed, sync, held, after = exposed + m * mult * e, sync + mult * s, held + held_mult * h, after + mult * a
+        exposed, sync, held, after = exposed + m * mv.count * e, sync + mv.count * s, held + mv.held * h, \
+            after + mv.count * a
     return exposed, sync, held, after
 
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autopar.cost_models import axis_links, collective_time_s, exposed_s
-from autopar.planner.cost import edge_price, nbytes, node_cost, recomputed, saved_kinds
+from autopar.planner.cost import edge_price, nbytes, node_cost
 from autopar.planner.footprint import peak, terms
-from autopar.planner.ilp import edge_classes, zero_sync
+from autopar.planner.ilp import zero_sync
+from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
                                       rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
                                       step_time)
 from autopar.placement import local_shape
-from autopar.strategies import grad_partial_axes
 
 if TYPE_CHECKING:
     from autopar.planner.search import Candidate
@@ -97,29 +97,15 @@ def pieces(c: "Candidate") -> Pieces:
 
 def _edges(c, where, add, time, sync, memory) -> None:
     """Resharding time (exposed) by consumer, gradient sync by parameter, bytes kept by consumer; consumers needing
-    the same placement share one move (as in predict.redistributions)."""
+    the same placement share one move (moves.py, as in predict.redistributions)."""
     pg, ctx = c.graph, c.ctx
-    # key -> [largest multiplicity, its consumer, copies kept, a keeping consumer, moved inside a checkpointed block]
-    moves: dict[tuple, list] = {}
-    for (prod, k, cons, j), mult in edge_classes(pg).items():
-        pp, cp = pg.nodes[prod], pg.nodes[cons]
-        s_c = cp.strategies[c.solution.choice[cons]]
-        partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
-        move = moves.setdefault((prod, k, s_c.ins[j], partial), [0, cons, 0, None, False])
-        move[4] = move[4] or recomputed(ctx, cp)
-        if move[0] < mult:
-            move[0], move[1] = mult, cons
-        if "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs):
-            held = 1 if recomputed(ctx, cp) else mult
-            if held > move[2]:
-                move[2], move[3] = held, cons
-    for (prod, k, dst, partial), (mult, cons, held, keeper, rerun) in moves.items():
-        e, s, h = _price(c, prod, k, dst, partial, keeper is not None, rerun)
+    for mv in chosen_moves(pg, ctx, c.solution.choice):
+        e, s, h = _price(c, mv.producer, mv.k, mv.dst, mv.partial, mv.keeper is not None, mv.rerun)
         s, after = zero_sync(ctx, s)
-        add(time, cons, mult * e)
-        add(sync, prod if pg.nodes[prod].kind == "param" else cons, mult * (s + after))
-        if keeper is not None:
-            add(memory, keeper, held * h, "activations")
+        add(time, mv.reader, mv.count * e)
+        add(sync, mv.producer if pg.nodes[mv.producer].kind == "param" else mv.reader, mv.count * (s + after))
+        if mv.keeper is not None:
+            add(memory, mv.keeper, mv.held * h, "activations")
 
 
 def _price(c, prod: str, k: int, dst, partial, kept: bool, rerun: bool = False):
