@@ -39,27 +39,18 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import pulp
 
-from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, recomputed, saved_kinds
+from autopar.planner.candidate import Solution
+from autopar.planner.cost import (CostContext, NodeCost, edge_price, node_cost, recomputed, saved_kinds,
+                                  zero_sync)
 from autopar.planner.footprint import Term, phases
 from autopar.planner.footprint import terms as footprint_terms
 from autopar.planner.graph import PlanGraph, PNode
 from autopar.planner.moves import EdgeGroup, Role, Target, edge_groups, role, takes_as_produced, target
 
 MIP_GAP = 1e-3  # stop within 0.1% of the optimum: far below the cost model's own accuracy
-
-
-@dataclass(frozen=True)
-class Solution:
-    choice: dict[str, int]  # owner node -> strategy index
-    status: str
-    objective_s: float
-    solve_s: float
-    variables: int
-    constraints: int
 
 
 class ShardingILP:
@@ -403,19 +394,6 @@ def _least(pg: PlanGraph, ctx: CostContext, owner: str, row: list[float], weight
                                                    s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
                                         for t in user.strategies) for user, j in users)))
                for k, s in enumerate(p.strategies))
-
-
-def zero_sync(ctx: CostContext, sync: float) -> tuple[float, float]:
-    """(overlappable, exposed after the step) gradient-sync seconds of a parameter under the ZeRO stage.
-    Rajbhandari et al. 2020 Sec. 7: ZeRO-2 moves what DP moves (reduce-scatter + all-gather = all-reduce), ZeRO-3
-    1.5x (parameters gathered in forward and again in backward); torch's ZeroRedundancyOptimizer (ZeRO-1) keeps
-    DP's all-reduce and broadcasts the updated partitions after the step (an all-gather's volume, not hidden)."""
-    stage = ctx.memory.zero if ctx.dp > 1 else 0
-    if stage == 3:
-        return 1.5 * sync, 0.0
-    if stage == 1:
-        return sync, 0.5 * sync
-    return sync, 0.0
 
 
 def edge_classes(pg: PlanGraph) -> dict[tuple, int]:

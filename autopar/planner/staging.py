@@ -5,39 +5,18 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autopar.cost_models import axis_links, collective_time_s, exposed_s
-from autopar.planner.cost import edge_price, nbytes, node_cost
+from autopar.planner.candidate import Candidate, Layout
+from autopar.planner.cost import edge_price, nbytes, node_cost, zero_sync
 from autopar.planner.footprint import peak, terms
-from autopar.planner.ilp import zero_sync
 from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
                                       rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
                                       step_time)
 from autopar.placement import local_shape
-
-if TYPE_CHECKING:
-    from autopar.planner.search import Candidate
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The pipeline decisions of a candidate and what they predict."""
-    schedule: str
-    v: int
-    stages: list[Stage]
-    step_s: float
-    bubble_s: float
-    p2p_s: float
-    sync_exposed_s: float
-    rank_s: list[float]  # forward + backward of one micro-batch per rank
-    memory: list[dict[str, float]]  # per rank: the parts at its peak
-    peak_at: list[str]
-    optimizer_s: float = 0.0  # the slowest rank's optimizer step
 
 
 def sides(pg) -> dict[str, tuple[str, ...]]:
@@ -60,7 +39,7 @@ def sides(pg) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def pieces(c: "Candidate") -> Pieces:
+def pieces(c: Candidate) -> Pieces:
     pg, ctx, choice = c.graph, c.ctx, c.solution.choice
     where = sides(pg)
     L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
@@ -135,7 +114,7 @@ def _boundary_bytes(c) -> float:
     return total
 
 
-def layouts(c: "Candidate", req, budget: float) -> list[Layout]:
+def layouts(c: Candidate, req, budget: float) -> list[Layout]:
     """Every schedule (and v) the pins allow, each with its best stage cut; those that fit first, fastest first."""
     p, m = c.degrees.get("pp", 1), c.micro_batches
     pcs = pieces(c)
