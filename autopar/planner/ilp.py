@@ -11,7 +11,8 @@ Variables (owners of repeated layers only; w = how many nodes share an owner):
     u[g,t] in [0,1]     the value exists in placement t: u >= sel_c(t) for each reader c of g, u <= sum_c sel_c(t)
                         (a single reader's sel_c(t) itself, the constant 1 where a reader has a single strategy)
     y[g,o,t] >= 0       the producer is at o and the move o -> t exists: sum_o y[g,o,t] = u[g,t], y[g,o,t] <= x_p(o)
-                        (one reader class: the transport sum_t y = x_p(o), sum_o y = sel_c(t), which is tighter)
+                        (one reader class: the transport sum_t y = x_p(o), sum_o y = sel_c(t), which is tighter;
+                        several: the cut sum_{t in targets(c)} y[g,o,t] >= x_p(o) per reader c, its row sums)
     z >= 0              gradient synchronisation left exposed after overlapping with backward
 Minimise
     m * ( sum w_n c[n,s] x[n,s] + sum n_g r_g(o,t) y[g,o,t] )  +  G  -  (G - z)        (m micro-batches)
@@ -148,55 +149,69 @@ class ShardingILP:
         outs = [s.outs[g.k] for s in pp.strategies]
         uo = list(dict.fromkeys(outs))
         wanted: dict[Target, list[tuple[list, Role, str]]] = defaultdict(list)
+        asks: dict[str, list[Target]] = {}  # reader class -> the targets it can choose
         for cons, j in g.readers:
             xs, r = self.x[cons], role(self.pg, self.ctx, g, cons, j)
             ts = [target(pp, s, j) for s in self.pg.nodes[cons].strategies]
-            for t in dict.fromkeys(ts):
+            asks[(cons, j)] = list(dict.fromkeys(ts))
+            for t in asks[(cons, j)]:
                 wanted[t].append(([(x, 1.0) for x, mine in zip(xs, ts) if mine == t], r, cons))
+        split = {}  # target -> its y's per source placement, where the move is priced through y's
         for t, readers in wanted.items():
-            base, again, kept = (self._edge_prices(pp, g.k, uo, [t], g.count, keep, 1.0, rerun)
-                                 for keep, rerun in ((False, False), (False, True), (True, False)))
             rerun = [sel for sel, r, _ in readers if r.rerun]
-            extra = [(a[0][0] - b[0][0], 0.0, 0.0) for a, b in zip(again, base)]  # the recomputation's move
             levels = sorted({r.held for _, r, _ in readers})
+            base, again, kept = (self._edge_prices(pp, g.k, uo, [t], g.count, keep, 1.0, rr) if need else None
+                                 for keep, rr, need in ((False, False, True), (False, True, bool(rerun)),
+                                                        (True, False, levels[-1] > 0)))
+            extra = [(a[0][0] - b[0][0], 0.0, 0.0) for a, b in zip(again or base, base)]  # the recomputation's move
             w = self.weight(max(readers, key=lambda r: r[1].held)[2], "activations")
-            held = [k[0][2] * w for k in kept]  # bytes of one kept copy, per source placement
+            held = [k[0][2] * w for k in kept] if kept else [0.0] * len(uo)  # bytes of one kept copy, per source
             first = [(b[0][0] + (e[0] if len(rerun) == len(readers) else 0.0), b[0][1], levels[0] * h)
                      for b, e, h in zip(base, extra, held)]
-            self._add_move([sel for sel, _, _ in readers], first, g.producer, outs, uo)
+            split[t] = self._add_move([sel for sel, _, _ in readers], first, g.producer, outs, uo)
             if rerun and len(rerun) < len(readers):
                 self._add_move(rerun, extra, g.producer, outs, uo)
             for below, level in zip(levels, levels[1:]):  # max over readers of copies kept, level by level
                 self._add_move([sel for sel, r, _ in readers if r.held >= level],
                                [(0.0, 0.0, (level - below) * h) for h in held], g.producer, outs, uo)
+        # Each reader reads one of its targets: from wherever the producer is, the moves into its targets add up to
+        # at least the producer's placement (the transport's row sums, a valid cut that tightens the relaxation).
+        picked = _grouped(self.x[g.producer], _positions(outs, uo), len(uo))
+        for ts in asks.values():
+            if all(split.get(t) for t in ts):
+                for a, xs in enumerate(picked):
+                    self.prob += _affine([(split[t][a], 1.0) for t in ts] + [(x, -1.0) for x in xs]) >= 0
 
-    def _add_move(self, sels: list[list[tuple]], price: list[tuple], prod: str, outs: list, uo: list) -> None:
+    def _add_move(self, sels: list[list[tuple]], price: list[tuple], prod: str, outs: list, uo: list) -> list | None:
         """A move into one target, made when any of `sels` is chosen, priced price[a] from placement uo[a]:
-        y_a = (producer at uo[a]) AND (some reader chose the target), as sum_a y_a = u, y_a <= x_p(uo[a])."""
+        y_a = (producer at uo[a]) AND (some reader chose the target), as sum_a y_a = u, y_a <= x_p(uo[a]); the y's
+        (None where the price needs none: one source placement, the same price from each, or no price)."""
         if not any(any(v) for v in price):
-            return
+            return None
         u = self._any(sels)
         parts = (self.time_terms, self.sync_terms, self.memory_terms)
         at_out = _positions(outs, uo)
         if len(uo) == 1 or all(v == price[0] for v in price):
-            priced = [(u, price[0])]
+            priced, ys = [(u, price[0])], None
         elif isinstance(u[0][0], int):  # a reader with a single strategy: the move always exists
             for part, terms in enumerate(parts):
                 self._add_time(prod, [price[a][part] for a in at_out], terms)
-            return
+            return None
         else:
-            priced = []
+            priced, ys = [], []
             for a, xs in enumerate(_grouped(self.x[prod], at_out, len(uo))):
                 y = self._var(f"y_{self.n_y}", lowBound=0)
                 self.n_y += 1
                 self.prob += _affine([(y, 1.0)] + [(x, -1.0) for x in xs]) <= 0
                 priced.append(([(y, 1.0)], price[a]))
-            self._add_balance([(y[0][0], 1.0) for y, _ in priced] + [(x, -c) for x, c in u])
+                ys.append(y)
+            self._add_balance([(y, 1.0) for y in ys] + [(x, -c) for x, c in u])
         for selected, values in priced:
             for part, terms in enumerate(parts):
                 for x, c in selected:
                     if values[part]:
                         terms[x] += c * values[part]
+        return ys
 
     def _any(self, sels: list[list[tuple]]) -> list[tuple]:
         """Terms equal to 1 when any selection holds: a selection itself, the constant 1, or u in [0, 1] with
