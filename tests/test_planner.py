@@ -47,11 +47,13 @@ def chosen(pg: PlanGraph, choice: dict[str, int], name: str):
 
 def closed_form_objective(pg: PlanGraph, ctx: CostContext, choice: dict[str, int], m: int = 1) -> dict[str, float]:
     """Predicted step time of a choice, summed node by node and edge by edge over the WHOLE graph (no owners, no
-    edge classes): compute of every node, every edge's redistribution (forward + transposed backward), and the
-    parameter-gradient collectives backward cannot hide, and the optimizer step once. Parameter gradients are
+    edge classes): compute of every node, every redistribution (forward + transposed backward) once per
+    (producing node, output, target placement) however many consumers read it (as codegen/emit.py emits it), and
+    the parameter-gradient collectives backward cannot hide, and the optimizer step once. Parameter gradients are
     reduced in buckets once per step, so their latency is not paid per parameter (ilp.py / runtime.py)."""
     bucketed = ctx.bucketed
     compute = bwd = exposed = sync = optimizer = 0.0
+    moved = set()
     for name, p in pg.nodes.items():
         s = chosen(pg, choice, name)
         cost = node_cost(ctx, p, s)
@@ -63,6 +65,9 @@ def closed_form_objective(pg: PlanGraph, ctx: CostContext, choice: dict[str, int
             src, dst = chosen(pg, choice, prod).outs[k], s.ins[j]
             shape, dtype = pp.info.out_shapes[k], pp.info.out_dtypes[k]
             partial = tuple(grad_partial_axes(s, j)) if pp.requires_grad else ()
+            if (prod, k, dst, partial) in moved:
+                continue
+            moved.add((prod, k, dst, partial))
             if pp.kind == "param":
                 exposed += m * redistribution_time_s(ctx, shape, dtype, src, dst, False)
                 sync += (redistribution_time_s(bucketed, shape, dtype, src, dst, True, partial)

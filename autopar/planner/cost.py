@@ -199,3 +199,16 @@ def _is_view(shape: tuple[int, ...], src: tuple[Placement, ...], dst: tuple[Plac
     of a contiguous tensor is contiguous already (a weight's rows, a bias)."""
     moves = [m for m in steps(src, dst) if m.kind != "identity"]
     return all(m.kind == "slice" and math.prod(shape[:m.dim]) == 1 for m in moves)
+
+
+def zero_sync(ctx: CostContext, sync: float) -> tuple[float, float]:
+    """(overlappable, exposed after the step) gradient-sync seconds of a parameter under the ZeRO stage.
+    Rajbhandari et al. 2020 Sec. 7: ZeRO-2 moves what DP moves (reduce-scatter + all-gather = all-reduce), ZeRO-3
+    1.5x (parameters gathered in forward and again in backward); torch's ZeroRedundancyOptimizer (ZeRO-1) keeps
+    DP's all-reduce and broadcasts the updated partitions after the step (an all-gather's volume, not hidden)."""
+    stage = ctx.memory.zero if ctx.dp > 1 else 0
+    if stage == 3:
+        return 1.5 * sync, 0.0
+    if stage == 1:
+        return sync, 0.5 * sync
+    return sync, 0.0

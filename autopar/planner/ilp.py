@@ -1,23 +1,36 @@
 """The inner problem: one strategy per node on a fixed mesh, minimising predicted step time under a memory budget.
 
-Variables (owners of repeated layers only; w = how many nodes share an owner or an edge class):
-    x[n,s] in {0,1}     node n uses strategy s
-    y[e,o,i] >= 0       edge e moves its tensor from producer placement o to consumer placement i
+Redistribution is priced as codegen emits it (codegen/emit.py, DESIGN decision 12): one move per (producing node,
+output, target placement), shared by every consumer that reads the value in that placement (q, k and v read one
+all-gathered input), forward and transposed backward priced once. Moves are counted per edge group g (moves.py):
+a producer owner's output with the consumer classes c (consumer owner, input position) one producing node feeds,
+n_g producing nodes alike.
+
+Variables (owners of repeated layers only; w = how many nodes share an owner):
+    x[n,s] in {0,1}     node n uses strategy s;  x_n(o) = sum_{s: out(s)=o} x[n,s], sel_c(t) = sum_{s: in_c(s)=t} x[c,s]
+    u[g,t] in [0,1]     the value exists in placement t: u >= sel_c(t) for each reader c of g, u <= sum_c sel_c(t)
+                        (a single reader's sel_c(t) itself, the constant 1 where a reader has a single strategy)
+    y[g,o,t] >= 0       the producer is at o and the move o -> t exists: sum_o y[g,o,t] = u[g,t], y[g,o,t] <= x_p(o)
+                        (one reader class: the transport sum_t y = x_p(o), sum_o y = sel_c(t), which is tighter;
+                        several: the cut sum_{t in targets(c)} y[g,o,t] >= x_p(o) per reader c, its row sums)
     z >= 0              gradient synchronisation left exposed after overlapping with backward
 Minimise
-    m * ( sum w_n c[n,s] x[n,s] + sum w_e r_e(o,i) y[e,o,i] )  +  G  -  (G - z)        (m micro-batches)
+    m * ( sum w_n c[n,s] x[n,s] + sum n_g r_g(o,t) y[g,o,t] )  +  G  -  (G - z)        (m micro-batches)
 where c = forward + backward + exposed collectives of one micro-batch (+ the optimizer step of a parameter, once),
 r = redistribution cost (forward and its transposed backward), G = parameter-gradient all-reduces (once per step)
 and z >= G - f B, z >= (1 - f) G, B the backward compute of one micro-batch the runtime overlaps them with and f
-the share of it that hides communication (the hardware's comm_overlap; 1 on GPUs).
+the share of it that hides communication (the hardware's comm_overlap; 1 on GPUs). What only some readers of a
+shared move ask for is priced on the OR (another u, y pair) of those readers: the forward move again when a reader
+is recomputed in backward, and the copies a reader that saves its input keeps (the most any reader keeps).
 Constraints
     sum_s x[n,s] = 1                                            add_choice_constraints
-    sum_i y[e,o,i] = sum_{s: out(s)=o} x[p,s]; same for i      add_edge_constraints (y is integral when x is)
+    the u, y definitions above                                  add_edge_constraints
     states + activations of one micro-batch <= budget           add_memory_constraint
       (pipeline stages: each term weighted by what one rank holds of it, planner/pipeline.py)
     z >= G - f B,  z >= (1 - f) G                               add_overlap_constraint
     x[n,s] = 0 for s outside a per-module pin (planner/pins.py)  add_pin_constraints
-Edges whose producer or consumer has a single placement need no y: their cost folds into the other node's c.
+Edges whose producer has a single placement need no y (their price sits on u); a view takes its input as produced
+(equal placements, no move). The prediction (predict.py) prices the chosen moves from the same groups.
 """
 
 from __future__ import annotations
@@ -27,27 +40,18 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import pulp
 
-from autopar.planner.cost import CostContext, NodeCost, edge_price, node_cost, recomputed, saved_kinds
+from autopar.planner.candidate import Solution
+from autopar.planner.cost import (CostContext, NodeCost, edge_price, node_cost, recomputed, saved_kinds,
+                                  zero_sync)
 from autopar.planner.footprint import Term, phases
 from autopar.planner.footprint import terms as footprint_terms
 from autopar.planner.graph import PlanGraph, PNode
-from autopar.strategies import grad_partial_axes
+from autopar.planner.moves import EdgeGroup, Role, Target, edge_groups, role, takes_as_produced, target
 
 MIP_GAP = 1e-3  # stop within 0.1% of the optimum: far below the cost model's own accuracy
-
-
-@dataclass(frozen=True)
-class Solution:
-    choice: dict[str, int]  # owner node -> strategy index
-    status: str
-    objective_s: float
-    solve_s: float
-    variables: int
-    constraints: int
 
 
 class ShardingILP:
@@ -82,10 +86,10 @@ class ShardingILP:
             self.x[name] = [self._var(f"x_{i}_{k}", cat="Binary") if len(p.strategies) > 1 else 1
                             for k in range(len(p.strategies)) for i in [len(self.x)]]
 
-    def _var(self, name: str, lowBound: float | None = None, cat: str = "Continuous"):
+    def _var(self, name: str, lowBound: float | None = None, cat: str = "Continuous", upBound: float | None = None):
         if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3 attaches variables to their problem
-            return self.prob.add_variable(name, lowBound=lowBound, cat=cat)
-        return pulp.LpVariable(name, lowBound=lowBound, cat=cat)
+            return self.prob.add_variable(name, lowBound=lowBound, upBound=upBound, cat=cat)
+        return pulp.LpVariable(name, lowBound=lowBound, upBound=upBound, cat=cat)
 
     # -- constraints ----------------------------------------------------------------------------------------
     def add_choice_constraints(self) -> None:
@@ -106,44 +110,136 @@ class ShardingILP:
                 terms[x] += v  # x may be the constant 1 for single-strategy nodes
 
     def add_edge_constraints(self) -> None:
-        nodes = self.pg.nodes
-        for (prod, k, cons, j), mult in edge_classes(self.pg).items():
-            pp, cp = nodes[prod], nodes[cons]
-            outs = [s.outs[k] for s in pp.strategies]
-            ins = [(s.ins[j], tuple(grad_partial_axes(s, j)) if pp.requires_grad else ()) for s in cp.strategies]
-            uo, ui = list(dict.fromkeys(outs)), list(dict.fromkeys(ins))
-            if self._is_free_view(cp) and set(uo) <= {i for i, _ in ui}:
-                self._add_equal_placement(prod, outs, uo, cons, ins)
-                continue
-            kept = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
-            rerun = recomputed(self.ctx, cp)
-            held_mult = (1 if rerun else mult) * self.weight(cons, "activations")  # recomputed: held once
-            price = self._edge_prices(pp, k, uo, ui, mult, kept, held_mult, rerun)  # price[a][b]: uo[a] -> ui[b]
-            at_out = _positions(outs, uo)  # strategy of the producer -> index of its placement in uo
-            at_in = _positions(ins, ui)
-            for part, terms in enumerate((self.time_terms, self.sync_terms, self.memory_terms)):
-                if len(uo) == 1:
-                    self._add_time(cons, [price[0][b][part] for b in at_in], terms)
-                elif len(ui) == 1:
-                    self._add_time(prod, [price[a][0][part] for a in at_out], terms)
-            if len(uo) > 1 and len(ui) > 1:
-                self._add_transport(prod, at_out, cons, at_in, price)
+        pg = self.pg
+        for prod, k, cons, j in edge_classes(pg):
+            if takes_as_produced(pg, prod, k, cons):
+                outs = [s.outs[k] for s in pg.nodes[prod].strategies]
+                self._add_equal_placement(prod, outs, cons, [s.ins[j] for s in pg.nodes[cons].strategies])
+        for g in edge_groups(pg):
+            if len(g.readers) == 1:
+                self._add_edge(g)
+            else:
+                self._add_shared(g)
 
-    @staticmethod
-    def _is_free_view(p: PNode) -> bool:
-        return p.kind == "op" and p.rule is not None and p.rule.moves_no_data and len(p.inputs) == 1
+    def _add_edge(self, g: EdgeGroup) -> None:
+        """One reader class: a transport between the producer's and the consumer's placements (y's), or the price
+        folded into the other node's x's where one side has a single placement."""
+        (cons, j), pp = g.readers[0], self.pg.nodes[g.producer]
+        outs = [s.outs[g.k] for s in pp.strategies]
+        ins = [target(pp, s, j) for s in self.pg.nodes[cons].strategies]
+        uo, ui = list(dict.fromkeys(outs)), list(dict.fromkeys(ins))
+        r = role(self.pg, self.ctx, g, cons, j)
+        held_mult = r.held * self.weight(cons, "activations")
+        price = self._edge_prices(pp, g.k, uo, ui, g.count, r.held > 0, held_mult, r.rerun)  # [a][b]: uo[a] -> ui[b]
+        at_out = _positions(outs, uo)  # strategy of the producer -> index of its placement in uo
+        at_in = _positions(ins, ui)
+        for part, terms in enumerate((self.time_terms, self.sync_terms, self.memory_terms)):
+            if len(uo) == 1:
+                self._add_time(cons, [price[0][b][part] for b in at_in], terms)
+            elif len(ui) == 1:
+                self._add_time(g.producer, [price[a][0][part] for a in at_out], terms)
+        if len(uo) > 1 and len(ui) > 1:
+            self._add_transport(g.producer, at_out, cons, at_in, price)
 
-    def _add_equal_placement(self, prod, outs, uo, cons, ins) -> None:
+    def _add_shared(self, g: EdgeGroup) -> None:
+        """Several reader classes: per target placement t, the move into t exists when any reader chooses t
+        (u_t = OR of their choices) and is priced once. Parts that only some readers ask for (the recomputed
+        readers' second forward move, the copies a saving reader keeps) are priced on the OR of those readers."""
+        pp = self.pg.nodes[g.producer]
+        outs = [s.outs[g.k] for s in pp.strategies]
+        uo = list(dict.fromkeys(outs))
+        wanted: dict[Target, list[tuple[list, Role, str]]] = defaultdict(list)
+        asks: dict[str, list[Target]] = {}  # reader class -> the targets it can choose
+        for cons, j in g.readers:
+            xs, r = self.x[cons], role(self.pg, self.ctx, g, cons, j)
+            ts = [target(pp, s, j) for s in self.pg.nodes[cons].strategies]
+            asks[(cons, j)] = list(dict.fromkeys(ts))
+            for t in asks[(cons, j)]:
+                wanted[t].append(([(x, 1.0) for x, mine in zip(xs, ts) if mine == t], r, cons))
+        split = {}  # target -> its y's per source placement, where the move is priced through y's
+        for t, readers in wanted.items():
+            rerun = [sel for sel, r, _ in readers if r.rerun]
+            levels = sorted({r.held for _, r, _ in readers})
+            base, again, kept = (self._edge_prices(pp, g.k, uo, [t], g.count, keep, 1.0, rr) if need else None
+                                 for keep, rr, need in ((False, False, True), (False, True, bool(rerun)),
+                                                        (True, False, levels[-1] > 0)))
+            extra = [(a[0][0] - b[0][0], 0.0, 0.0) for a, b in zip(again or base, base)]  # the recomputation's move
+            w = self.weight(max(readers, key=lambda r: r[1].held)[2], "activations")
+            held = [k[0][2] * w for k in kept] if kept else [0.0] * len(uo)  # bytes of one kept copy, per source
+            first = [(b[0][0] + (e[0] if len(rerun) == len(readers) else 0.0), b[0][1], levels[0] * h)
+                     for b, e, h in zip(base, extra, held)]
+            split[t] = self._add_move([sel for sel, _, _ in readers], first, g.producer, outs, uo)
+            if rerun and len(rerun) < len(readers):
+                self._add_move(rerun, extra, g.producer, outs, uo)
+            for below, level in zip(levels, levels[1:]):  # max over readers of copies kept, level by level
+                self._add_move([sel for sel, r, _ in readers if r.held >= level],
+                               [(0.0, 0.0, (level - below) * h) for h in held], g.producer, outs, uo)
+        # Each reader reads one of its targets: from wherever the producer is, the moves into its targets add up to
+        # at least the producer's placement (the transport's row sums, a valid cut that tightens the relaxation).
+        picked = _grouped(self.x[g.producer], _positions(outs, uo), len(uo))
+        for ts in asks.values():
+            if all(split.get(t) for t in ts):
+                for a, xs in enumerate(picked):
+                    self.prob += _affine([(split[t][a], 1.0) for t in ts] + [(x, -1.0) for x in xs]) >= 0
+
+    def _add_move(self, sels: list[list[tuple]], price: list[tuple], prod: str, outs: list, uo: list) -> list | None:
+        """A move into one target, made when any of `sels` is chosen, priced price[a] from placement uo[a]:
+        y_a = (producer at uo[a]) AND (some reader chose the target), as sum_a y_a = u, y_a <= x_p(uo[a]); the y's
+        (None where the price needs none: one source placement, the same price from each, or no price)."""
+        if not any(any(v) for v in price):
+            return None
+        u = self._any(sels)
+        parts = (self.time_terms, self.sync_terms, self.memory_terms)
+        at_out = _positions(outs, uo)
+        if len(uo) == 1 or all(v == price[0] for v in price):
+            priced, ys = [(u, price[0])], None
+        elif isinstance(u[0][0], int):  # a reader with a single strategy: the move always exists
+            for part, terms in enumerate(parts):
+                self._add_time(prod, [price[a][part] for a in at_out], terms)
+            return None
+        else:
+            priced, ys = [], []
+            for a, xs in enumerate(_grouped(self.x[prod], at_out, len(uo))):
+                y = self._var(f"y_{self.n_y}", lowBound=0)
+                self.n_y += 1
+                self.prob += _affine([(y, 1.0)] + [(x, -1.0) for x in xs]) <= 0
+                priced.append(([(y, 1.0)], price[a]))
+                ys.append(y)
+            self._add_balance([(y, 1.0) for y in ys] + [(x, -c) for x, c in u])
+        for selected, values in priced:
+            for part, terms in enumerate(parts):
+                for x, c in selected:
+                    if values[part]:
+                        terms[x] += c * values[part]
+        return ys
+
+    def _any(self, sels: list[list[tuple]]) -> list[tuple]:
+        """Terms equal to 1 when any selection holds: a selection itself, the constant 1, or u in [0, 1] with
+        u >= each selection and u <= their sum."""
+        if any(isinstance(x, int) for sel in sels for x, _ in sel):
+            return [(1, 1.0)]
+        sels = list({tuple(id(x) for x, _ in sel): sel for sel in sels}.values())  # (== on pulp variables builds a constraint)
+        if len(sels) == 1:
+            return sels[0]
+        u = self._var(f"u_{self.n_y}", lowBound=0, upBound=1)
+        self.n_y += 1
+        for sel in sels:
+            self.prob += _affine([(u, 1.0)] + [(x, -c) for x, c in sel]) >= 0
+        self.prob += _affine([(u, 1.0)] + [(x, -c) for sel in sels for x, c in sel]) <= 0
+        return [(u, 1.0)]
+
+    def _add_equal_placement(self, prod, outs, cons, ins) -> None:
         """A view costs nothing and moves no data, so resharding is never needed right before it: the view takes
         its input as produced, and any redistribution happens on the view's output instead. Equality constraints
         replace the edge's transport variables (the largest share of the ILP otherwise); on Llama-3-8B this costs
         at most ~2% of predicted step time and saves ~40% of planning time."""
+        uo = list(dict.fromkeys(outs))
         for o in uo:
-            terms = _indicator(self.x[prod], outs, o, 1.0) + [(x, -1.0) for x, (inp, _) in zip(self.x[cons], ins)
+            terms = _indicator(self.x[prod], outs, o, 1.0) + [(x, -1.0) for x, inp in zip(self.x[cons], ins)
                                                              if inp == o]
             self.prob += pulp.LpConstraint(_affine(terms), pulp.LpConstraintEQ, rhs=0)
         allowed = set(uo)
-        for x, (inp, _) in zip(self.x[cons], ins):
+        for x, inp in zip(self.x[cons], ins):
             if inp not in allowed and not isinstance(x, int):
                 self.prob += x == 0
 
@@ -301,28 +397,18 @@ def memory_lower_bound(pg: PlanGraph, ctx: CostContext, all_terms: list[Term], w
 
 
 def _least(pg: PlanGraph, ctx: CostContext, owner: str, row: list[float], weight, users) -> float:
-    """A node's least bytes; a parameter's with the copies its consumers keep gathered."""
+    """A node's least bytes; a parameter's with the copies its consumers keep gathered: at least the largest any
+    one consumer keeps (consumers reading the same placement share one copy, moves.py), one per parameter, or one
+    at a time inside checkpointed blocks."""
     p = pg.nodes[owner]
     if p.kind != "param":
         return min(row)
     n = pg.counts[owner] * weight(owner, "params")
-    return min(row[k] + n * sum(min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True,
-                                               s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
-                                    for t in user.strategies) for user, j in users)
+    return min(row[k] + max((0.0, *((1 if recomputed(ctx, user) else n) *
+                                    min(edge_price(ctx, p.info.out_shapes[0], p.info.out_dtypes[0], False, True,
+                                                   s.outs[0], t.ins[j], (), "inputs" in saved_kinds(user))[2]
+                                        for t in user.strategies) for user, j in users)))
                for k, s in enumerate(p.strategies))
-
-
-def zero_sync(ctx: CostContext, sync: float) -> tuple[float, float]:
-    """(overlappable, exposed after the step) gradient-sync seconds of a parameter under the ZeRO stage.
-    Rajbhandari et al. 2020 Sec. 7: ZeRO-2 moves what DP moves (reduce-scatter + all-gather = all-reduce), ZeRO-3
-    1.5x (parameters gathered in forward and again in backward); torch's ZeroRedundancyOptimizer (ZeRO-1) keeps
-    DP's all-reduce and broadcasts the updated partitions after the step (an all-gather's volume, not hidden)."""
-    stage = ctx.memory.zero if ctx.dp > 1 else 0
-    if stage == 3:
-        return 1.5 * sync, 0.0
-    if stage == 1:
-        return sync, 0.5 * sync
-    return sync, 0.0
 
 
 def edge_classes(pg: PlanGraph) -> dict[tuple, int]:

@@ -6,29 +6,26 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from autopar.cost_models import exposed_s, latency_s
 from autopar.placement import fmt, local_shape
 from autopar.plan import NodeDecision, Plan, Prediction
-from autopar.planner.cost import edge_price, node_cost, recomputed, saved_kinds
+from autopar.planner.candidate import Candidate, SearchRequest
+from autopar.planner.cost import edge_price, node_cost, zero_sync
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
-from autopar.planner.ilp import edge_classes, zero_sync
+from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import rank_sync, stage_time
 from autopar.planner.staging import pieces
 from autopar.runtime.compiled import BUCKET_BYTES
-from autopar.strategies import grad_partial_axes
-
-if TYPE_CHECKING:
-    from autopar.planner.search import Candidate, SearchRequest
 
 
-def chosen(c: "Candidate", name: str):
+
+def chosen(c: Candidate, name: str):
     p = c.graph.nodes[name]
     return p.strategies[c.solution.choice[p.owner]]
 
 
-def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
+def predict(req: SearchRequest, c: Candidate) -> Prediction:
     """Step time and memory of the chosen strategies, priced afresh (the solver's objective is not trusted); the
     memory parts and recompute come from the same terms the ILP constrained (footprint.py)."""
     if c.layout is not None:
@@ -64,7 +61,7 @@ def predict(req: "SearchRequest", c: "Candidate") -> Prediction:
                       model_flops_per_step=flops)
 
 
-def runtime_latency(c: "Candidate") -> tuple[float, float]:
+def runtime_latency(c: Candidate) -> tuple[float, float]:
     """(gradient-sync, after-step) latency of the collectives the data-parallel runtime issues, which the
     bucketed per-parameter prices leave out (CostContext.bucketed): per gradient bucket one all-reduce (ZeRO 0/1,
     runtime.py); per FSDP unit (each block and the root, zero.py) an all-gather in forward, another in backward
@@ -91,7 +88,7 @@ def runtime_latency(c: "Candidate") -> tuple[float, float]:
     return buckets * latency("all_reduce"), broadcasts
 
 
-def fsdp_host_s(c: "Candidate") -> float:
+def fsdp_host_s(c: Candidate) -> float:
     """FSDP2's own host work per step under ZeRO 2/3 (copies in and out of its buffers, DTensor dispatch in the
     optimizer): the hardware's profiled seconds per parameter tensor (zero_per_param_s) and per byte of the
     parameters as this rank holds them, tensor-parallel shards (zero_per_byte_s), on the critical path on
@@ -109,14 +106,14 @@ def _used_params(pg) -> list:
     return [p for p in pg.nodes.values() if p.kind == "param" and p.node.users]
 
 
-def model_flops(c: "Candidate") -> float:
+def model_flops(c: Candidate) -> float:
     """Model FLOPs of one step: forward + backward (2x) of every micro-batch; recomputation is not model FLOPs."""
     flops = sum(p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) for p in c.graph.nodes.values()
                 if p.kind == "op" and p.rule is not None and p.info.out_shapes)
     return 3.0 * flops * c.micro_batches
 
 
-def _pipeline_prediction(req: "SearchRequest", c: "Candidate") -> Prediction:
+def _pipeline_prediction(req: SearchRequest, c: Candidate) -> Prediction:
     """A pipeline's prediction from its layout (staging.py): the slowest rank's micro-batches, the bubble, the
     stage-boundary sends and the exposed gradient sync; memory of the rank with the highest peak."""
     lay, m = c.layout, c.micro_batches
@@ -140,7 +137,7 @@ def _pipeline_prediction(req: "SearchRequest", c: "Candidate") -> Prediction:
                       model_flops_per_step=flops)
 
 
-def memory_parts(c: "Candidate", costs: dict) -> tuple[dict[str, float], float]:
+def memory_parts(c: Candidate, costs: dict) -> tuple[dict[str, float], float]:
     """(every memory part of the candidate, before choosing the peak's moment; recompute seconds per micro-batch)."""
     parts = {part: 0.0 for part in PARTS}
     parts.update(evaluate(terms(c.graph, c.ctx, costs), c.solution.choice))
@@ -149,27 +146,18 @@ def memory_parts(c: "Candidate", costs: dict) -> tuple[dict[str, float], float]:
     return parts, recompute
 
 
-def redistributions(c: "Candidate") -> tuple[float, float, float, float]:
+def redistributions(c: Candidate) -> tuple[float, float, float, float]:
     """(exposed, gradient-sync, bytes kept, exposed after the step) of the redistributions, consumers needing
-    the same placement sharing one move (emit.py)."""
+    the same placement of one value sharing one move (moves.py, as codegen emits them)."""
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
-    moves: dict[tuple, tuple[int, bool, int, bool]] = {}
-    for (prod, k, cons, j), mult in edge_classes(pg).items():
-        pp, cp, s_c = pg.nodes[prod], pg.nodes[cons], chosen(c, cons)
-        partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
-        key = (prod, k, s_c.ins[j], partial)
-        seen, kept, held_mult, rerun = moves.get(key, (0, False, 0, False))
-        saves = "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs)
-        if saves:
-            held_mult = max(held_mult, 1 if recomputed(ctx, cp) else mult)
-        moves[key] = (max(seen, mult), kept or saves, held_mult, rerun or recomputed(ctx, cp))
     exposed = sync = held = after = 0.0
-    for (prod, k, dst, partial), (mult, kept, held_mult, rerun) in moves.items():
-        pp = pg.nodes[prod]
-        e, s, h = edge_price(ctx, pp.info.out_shapes[k], pp.info.out_dtypes[k], pp.requires_grad,
-                             pp.kind == "param", chosen(c, prod).outs[k], dst, partial, kept, rerun)
+    for mv in chosen_moves(pg, ctx, c.solution.choice):
+        pp = pg.nodes[mv.producer]
+        e, s, h = edge_price(ctx, pp.info.out_shapes[mv.k], pp.info.out_dtypes[mv.k], pp.requires_grad,
+                             pp.kind == "param", mv.src, mv.dst, mv.partial, mv.held > 0, mv.rerun)
         s, a = zero_sync(ctx, s)
-        exposed, sync, held, after = exposed + m * mult * e, sync + mult * s, held + held_mult * h, after + mult * a
+        exposed, sync, held, after = exposed + m * mv.count * e, sync + mv.count * s, held + mv.held * h, \
+            after + mv.count * a
     return exposed, sync, held, after
 
 
@@ -185,7 +173,7 @@ def binding(p: Prediction, budget: float) -> str:
             f"({100 * parts[largest] / total:.0f}%)")
 
 
-def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict, others: list[dict],
+def to_plan(req: SearchRequest, best: Candidate, budget: float, stats: dict, others: list[dict],
             ac_layers: dict[str, str] | None = None) -> Plan:
     pg = best.graph
     decisions, params, fallbacks, fallback_s = {}, {}, Counter(), Counter()
@@ -213,7 +201,7 @@ def to_plan(req: "SearchRequest", best: "Candidate", budget: float, stats: dict,
                 alternatives=others, **_pipeline_fields(best))
 
 
-def _pipeline_fields(c: "Candidate") -> dict:
+def _pipeline_fields(c: Candidate) -> dict:
     if c.layout is None:
         return {}
     names = max(c.graph.block_classes, key=len)

@@ -16,57 +16,28 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 from autopar.capture import Captured
-from autopar.cost_models import Hardware, axis_links
+from autopar.cost_models import axis_links
 from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan, Prediction
 from autopar.runtime.checkpointing import AC_MODES
 from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build
-from autopar.planner.ilp import ShardingILP, Solution, memory_lower_bound
+from autopar.planner.candidate import Candidate, SearchRequest, Solution
+from autopar.planner.ilp import ShardingILP, memory_lower_bound
 from autopar.planner.layers import relax
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.pins import pinned_strategies
 from autopar.planner.proxy import deepen
-from autopar.planner.staging import Layout, layouts, rank_weight
+from autopar.planner.staging import layouts, rank_weight
 from autopar.planner.predict import predict, to_plan
 
 AXES = ("dp", "tp")
 _NO_LIMIT = 1e30  # bytes: a budget nothing reaches (the solver needs a finite bound)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchRequest:
-    model: str  # name recorded in the plan
-    n_params: int
-    hardware: Hardware
-    devices: int
-    batch: int  # global batch per optimizer step
-    seq: int
-    fix: dict[str, object] = field(default_factory=dict)  # parsed --fix: pp, dp, tp, mbs, zero, ac, schedule, v
-    memory_budget_bytes: float | None = None  # default: capacity minus reserve
-    time_limit_s: float = 30.0  # per ILP; the best incumbent is used when reached
-    dtype: str = "float32"
-
-
-@dataclass
-class Candidate:
-    degrees: dict[str, int]
-    micro_batches: int
-    graph: PlanGraph
-    ctx: CostContext
-    solution: Solution
-
-    prediction: Prediction | None = None  # filled once by `predicted`
-    layout: "Layout | None" = None  # pp > 1: schedule, stage cut and their predictions (staging.py)
-
-    @property
-    def memory(self) -> MemoryConfig:
-        return self.ctx.memory
 
 
 def predicted(req: "SearchRequest", c: Candidate) -> Prediction:

@@ -5,39 +5,18 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autopar.cost_models import axis_links, collective_time_s, exposed_s
-from autopar.planner.cost import edge_price, nbytes, node_cost, recomputed, saved_kinds
+from autopar.planner.candidate import Candidate, Layout
+from autopar.planner.cost import edge_price, nbytes, node_cost, zero_sync
 from autopar.planner.footprint import peak, terms
-from autopar.planner.ilp import edge_classes, zero_sync
+from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
                                       rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
                                       step_time)
 from autopar.placement import local_shape
-from autopar.strategies import grad_partial_axes
-
-if TYPE_CHECKING:
-    from autopar.planner.search import Candidate
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The pipeline decisions of a candidate and what they predict."""
-    schedule: str
-    v: int
-    stages: list[Stage]
-    step_s: float
-    bubble_s: float
-    p2p_s: float
-    sync_exposed_s: float
-    rank_s: list[float]  # forward + backward of one micro-batch per rank
-    memory: list[dict[str, float]]  # per rank: the parts at its peak
-    peak_at: list[str]
-    optimizer_s: float = 0.0  # the slowest rank's optimizer step
 
 
 def sides(pg) -> dict[str, tuple[str, ...]]:
@@ -60,7 +39,7 @@ def sides(pg) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def pieces(c: "Candidate") -> Pieces:
+def pieces(c: Candidate) -> Pieces:
     pg, ctx, choice = c.graph, c.ctx, c.solution.choice
     where = sides(pg)
     L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
@@ -97,29 +76,15 @@ def pieces(c: "Candidate") -> Pieces:
 
 def _edges(c, where, add, time, sync, memory) -> None:
     """Resharding time (exposed) by consumer, gradient sync by parameter, bytes kept by consumer; consumers needing
-    the same placement share one move (as in predict.redistributions)."""
+    the same placement share one move (moves.py, as in predict.redistributions)."""
     pg, ctx = c.graph, c.ctx
-    # key -> [largest multiplicity, its consumer, copies kept, a keeping consumer, moved inside a checkpointed block]
-    moves: dict[tuple, list] = {}
-    for (prod, k, cons, j), mult in edge_classes(pg).items():
-        pp, cp = pg.nodes[prod], pg.nodes[cons]
-        s_c = cp.strategies[c.solution.choice[cons]]
-        partial = tuple(grad_partial_axes(s_c, j)) if pp.requires_grad else ()
-        move = moves.setdefault((prod, k, s_c.ins[j], partial), [0, cons, 0, None, False])
-        move[4] = move[4] or recomputed(ctx, cp)
-        if move[0] < mult:
-            move[0], move[1] = mult, cons
-        if "inputs" in saved_kinds(cp) and (pp.kind == "param" or j in cp.saved_inputs):
-            held = 1 if recomputed(ctx, cp) else mult
-            if held > move[2]:
-                move[2], move[3] = held, cons
-    for (prod, k, dst, partial), (mult, cons, held, keeper, rerun) in moves.items():
-        e, s, h = _price(c, prod, k, dst, partial, keeper is not None, rerun)
+    for mv in chosen_moves(pg, ctx, c.solution.choice):
+        e, s, h = _price(c, mv.producer, mv.k, mv.dst, mv.partial, mv.keeper is not None, mv.rerun)
         s, after = zero_sync(ctx, s)
-        add(time, cons, mult * e)
-        add(sync, prod if pg.nodes[prod].kind == "param" else cons, mult * (s + after))
-        if keeper is not None:
-            add(memory, keeper, held * h, "activations")
+        add(time, mv.reader, mv.count * e)
+        add(sync, mv.producer if pg.nodes[mv.producer].kind == "param" else mv.reader, mv.count * (s + after))
+        if mv.keeper is not None:
+            add(memory, mv.keeper, mv.held * h, "activations")
 
 
 def _price(c, prod: str, k: int, dst, partial, kept: bool, rerun: bool = False):
@@ -149,7 +114,7 @@ def _boundary_bytes(c) -> float:
     return total
 
 
-def layouts(c: "Candidate", req, budget: float) -> list[Layout]:
+def layouts(c: Candidate, req, budget: float) -> list[Layout]:
     """Every schedule (and v) the pins allow, each with its best stage cut; those that fit first, fastest first."""
     p, m = c.degrees.get("pp", 1), c.micro_batches
     pcs = pieces(c)

@@ -32,32 +32,42 @@ from _machine import describe  # tests/benchmarks/_machine.py, on sys.path as th
 
 @dataclass(frozen=True, kw_only=True)
 class Case:
+    key: str  # for --case
     name: str
     argv: tuple[str, ...]  # after `autopar plan`
     target_s: float | None = None  # acceptance bound on the wall clock here, if the case has one
     reference: str = ""  # what others report for the same problem
 
 
+LLAMA = ("--hardware", "h100-80gb-sxm", "--seq", "8192")
 CASES = (
+    # One node to thousands of GPUs (issue 19): each <= 5 s, or <= 2x the 64-GPU case for the largest.
+    Case(key="8b-8", name="llama3-8b 8×h100", target_s=5.0,
+         argv=("llama3-8b", "--devices", "8", "--batch", "64", *LLAMA)),
     # meta-pytorch/autoparallel reports ~50 s for Llama 3 8B on 64 H100s.
-    Case(name="llama3-8b 64×h100", target_s=10.0, reference="autoparallel ~50 s",
-         argv=("llama3-8b", "--devices", "64", "--hardware", "h100-80gb-sxm", "--batch", "64", "--seq", "8192")),
+    Case(key="8b-64", name="llama3-8b 64×h100", target_s=5.0, reference="autoparallel ~50 s",
+         argv=("llama3-8b", "--devices", "64", "--batch", "64", *LLAMA)),
+    Case(key="8b-512", name="llama3-8b 512×h100", target_s=5.0,
+         argv=("llama3-8b", "--devices", "512", "--batch", "512", *LLAMA)),
+    Case(key="70b-1024", name="llama3-70b 1024×h100", target_s=5.0,
+         argv=("llama3-70b", "--devices", "1024", "--batch", "1024", *LLAMA)),
+    Case(key="175b-1024", name="gpt3-175b 1024×a100", target_s=5.0,
+         argv=("gpt3-175b", "--devices", "1024", "--hardware", "a100-80gb-sxm", "--batch", "1536", "--seq", "2048")),
     # GPT 1.5B-class (Megatron-LM's 24 x 2304 config) on 32 A100s.
-    Case(name="gpt 24×2304 32×a100",
+    Case(key="gpt-32", name="gpt 24×2304 32×a100",
          argv=("gpt", "--model-args", "layers=24,hidden=2304,heads=24,vocab=51200,seq=2048", "--devices", "32",
                "--hardware", "a100-80gb-sxm", "--batch", "512", "--seq", "2048")),
-    Case(name="gpt3-175b 1024×a100",
-         argv=("gpt3-175b", "--devices", "1024", "--hardware", "a100-80gb-sxm", "--batch", "1536", "--seq", "2048")),
 )
 
 
-def run_once(case: Case, workdir: Path) -> dict:
-    """One `autopar plan` process: its wall clock and the solver stats it saved, or why it failed."""
+def run_once(case: Case, workdir: Path, python: str = sys.executable) -> dict:
+    """One `autopar plan` process: its wall clock and the solver stats it saved, or why it failed. `python` is the
+    interpreter (the environment, hence the checkout of autopar) that plans."""
     out = workdir / "plan.json"
-    cmd = [sys.executable, "-m", "autopar.cli.main", "plan", *case.argv, "--json", str(out)]
+    cmd = [python, "-m", "autopar.cli.main", "plan", *case.argv, "--json", str(out)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the CLI and, once it waited for them, its workers
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)  # no checkout on sys.path: the venv's
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
@@ -110,24 +120,38 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=1, help="runs per case (the table shows the median)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    ap.add_argument("--case", action="append", choices=[c.name.split(" ")[0] for c in CASES],
-                    help="run only this case (by model name; repeatable)")
+    ap.add_argument("--case", action="append", choices=[c.key for c in CASES],
+                    help="run only this case (repeatable)")
+    ap.add_argument("--against", metavar="PYTHON",
+                    help="also time each run with this interpreter (e.g. another checkout's venv), interleaved, so "
+                         "that load on a shared machine hits both alike; prints the median wall and CPU ratios")
     args = ap.parse_args(argv)
-    cases = [c for c in CASES if not args.case or c.name.split(" ")[0] in args.case]
+    cases = [c for c in CASES if not args.case or c.key in args.case]
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
     console.print(describe())
-    rows = []
+    rows, base_rows = [], []
     with tempfile.TemporaryDirectory() as tmp, console.status("planning") as status:
         for case in cases:
-            runs = []
+            runs, base = [], []
             for i in range(args.repeat):
-                status.update(f"{case.name}: run {i + 1}/{args.repeat}")
-                runs.append(run_once(case, Path(tmp)))
-                done = runs[-1]
-                said = done["error"] if "error" in done else f"{done['solver']['seconds']:.2f} s planner"
-                console.log(f"{case.name} run {i + 1}: {done['wall_s']:.2f} s wall, {done['cpu_s']:.2f} s CPU, {said}")
+                for python, into, who in [(sys.executable, runs, "")] + ([(args.against, base, " (against)")]
+                                                                        if args.against else []):
+                    status.update(f"{case.name}{who}: run {i + 1}/{args.repeat}")
+                    into.append(run_once(case, Path(tmp), python))
+                    done = into[-1]
+                    said = done["error"] if "error" in done else f"{done['solver']['seconds']:.2f} s planner"
+                    console.log(f"{case.name}{who} run {i + 1}: {done['wall_s']:.2f} s wall, "
+                                f"{done['cpu_s']:.2f} s CPU, {said}")
             rows.append(summarise(case, runs))
+            if base:
+                base_rows.append(summarise(case, base))
     console.print(table(rows))
+    if base_rows:
+        console.print(table(base_rows))
+        for r, b in zip(rows, base_rows):
+            if "error" not in r and "error" not in b:
+                console.print(f"{r['case']}: wall {r['wall_s'] / b['wall_s']:.2f}x, cpu {r['cpu_s'] / b['cpu_s']:.2f}x "
+                              f"of {args.against}")
     for r in rows:
         if "error" in r:
             console.print(f"[red]{r['case']}: {r['failed_runs']}/{r['repeat']} runs failed[/red] ({r['error']}); "
