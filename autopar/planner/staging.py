@@ -15,7 +15,7 @@ from autopar.planner.cost import edge_price, nbytes, node_cost, recomputed, save
 from autopar.planner.footprint import peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
-                                      rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
+                                      rank_after, rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
                                       step_time)
 from autopar.placement import local_shape
 from autopar.strategies import grad_partial_axes
@@ -66,7 +66,7 @@ def pieces(c: "Candidate") -> Pieces:
     L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
             len({p.block for p in pg.nodes.values() if p.block}))
     time, fwd, sync, recompute = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
-    optimizer = defaultdict(float)
+    optimizer, after = defaultdict(float), defaultdict(float)
     memory: dict[str, dict[str, float]] = {s: defaultdict(float) for s in ("pre", "block", "post")}
 
     def add(acc, name, value, part=None):
@@ -90,12 +90,12 @@ def pieces(c: "Candidate") -> Pieces:
             add(recompute, t.owner, t.values[choice[t.owner]])
         else:
             add(memory, t.owner, t.values[choice[t.owner]], t.part)
-    _edges(c, where, add, time, sync, memory)
+    _edges(c, where, add, time, sync, memory, after)
     return Pieces(dict(time), dict(fwd), dict(recompute), dict(sync), {s: dict(v) for s, v in memory.items()},
-                  _boundary_bytes(c), L, dict(optimizer))
+                  _boundary_bytes(c), L, dict(optimizer), dict(after))
 
 
-def _edges(c, where, add, time, sync, memory) -> None:
+def _edges(c, where, add, time, sync, memory, after) -> None:
     """Resharding time (exposed) by consumer, gradient sync by parameter, bytes kept by consumer; consumers needing
     the same placement share one move (as in predict.redistributions)."""
     pg, ctx = c.graph, c.ctx
@@ -115,9 +115,10 @@ def _edges(c, where, add, time, sync, memory) -> None:
                 move[2], move[3] = held, cons
     for (prod, k, dst, partial), (mult, cons, held, keeper, rerun) in moves.items():
         e, s, h = _price(c, prod, k, dst, partial, keeper is not None, rerun)
-        s, after = zero_sync(ctx, s)
+        s, a = zero_sync(ctx, s)
         add(time, cons, mult * e)
-        add(sync, prod if pg.nodes[prod].kind == "param" else cons, mult * (s + after))
+        add(sync, prod if pg.nodes[prod].kind == "param" else cons, mult * s)
+        add(after, prod if pg.nodes[prod].kind == "param" else cons, mult * a)
         if keeper is not None:
             add(memory, keeper, held * h, "activations")
 
@@ -196,9 +197,14 @@ def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, bu
     rank_fwd = [sum(stage_fwd(pcs, st) for st in ss) for ss in mine]
     total, bubble = step_time(schedule, p, m, v, [stage_time(pcs, st) for st in stages], rank_s, rank_fwd)
     p2p = 2 * t_p2p * (m * v + p - 1) if p > 1 else 0.0
-    backward_window = max(rank_s) * 2 / 3  # backward is 2/3 of forward + backward (cost.py's 1:2 split)
+    # The data-parallel reduction of a rank's gradients starts as their last micro-batch's backward lands
+    # (runtime/compiled.py `_GradSync.pipelined`; FSDP's reduce-scatter under ZeRO-2/3 likewise, driven by torch's
+    # schedule) and hides behind that micro-batch's backward through the rank's stages: 2/3 of its forward +
+    # backward (cost.py's 1:2 split), as at pp = 1 behind one micro-batch's backward. ZeRO-1's broadcast of the
+    # updated partitions follows the optimizer step: never hidden.
+    backward_window = max(rank_s) * 2 / 3
     sync = max(rank_sync(pcs, ss) for ss in mine)
-    exposed = sync if c.memory.zero < 2 else exposed_s(c.ctx.hw, sync, backward_window)
+    exposed = exposed_s(c.ctx.hw, sync, backward_window) + max(rank_after(pcs, ss) for ss in mine)
     optimizer = max(rank_optimizer(pcs, ss) for ss in mine)
     memory, peak_at = [], []
     for r, ss in enumerate(mine):
