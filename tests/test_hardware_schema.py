@@ -8,7 +8,8 @@ import pytest
 
 from autopar.cli.main import main
 from autopar.cost_models import available_hardware, load_hardware
-from autopar.cost_models.hardware import HARDWARE_DIR, NUMERIC_KINDS, OPTIONAL_FIELDS, OPTIONAL_TABLES, SCHEMA, numeric_fields, optional_reason
+from autopar.cost_models.hardware import (HARDWARE_DIR, NUMERIC_KINDS, OPTIONAL_FIELDS, OPTIONAL_TABLES, SCHEMA,
+                                          numeric_fields, optional_reason)
 
 GOOD = (HARDWARE_DIR / "a100-80gb-sxm.toml").read_text()
 

@@ -15,8 +15,8 @@ from autopar.planner.cost import edge_price, nbytes, node_cost, recomputed, save
 from autopar.planner.footprint import peak, terms
 from autopar.planner.ilp import edge_classes, zero_sync
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
-                                      rank_after, rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
-                                      step_time)
+                                      rank_after, rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time,
+                                      stages_of, step_time)
 from autopar.placement import local_shape
 from autopar.strategies import grad_partial_axes
 
