@@ -161,12 +161,11 @@ def test_data_parallel_reduction_hides_behind_the_last_micro_batch_backward():
     its forward + backward), and only the rest is exposed; ZeRO-1's broadcast after the optimizer step never hides."""
     args = dict(layers=4, hidden=1024, heads=16, vocab=51200, seq=2048)
     common = dict(model_args=args, devices=64, hardware="a100-80gb-sxm", batch=64)
-    exposed = {}
-    for zero in (0, 1):
-        pred = make_plan("gpt", fix={"pp": 2, "dp": 32, "tp": 1, "mbs": 32, "zero": zero, "schedule": "1f1b"},
-                         **common).predicted
+    preds = {zero: make_plan("gpt", fix={"pp": 2, "dp": 32, "tp": 1, "mbs": 32, "zero": zero, "schedule": "1f1b"},
+                             **common).predicted for zero in (0, 1)}
+    for pred in preds.values():
         window = 2 / 3 * max(s["time_s"] for s in pred.stages)
         assert 0 < window < pred.grad_sync_s  # a case where part is hidden and part is not
-        exposed[zero] = pred.grad_sync_exposed_s - (pred.grad_sync_s - window)
-    assert exposed[0] == pytest.approx(0, abs=1e-9)
-    assert exposed[1] == pytest.approx(0.5 * pred.grad_sync_s, rel=1e-6)  # all-gather volume, after the step
+        assert pred.grad_sync_exposed_s == pytest.approx(pred.grad_sync_s - window, rel=1e-9)
+    after = preds[1].exposed_comm_s - preds[0].exposed_comm_s  # beside the same stage-boundary sends
+    assert after == pytest.approx(0.5 * preds[1].grad_sync_s, rel=1e-6)  # an all-gather's volume, after the step

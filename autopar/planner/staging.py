@@ -38,6 +38,7 @@ class Layout:
     memory: list[dict[str, float]]  # per rank: the parts at its peak
     peak_at: list[str]
     optimizer_s: float = 0.0  # the slowest rank's optimizer step
+    after_s: float = 0.0  # collectives after the optimizer step (ZeRO-1's broadcast), the slowest rank's
 
 
 def sides(pg) -> dict[str, tuple[str, ...]]:
@@ -204,15 +205,16 @@ def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, bu
     # updated partitions follows the optimizer step: never hidden.
     backward_window = max(rank_s) * 2 / 3
     sync = max(rank_sync(pcs, ss) for ss in mine)
-    exposed = exposed_s(c.ctx.hw, sync, backward_window) + max(rank_after(pcs, ss) for ss in mine)
+    exposed = exposed_s(c.ctx.hw, sync, backward_window)
+    after = max(rank_after(pcs, ss) for ss in mine)
     optimizer = max(rank_optimizer(pcs, ss) for ss in mine)
     memory, peak_at = [], []
     for r, ss in enumerate(mine):
         moment, at = peak(rank_memory(pcs, ss, flight[r], m), m)
         memory.append(at)
         peak_at.append(f"backward {moment}")
-    return Layout(schedule, v, stages, total + p2p + exposed + optimizer, bubble, p2p, exposed, rank_s, memory, peak_at,
-                  optimizer)
+    return Layout(schedule, v, stages, total + p2p + exposed + after + optimizer, bubble, p2p, exposed, rank_s, memory,
+                  peak_at, optimizer, after)
 
 
 def _cut(pcs: Pieces, p: int, S: int, flight: list[float] | None, budget: float, m: int = 1) -> list[int] | None:
