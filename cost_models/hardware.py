@@ -16,6 +16,9 @@ Schema (version 1), one table per concern:
     [links.<link>.<collective>]  optional: latency_s, bandwidth_bytes_per_s fitted to that collective alone
     [runtime]          optional: zero{2,3}_per_param_s, zero{2,3}_per_byte_s (see Hardware)
 
+Optional numbers are the ones a profile measures and a datasheet does not give; OPTIONAL_FIELDS says for each why
+it may be left out and what the cost model assumes without it.
+
 Every dimensional field ends in its unit (`_s`, `_bytes`, `_per_s`); dimensionless ones are counts or fractions.
 Every number may cite where it comes from in a sibling `<field>_source` string (datasheet, paper, or the
 `autopar profile` run that measured it); shipped files cite all of theirs (tests/test_hardware_schema.py). An
@@ -231,6 +234,34 @@ SCHEMA: dict[str, Any] = {
                               for unit in ("param", "byte")}),
     "provenance": PROVENANCE_SCHEMA,
 }
+
+
+# Why each optional number may be left out, and what the cost model assumes without it. The shipped GPU files carry
+# the required numbers only; the CPU file, written by `autopar profile`, measures these too (test_hardware_schema.py
+# checks that every number of cpu.toml is either in every shipped file or listed here).
+_BY_COLLECTIVE = ("(latency, bandwidth) fitted to one collective alone; without it the collective uses its link's: "
+                  "NCCL gives every ring collective the link's bus bandwidth (nccl-tests doc/PERFORMANCE.md), "
+                  "gloo does not (its all-gather is 2-4x slower per byte than its all-reduce on one host)")
+_FSDP_HOST = ("FSDP2's host work per step beyond its collectives; without it none is counted: on a GPU that host "
+              "work runs ahead of the device's kernels, on a CPU it is on the critical path")
+OPTIONAL_FIELDS: dict[str, str] = {
+    "compute.matmul_overhead_s": "a fixed cost per matmul call beyond its FLOPs; without it 0: on a GPU a call costs "
+                                 "its launch (launch_overhead_s), while a CPU packs its operands on every call",
+    "compute.attention_efficiency": "fused attention's fraction of the matmul peak; without it matmul_efficiency "
+                                    "(FlashAttention runs its two matmuls near GEMM efficiency on a GPU)",
+    **{f"compute.{f}_per_s": f"{f} evaluations per second; without it no such ceiling: a GPU's special-function "
+                             "units outrun its memory, so the memory roofline binds" for f in FAMILIES},
+    "compute.comm_overlap": "the share of a collective that concurrent compute hides; without it 1: NCCL runs on "
+                            "its own stream, while on a CPU a collective needs the cores the compute is using",
+    **{f"links.{link}.{kind}.{f}": _BY_COLLECTIVE for link in LINK_NAMES for kind in COLLECTIVES
+       for f in ("latency_s", "bandwidth_bytes_per_s")},
+    **{f"runtime.zero{z}_per_{unit}_s": _FSDP_HOST for z in (2, 3) for unit in ("param", "byte")},
+}
+
+
+def optional_reason(dotted: str) -> str | None:
+    """Why the number `dotted` ("compute.comm_overlap") may be left out of a hardware file; None if it is required."""
+    return OPTIONAL_FIELDS.get(dotted)
 
 
 def numeric_fields(schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> list[str]:

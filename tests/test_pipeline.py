@@ -117,6 +117,42 @@ def test_stages_pass_later_inputs_through_and_hold_only_their_parameters(tmp_pat
     assert "embed.weight" not in llama["params"] and llama["shared"] == 0
 
 
+OVERLAP_SCRIPT = r"""
+import json, torch, torch.distributed as dist
+from types import SimpleNamespace
+from torch.distributed.device_mesh import init_device_mesh
+from torch.testing._internal.distributed.fake_pg import FakeStore
+import autopar.runtime.compiled as compiled
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+compiled.BUCKET_BYTES = 256  # several buckets from a small net
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+params = dict(net.named_parameters())
+model = SimpleNamespace(mesh=init_device_mesh("cpu", (2,), mesh_dim_names=("dp",)),
+                        plan=SimpleNamespace(axis_names=["dp"]), local_parameter=params.__getitem__)
+sync = compiled._GradSync(model, {name: (0,) for name in params})
+launched = []
+with sync.pipelined(3):  # a schedule's three micro-batches, each backward its own autograd run
+    for _ in range(3):
+        net(torch.randn(4, 8)).sum().backward()
+        launched.append(len(sync.launched))
+sync.reduce_all()
+print(json.dumps({"launched": launched, "buckets": len(sync.buckets), "left": len(sync.launched)}))
+"""
+
+
+def test_data_parallel_reduction_starts_during_the_last_micro_batch_backward():
+    """Under a pipeline schedule each gradient bucket is reduced as soon as its last micro-batch's gradients land,
+    inside that backward (not after the schedule); the step then waits for all of them (fake process group)."""
+    out = subprocess.run([sys.executable, "-c", OVERLAP_SCRIPT], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["buckets"] > 1
+    assert got["launched"] == [0, 0, got["buckets"]]  # none before the last micro-batch, every one during it
+    assert got["left"] == 0  # reduce_all waited for them
+
+
 # --- real gloo ranks -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -137,8 +173,8 @@ def reference(tmp_path_factory):
 # (model, pipeline and stage mesh) -> world size pp x dp x tp
 CASES = [
     ("gpt-tiny", dict(schedule="gpipe")),
-    ("gpt-tiny", dict(schedule="zero-bubble", v=2, ac="full")),
-    ("gpt-tiny", dict(schedule="1f1b", dp=2)),  # dp gradients in buckets, once after the schedule
+    ("gpt-tiny", dict(schedule="zero-bubble", v=2, ac="full", dp=2)),  # weight gradients land without hooks
+    ("gpt-tiny", dict(schedule="1f1b", dp=2)),  # dp gradient buckets reduced during the last backward passes
     ("gpt-tiny", dict(schedule="1f1b", tp=2)),  # TP + SP collectives inside stages
     ("gpt-tiny", dict(schedule="interleaved", v=2, dp=2, zero=3, ac="full")),  # FSDP per stage root
     ("llama-tiny", dict(schedule="interleaved", v=2, tp=2, ac="selective")),  # rotary tables passed through

@@ -153,3 +153,19 @@ def test_39b_on_512_a100_published_configuration_and_the_search_beats_it():
     assert flops / published.predicted.step_time_s / 512 / 1e12 == pytest.approx(138, rel=0.20)
     searched = make_plan("gpt", **common)
     assert searched.predicted.tokens_per_s >= published.predicted.tokens_per_s
+
+
+def test_data_parallel_reduction_hides_behind_the_last_micro_batch_backward():
+    """runtime/compiled.py reduces each gradient bucket as its last micro-batch's gradient lands, during the schedule:
+    on a GPU (comm_overlap 1) the reduction hides behind that micro-batch's backward through the rank's stages (2/3 of
+    its forward + backward), and only the rest is exposed; ZeRO-1's broadcast after the optimizer step never hides."""
+    args = dict(layers=4, hidden=1024, heads=16, vocab=51200, seq=2048)
+    common = dict(model_args=args, devices=64, hardware="a100-80gb-sxm", batch=64)
+    preds = {zero: make_plan("gpt", fix={"pp": 2, "dp": 32, "tp": 1, "mbs": 32, "zero": zero, "schedule": "1f1b"},
+                             **common).predicted for zero in (0, 1)}
+    for pred in preds.values():
+        window = 2 / 3 * max(s["time_s"] for s in pred.stages)
+        assert 0 < window < pred.grad_sync_s  # a case where part is hidden and part is not
+        assert pred.grad_sync_exposed_s == pytest.approx(pred.grad_sync_s - window, rel=1e-9)
+    after = preds[1].exposed_comm_s - preds[0].exposed_comm_s  # beside the same stage-boundary sends
+    assert after == pytest.approx(0.5 * preds[1].grad_sync_s, rel=1e-6)  # an all-gather's volume, after the step

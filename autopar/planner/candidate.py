@@ -53,6 +53,7 @@ class Layout:
     memory: list[dict[str, float]]  # per rank: the parts at its peak
     peak_at: list[str]
     optimizer_s: float = 0.0  # the slowest rank's optimizer step
+    after_s: float = 0.0  # collectives after the optimizer step (ZeRO-1's broadcast), the slowest rank's
 
 
 @dataclass

@@ -43,6 +43,7 @@ class Pieces:
     p2p_bytes: float  # what crosses one stage boundary per micro-batch, each way
     blocks: int  # L
     optimizer_s: dict[str, float] = field(default_factory=dict)  # side -> optimizer step (one block for "block")
+    after_s: dict[str, float] = field(default_factory=dict)  # side -> collectives after the step (ZeRO-1 broadcast)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ def p2p_memory(boundary: float, stages: list[Stage], flight: float, m: int) -> d
 
 def rank_sync(pieces: Pieces, stages: list[Stage]) -> float:
     return _rank_sum(pieces.sync_s, stages)
+
+
+def rank_after(pieces: Pieces, stages: list[Stage]) -> float:
+    return _rank_sum(pieces.after_s, stages)
 
 
 def rank_optimizer(pieces: Pieces, stages: list[Stage]) -> float:

@@ -127,7 +127,7 @@ def _pipeline_prediction(req: SearchRequest, c: Candidate) -> Prediction:
                "time_s": stage_time(pcs, st), "memory_bytes": sum(lay.memory[st.rank].values())} for st in lay.stages]
     flops = model_flops(c)
     step = lay.step_s
-    return Prediction(step_time_s=step, compute_s=m * lay.rank_s[slowest], exposed_comm_s=lay.p2p_s,
+    return Prediction(step_time_s=step, compute_s=m * lay.rank_s[slowest], exposed_comm_s=lay.p2p_s + lay.after_s,
                       grad_sync_s=max(rank_sync(pcs, [st for st in lay.stages if st.rank == r]) for r in range(len(lay.rank_s))), grad_sync_exposed_s=lay.sync_exposed_s,
                       bubble_s=lay.bubble_s, recompute_s=recompute, optimizer_s=lay.optimizer_s,
                       memory_bytes_per_device=sum(lay.memory[worst].values()), memory_parts=lay.memory[worst],

@@ -14,8 +14,8 @@ from autopar.planner.cost import edge_price, nbytes, node_cost, zero_sync
 from autopar.planner.footprint import peak, terms
 from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
-                                      rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time, stages_of,
-                                      step_time)
+                                      rank_after, rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time,
+                                      stages_of, step_time)
 from autopar.placement import local_shape
 
 
@@ -45,7 +45,7 @@ def pieces(c: Candidate) -> Pieces:
     L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
             len({p.block for p in pg.nodes.values() if p.block}))
     time, fwd, sync, recompute = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
-    optimizer = defaultdict(float)
+    optimizer, after = defaultdict(float), defaultdict(float)
     memory: dict[str, dict[str, float]] = {s: defaultdict(float) for s in ("pre", "block", "post")}
 
     def add(acc, name, value, part=None):
@@ -69,20 +69,22 @@ def pieces(c: Candidate) -> Pieces:
             add(recompute, t.owner, t.values[choice[t.owner]])
         else:
             add(memory, t.owner, t.values[choice[t.owner]], t.part)
-    _edges(c, where, add, time, sync, memory)
+    _edges(c, where, add, time, sync, memory, after)
     return Pieces(dict(time), dict(fwd), dict(recompute), dict(sync), {s: dict(v) for s, v in memory.items()},
-                  _boundary_bytes(c), L, dict(optimizer))
+                  _boundary_bytes(c), L, dict(optimizer), dict(after))
 
 
-def _edges(c, where, add, time, sync, memory) -> None:
+def _edges(c, where, add, time, sync, memory, after) -> None:
     """Resharding time (exposed) by consumer, gradient sync by parameter, bytes kept by consumer; consumers needing
     the same placement share one move (moves.py, as in predict.redistributions)."""
     pg, ctx = c.graph, c.ctx
     for mv in chosen_moves(pg, ctx, c.solution.choice):
         e, s, h = _price(c, mv.producer, mv.k, mv.dst, mv.partial, mv.keeper is not None, mv.rerun)
-        s, after = zero_sync(ctx, s)
+        s, a = zero_sync(ctx, s)
+        side = mv.producer if pg.nodes[mv.producer].kind == "param" else mv.reader
         add(time, mv.reader, mv.count * e)
-        add(sync, mv.producer if pg.nodes[mv.producer].kind == "param" else mv.reader, mv.count * (s + after))
+        add(sync, side, mv.count * s)
+        add(after, side, mv.count * a)
         if mv.keeper is not None:
             add(memory, mv.keeper, mv.held * h, "activations")
 
@@ -161,17 +163,23 @@ def _layout(pcs: Pieces, schedule: str, p: int, m: int, v: int, t_p2p: float, bu
     rank_fwd = [sum(stage_fwd(pcs, st) for st in ss) for ss in mine]
     total, bubble = step_time(schedule, p, m, v, [stage_time(pcs, st) for st in stages], rank_s, rank_fwd)
     p2p = 2 * t_p2p * (m * v + p - 1) if p > 1 else 0.0
-    backward_window = max(rank_s) * 2 / 3  # backward is 2/3 of forward + backward (cost.py's 1:2 split)
+    # The data-parallel reduction of a rank's gradients starts as their last micro-batch's backward lands
+    # (runtime/compiled.py `_GradSync.pipelined`; FSDP's reduce-scatter under ZeRO-2/3 likewise, driven by torch's
+    # schedule) and hides behind that micro-batch's backward through the rank's stages: 2/3 of its forward +
+    # backward (cost.py's 1:2 split), as at pp = 1 behind one micro-batch's backward. ZeRO-1's broadcast of the
+    # updated partitions follows the optimizer step: never hidden.
+    backward_window = max(rank_s) * 2 / 3
     sync = max(rank_sync(pcs, ss) for ss in mine)
-    exposed = sync if c.memory.zero < 2 else exposed_s(c.ctx.hw, sync, backward_window)
+    exposed = exposed_s(c.ctx.hw, sync, backward_window)
+    after = max(rank_after(pcs, ss) for ss in mine)
     optimizer = max(rank_optimizer(pcs, ss) for ss in mine)
     memory, peak_at = [], []
     for r, ss in enumerate(mine):
         moment, at = peak(rank_memory(pcs, ss, flight[r], m), m)
         memory.append(at)
         peak_at.append(f"backward {moment}")
-    return Layout(schedule, v, stages, total + p2p + exposed + optimizer, bubble, p2p, exposed, rank_s, memory, peak_at,
-                  optimizer)
+    return Layout(schedule, v, stages, total + p2p + exposed + after + optimizer, bubble, p2p, exposed, rank_s, memory,
+                  peak_at, optimizer, after)
 
 
 def _cut(pcs: Pieces, p: int, S: int, flight: list[float] | None, budget: float, m: int = 1) -> list[int] | None:

@@ -99,7 +99,9 @@ class CompiledModel(nn.Module):
             raise PlanError(f"train_step got a batch of {batch} samples but the plan runs {m} micro-batches of "
                             f"{self.plan.micro_batch_size}; pass the plan's global batch ({self.plan.batch})")
         if self.pipeline is not None:
-            with self.no_sync():  # the schedule runs every backward; reduce once after them
+            # Each bucket's reduction starts as its gradients' last micro-batch lands, during the schedule's
+            # last backward passes; the step waits for them after the schedule (_GradSync.pipelined).
+            with self._sync.pipelined(m) if self._sync is not None else nullcontext():
                 loss = self.pipeline.step(leaves)
             if self._sync is not None:
                 self._sync.reduce_all()
@@ -171,7 +173,9 @@ class _GradSync:
         self.buckets = _make_buckets(params)
         self.pending: list[tuple[Any, torch.Tensor, tuple]] = []
         self.ready: dict[int, int] = {}
+        self.launched: set[int] = set()
         self.queued = False
+        self.passes = 1  # backward passes that accumulate into each gradient per step (pipelined: m)
         for b, bucket in enumerate(self.buckets):
             for p in bucket["params"]:
                 p.register_post_accumulate_grad_hook(self._hook(b))
@@ -180,20 +184,32 @@ class _GradSync:
         def hook(p: torch.Tensor) -> None:
             if not self.enabled:
                 return
-            if not self.queued:
+            if not self.queued and self.passes == 1:
                 torch.autograd.Variable._execution_engine.queue_callback(self._finish)
                 self.queued = True
             self.ready[b] = self.ready.get(b, 0) + 1
-            if self.ready[b] == len(self.buckets[b]["params"]):
+            if self.ready[b] == self.passes * len(self.buckets[b]["params"]):
                 self._launch(b)
 
         return hook
 
+    @contextmanager
+    def pipelined(self, m: int) -> Iterator[None]:
+        """Under a pipeline schedule, which runs one backward per micro-batch and stage: a bucket is final after
+        m accumulations of each of its gradients and is reduced then, while backward goes on through the stage's
+        earlier layers and the rank's other stages (as DDP overlaps within one backward); no backward waits for
+        it: the step does, after the schedule (reduce_all)."""
+        self.passes = m
+        try:
+            yield
+        finally:
+            self.passes = 1
+
     def reduce_all(self) -> None:
-        """Reduce every bucket now: after a pipeline schedule, whose micro-batches' backward passes ran with
-        synchronisation off (pipelining calls backward once per micro-batch and stage)."""
+        """After a pipeline schedule: reduce the buckets no hook launched (the zero-bubble schedule accumulates
+        weight gradients by hand, where no post-accumulate hook fires) and wait for all of them."""
         for b, bucket in enumerate(self.buckets):
-            if all(p.grad is not None for p in bucket["params"]):
+            if b not in self.launched and all(p.grad is not None for p in bucket["params"]):
                 self._launch(b)
         self._finish()
 
@@ -210,10 +226,11 @@ class _GradSync:
         first, rest = bucket["axes"][0], bucket["axes"][1:]
         work = dist.all_reduce(flat, group=self.groups[first], async_op=True)
         self.pending.append((work, flat, rest))
+        self.launched.add(b)
 
     def _finish(self) -> None:
         for b in range(len(self.buckets)):  # buckets whose params got no gradient this step
-            if 0 < self.ready.get(b, 0) < len(self.buckets[b]["params"]):
+            if b not in self.launched and self.ready.get(b, 0) > 0:
                 raise RuntimeError(f"autopar: only some parameters of gradient bucket {b} received a gradient; "
                                    "every parameter must take part in the loss")
         for work, flat, rest in self.pending:
@@ -222,6 +239,7 @@ class _GradSync:
                 dist.all_reduce(flat, group=self.groups[axis])
         self.pending.clear()
         self.ready.clear()
+        self.launched.clear()
         self.queued = False
 
 

@@ -19,6 +19,7 @@ word-embedding gradients between its first and last stage (Shoeybi et al. 2019, 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -185,9 +186,11 @@ class Pipeline:
 
         cls = getattr(pipelining, SCHEDULES[self.schedule_name])
         try:
-            # scale_grads: each micro-batch's loss is its own mean, so the step's gradient is their sum over m
+            # Each micro-batch's loss is its own mean, so the step's gradient is the mean over m: the loss is scaled
+            # by 1/m before backward (as train_step does at pp = 1), not the gradients after the schedule
+            # (scale_grads), which would write into buckets the data-parallel reduction is already sending.
             return cls(stages[0] if self.schedule_name in SINGLE_STAGE else stages, self.m,
-                       loss_fn=_stage_output_is_loss, scale_grads=True)
+                       loss_fn=functools.partial(_stage_output_is_loss, m=self.m), scale_grads=False)
         except ValueError as e:  # 1F1B needs m >= stages, interleaved m a multiple of its rounds
             raise PlanError(f"schedule {self.schedule_name} with pp={self.pp}, {self.n} stages and "
                             f"num_micro_batches={self.m}: {str(e).rstrip('.')}; choose another num_micro_batches") \
@@ -207,7 +210,7 @@ class Pipeline:
             # leaves) after sending it; torch frees them at the next step's start (clear_runtime_states), which
             # would keep m of them per stage through the optimizer step. Every send has been waited for here.
             stage.clear_runtime_states()
-        loss = torch.stack([x.detach().float() for x in losses]).mean() if losses else \
+        loss = torch.stack([x.detach().float() for x in losses]).sum() if losses else \
             torch.zeros((), device=self.device)
         dist.broadcast(loss, group=self.group, group_src=(self.n - 1) % self.pp)
         return loss
@@ -264,8 +267,9 @@ def _example(value: torch.Tensor) -> torch.Tensor:
     return value.detach().requires_grad_(value.requires_grad)
 
 
-def _stage_output_is_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return output
+def _stage_output_is_loss(output: torch.Tensor, target: torch.Tensor, m: int = 1) -> torch.Tensor:
+    """The last stage returns the micro-batch's mean loss; its share of the step's mean is 1/m of it."""
+    return output / m if m > 1 else output
 
 
 def _shared_groups(mesh, shared: dict[str, tuple[tuple[int, ...], torch.Tensor | None]]) -> list:

@@ -1,18 +1,28 @@
 """Runtime overhead of a compiled model against what a user would otherwise run, measured in one invocation.
 
-    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--json OUT]
+    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--only dp2,zero3,tp2,pp2,world1] [--json OUT]
 
-(a) dp=2: `autopar.compile(..., fix={"dp": 2, "tp": 1})` against torch DDP, on 2 gloo ranks this script spawns
-    (OMP_NUM_THREADS=1 each). Same model and seed, same global batch: DDP gets each rank's half, the compiled model
-    gets the global batch and slices it itself (that is its API). Target: compiled / DDP <= 1.10.
-(b) world 1: `autopar.compile(..., fix={"dp": 1, "tp": 1})` against the eager model, same batch. Target <= 1.05.
+Each comparison runs on gloo ranks this script spawns (OMP_NUM_THREADS=1 each), same model and seed, same global
+batch; the compiled model gets the global batch and slices it itself (that is its API). Target: ratio <= 1.05.
+(a) dp2:    `autopar.compile(..., fix={"dp": 2, "tp": 1})` against torch DDP (each rank its half of the batch).
+(b) zero3:  fix={"dp": 2, "tp": 1, "zero": 3} against FSDP2 by hand: `fully_shard` on every block, then the root,
+            reshard_after_forward=True (each rank its half of the batch).
+(c) tp2:    fix={"dp": 1, "tp": 2} (autopar's own tensor/sequence-parallel layout) against torch's
+            `parallelize_module` with the torchtitan recipe: norms SequenceParallel, q/k/v and fc ColwiseParallel,
+            the projections RowwiseParallel(output_layouts=Shard(1)), the head ColwiseParallel with replicated logits
+            (untied embeddings, since torch's styles shard a tied weight two ways). Every rank gets the whole batch.
+(d) pp2:    the effect of overlapping the data-parallel reduction with the pipeline's last backward passes:
+            fix={"pp": 2, "dp": 2, "tp": 1} with the overlap (the runtime's default) against the same program
+            reducing after the schedule (as before issue 19). 4 ranks share the cores, so this shows the cost of the
+            overlap machinery here more than its gain; on GPUs the reduction runs beside the backward.
+(e) world1: fix={"dp": 1, "tp": 1} against the eager model, same batch, in one process.
 
-A step is forward + backward + AdamW step + zero_grad. After warm-up the two variants run in alternating rounds
-(A B B A A B ...) of --steps steps each, so drift on the machine hits both alike; a step's time on 2 ranks is
-the slower rank's. The tables show median step time and its forward / backward / optimizer parts, and the ratio.
-Before timing, both variants' losses on the same batch are compared (they must compute the same thing), and the
-dp=2 plan is shown: its degrees and the placement of every linear's activation input on the dp axis (S0 = the
-batch is sharded). Measures, never asserts.
+A step is forward + backward + AdamW step + zero_grad (pp2: train_step, its forward and backward together). After
+warm-up the two variants run in alternating rounds (A B B A A B ...) of --steps steps each, so drift on the machine
+hits both alike; a step's time on several ranks is the slower rank's. The tables show median step time and its
+forward / backward / optimizer parts, and the ratio, the per-round-pair ratios beside it. Before timing, both
+variants' losses on the same batch are compared (they must compute the same thing), and the dp2 plan is shown.
+Measures, never asserts.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt")
     ap.add_argument("--model-args", default="layers=4,hidden=256,heads=8,vocab=1024,seq=128")
-    ap.add_argument("--batch", type=int, default=16, help="global batch of the dp=2 comparison")
+    ap.add_argument("--batch", type=int, default=16, help="global batch of the multi-rank comparisons")
     ap.add_argument("--single-batch", type=int, default=8, help="batch of the world-1 comparison")
     ap.add_argument("--single-threads", type=int, default=os.cpu_count(), help="intra-op threads for world 1")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
@@ -55,81 +65,166 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=8, help="rounds per variant, alternating")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=("dp2", "world1"), help="run one comparison")
+    ap.add_argument("--only", default=",".join(COMPARISONS), help="comma-separated comparisons to run")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     return ap.parse_args(argv)
 
 
+# -- the comparisons: (world, autopar's fix, baseline label, model-args overrides) ---------------------------------
+COMPARISONS = {
+    "dp2": (2, {"dp": 2, "tp": 1}, "torch DDP", {}),
+    "zero3": (2, {"dp": 2, "tp": 1, "zero": 3}, "FSDP2 fully_shard", {}),
+    "tp2": (2, {"dp": 1, "tp": 2}, "torch parallelize_module", {"tie_embeddings": False}),
+    "pp2": (4, {"pp": 2, "dp": 2, "tp": 1}, "reduce after the schedule", {}),
+    "world1": (1, {"dp": 1, "tp": 1}, "eager", {}),
+}
+
+
 # -- one rank ---------------------------------------------------------------------------------------------------
-def worker(rank: int, world: int, args: argparse.Namespace, port: int, threads: int, out: str) -> None:
+def worker(rank: int, world: int, args: argparse.Namespace, port: int, threads: int, out: str, name: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(threads)
     try:
-        result = measure(rank, world, args)
+        result = measure(rank, world, args, name)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def measure(rank: int, world: int, args: argparse.Namespace) -> dict:
+def measure(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
+    _, fix, _, overrides = COMPARISONS[name]
     torch.manual_seed(args.seed)
-    model, info = build_model(args.model, parse_model_args(args.model_args))
+    model, info = build_model(args.model, {**parse_model_args(args.model_args), **overrides})
     seq = args.seq or info.seq
     batch = args.batch if world > 1 else args.single_batch
     baseline = copy.deepcopy(model)  # same initial weights as the model autopar compiles
-    compiled = autopar.compile(model, sample_inputs=sample_inputs(info, batch, seq), fix={"dp": world, "tp": 1})
-    if world > 1:
-        baseline = DDP(baseline)
+    compiled = autopar.compile(model, sample_inputs=sample_inputs(info, batch, seq), fix=fix)
     gen = torch.Generator().manual_seed(args.seed + 1)
     batches = [tuple(torch.randint(0, info.vocab, (batch, seq), generator=gen) for _ in range(2)) for _ in range(4)]
     share = batch // world
     local = [tuple(t[rank * share:(rank + 1) * share] for t in b) for b in batches]
-    variants = {"autopar": (compiled, batches), "baseline": (baseline, local)}
-    losses = first_losses(variants, world)
+    if name in ("dp2", "zero3"):
+        baseline, data = (DDP(baseline) if name == "dp2" else _fsdp2(baseline, world)), local
+    elif name == "tp2":
+        baseline, data = _torch_tp(baseline, world), batches
+    elif name == "pp2":
+        baseline, data = _reduce_after_schedule(autopar.compile(baseline, sample_inputs=sample_inputs(
+            info, batch, seq), plan=compiled.plan)), batches
+    else:
+        data = batches
+    variants = {"autopar": (compiled, batches), "baseline": (baseline, data)}
+    losses = first_losses(variants, name)
     times = {name: [] for name in variants}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in variants.items()}
-    for name, (m, data) in variants.items():
-        run_steps(m, optimizers[name], data, args.warmup)
+    for v, (m, d) in variants.items():
+        run_steps(m, optimizers[v], d, args.warmup)
     for r in range(args.rounds):
         order = ("autopar", "baseline") if r % 2 == 0 else ("baseline", "autopar")  # A B B A A B ...
-        for name in order:
-            m, data = variants[name]
+        for v in order:
+            m, d = variants[v]
             dist.barrier()
-            times[name] += run_steps(m, optimizers[name], data, args.steps)
+            times[v] += run_steps(m, optimizers[v], d, args.steps)
     gathered = [None] * world
     dist.all_gather_object(gathered, times)
     # A step lasts as long as its slowest rank: keep that rank's row (step and its phases).
-    slowest = {name: [max((per_rank[name][i] for per_rank in gathered), key=lambda row: row[0])
-                      for i in range(len(times[name]))] for name in times}
+    slowest = {v: [max((per_rank[v][i] for per_rank in gathered), key=lambda row: row[0])
+                   for i in range(len(times[v]))] for v in times}
     return {"world": world, "batch": batch, "seq": seq, "threads": torch.get_num_threads(), "losses": losses,
             "plan": plan_summary(compiled), "times": slowest,
-            "n_params": sum(p.numel() for p in baseline.parameters())}
+            "n_params": sum(p.numel() for p in model.parameters())}
 
 
-def first_losses(variants: dict, world: int) -> dict[str, float]:
+def _fsdp2(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """ZeRO-3 as a user writes it with FSDP2: each block its own unit, then the root (reshard after forward)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=True)
+
+
+def _torch_tp(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """Megatron-SP with torch's tensor-parallel styles, as torchtitan's llama3 parallelize.py applies them; the
+    attention reads its local heads (torchtitan's models are written with local shapes, ours with global ones)."""
+    import types
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                   RowwiseParallel, SequenceParallel, parallelize_module)
+
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        block.attn.heads //= world
+        block.attn.forward = types.MethodType(_local_attention, block.attn)
+        parallelize_module(block, mesh, {
+            "ln1": SequenceParallel(), "ln2": SequenceParallel(),
+            "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(output_layouts=Shard(1))})
+    return parallelize_module(model, mesh, {
+        # embeddings replicated (wte + wpe), then the residual stream split along the sequence
+        "drop": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+                                    use_local_output=True),
+        "ln_f": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())})
+
+
+def _local_attention(self, x: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    b, s = x.shape[:2]
+    q, k, v = (proj(x).view(b, s, self.heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.drop(self.proj(y.transpose(1, 2).reshape(b, s, -1)))
+
+
+def _reduce_after_schedule(compiled):
+    """The same pipelined program with the data-parallel reduction after the schedule, as before the overlap: its
+    gradient hooks off during the schedule (compiled.no_sync), every bucket reduced at the end (reduce_all)."""
+    sync = compiled._sync  # runtime detail, reached into only to switch the overlap off for the comparison
+    if sync is not None:
+        sync.pipelined = lambda m: compiled.no_sync()
+    return compiled
+
+
+def first_losses(variants: dict, name: str) -> dict[str, float]:
     """Loss of each variant on the first batch, before any training: the global mean for both."""
     out = {}
-    with torch.no_grad():
-        for name, (m, data) in variants.items():
-            loss = m(*data[0]).detach().clone()
-            if name == "baseline" and world > 1:  # DDP's loss is this rank's mean; average the equal shares
-                dist.all_reduce(loss)
-                loss /= world
-            out[name] = loss.item()
+    for v, (m, data) in variants.items():
+        if name == "pp2":  # a pipeline runs whole steps; its gradients are dropped before timing
+            loss = m.train_step(*data[0]).detach().clone()
+            m.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                loss = m(*data[0]).detach().clone()
+        if v == "baseline" and name in ("dp2", "zero3"):  # this rank's mean; average the equal shares
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        out[v] = loss.item()
     return out
 
 
 def run_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list, steps: int) -> list[list[float]]:
-    """Per step: [step, forward, backward, optimizer] seconds (CPU ops are synchronous, so the marks are exact)."""
+    """Per step: [step, forward, backward, optimizer] seconds (CPU ops are synchronous, so the marks are exact);
+    a pipeline's forward and backward are one call (train_step), shown as backward."""
     out = []
     for i in range(steps):
         tokens, targets = data[i % len(data)]
         t0 = time.perf_counter()
-        loss = model(tokens, targets)
+        pipelined = getattr(model, "pipeline", None) is not None
+        loss = None if pipelined else model(tokens, targets)
         t1 = time.perf_counter()
-        loss.backward()  # includes the gradient all-reduce (DDP and autopar both wait for it at the end)
+        if pipelined:
+            model.train_step(tokens, targets)
+        else:
+            loss.backward()  # includes the gradient reduction (every variant waits for it at the end)
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -158,10 +253,11 @@ def _buckets(compiled) -> int:
 
 
 # -- driver -----------------------------------------------------------------------------------------------------
-def launch(world: int, args: argparse.Namespace, threads: int) -> dict:
+def launch(name: str, args: argparse.Namespace, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.spawn(worker, args=(world, args, _free_port(), threads, out), nprocs=world, join=True)
+        world = COMPARISONS[name][0]
+        mp.spawn(worker, args=(world, args, _free_port(), threads, out, name), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
 
 
@@ -214,20 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     console.print(describe())
     console.print(f"model {args.model} ({args.model_args}); {args.warmup} warm-up steps, then {args.rounds} rounds "
                   f"x {args.steps} steps per variant, alternating")
-    results = {}
-    if args.only in (None, "dp2"):
-        os.environ["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: one thread each, as torchrun sets it
-        with console.status("dp=2: autopar vs DDP on 2 gloo ranks"):
-            results["dp2"] = launch(2, args, threads=1)
-        show_plan(console, results["dp2"]["plan"])
-        console.print(table(f"(a) dp=2, global batch {args.batch} (DDP: {args.batch // 2} per rank), 1 thread/rank",
-                            "torch DDP", results["dp2"], 1.10, args.steps))
-    if args.only in (None, "world1"):
-        os.environ["OMP_NUM_THREADS"] = str(args.single_threads)
-        with console.status("world 1: autopar vs eager"):
-            results["world1"] = launch(1, args, threads=args.single_threads)
-        console.print(table(f"(b) world 1, batch {args.single_batch}, {results['world1']['threads']} threads",
-                            "eager", results["world1"], 1.05, args.steps))
+    results, summary = {}, {}
+    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
+        world, fix, label, overrides = COMPARISONS[name]
+        threads = args.single_threads if world == 1 else 1  # ranks on 2 cores: one thread each, as torchrun sets
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        with console.status(f"{name}: autopar vs {label} on {world} gloo rank(s)"):
+            results[name] = launch(name, args, threads=threads)
+        if name == "dp2":
+            show_plan(console, results[name]["plan"])
+        extra = f", model-args {overrides}" if overrides else ""
+        console.print(table(f"{name}: fix={fix} vs {label}, {world} rank(s), batch {results[name]['batch']}, "
+                            f"{results[name]['threads']} thread(s)/rank{extra}", label, results[name], 1.05,
+                            args.steps))
+        summary[name] = statistics.median(round_ratios(results[name], args.steps))
+    console.print("median step ratio per round pair (autopar / baseline; target <= 1.05): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     console.print(f"after: {describe()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "cores": os.cpu_count(),
