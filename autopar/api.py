@@ -59,7 +59,7 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     if pp * math.prod(degrees) != world:
         raise MeshError(f"the plan's mesh {_fmt(plan.degrees)} has {pp * math.prod(degrees)} devices but the world "
                         f"size is {world}; launch with --nproc_per_node {pp * math.prod(degrees)} or re-plan")
-    captured = trace(plan.micro_batch_size)  # the plan's graph runs one micro-batch
+    captured = trace(plan.micro_batch_size * plan.degrees["dp"])  # the plan's graph runs one micro-step
     pg = build(captured, degrees, AXES)
     if fingerprint(pg) != plan.graph_fingerprint:
         raise PlanError(f"the plan was made for another model or input shape ({plan.model}, batch {plan.batch} x seq "
@@ -116,8 +116,8 @@ def _search(model, trace, sample_inputs, world, pins, hardware, budget) -> Plan:
     batch = _batch_of(sample_inputs)
     seq = sample_inputs[0].shape[1] if sample_inputs and sample_inputs[0].dim() > 1 else 1
     hw = load_hardware(hardware or ("h100-80gb-sxm" if torch.cuda.is_available() else "cpu"))
-    if int(pins.get("pp", 1)) <= 1:  # without a pipeline, the forward runs the whole batch as one micro-batch
-        pins.setdefault("mbs", batch)
+    if int(pins.get("pp", 1)) <= 1 and "mbs" not in pins:  # without a pipeline: the whole batch at once
+        pins["num_micro_batches"] = 1
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     req = SearchRequest(model=type(model).__name__, n_params=n, hardware=hw, devices=world, batch=batch, seq=seq,
                         fix=pins, memory_budget_bytes=budget,

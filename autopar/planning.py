@@ -25,7 +25,7 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
     """Plan `model` (preset, family or path.py:factory) for `devices` devices of `hardware`."""
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     dtype = dtype or ("float32" if hw.name == "cpu" else "bfloat16")
-    module, info = build_model(model, model_args or {}, device="meta", dtype=DTYPES[dtype])
+    module, info = build_model(model, model_args or {}, seq=seq, device="meta", dtype=DTYPES[dtype])
     seq = seq or info.seq
     if seq is None:
         raise MeshError(f"model {model} does not state its sequence length; pass --seq")
@@ -41,7 +41,8 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
     proxy = None
     depth = getattr(info.config, "layers", None)
     if isinstance(depth, int) and depth > 2 and (model_args or {}).get("layers", depth) == depth:
-        shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, device="meta", dtype=DTYPES[dtype])
+        shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, seq=seq, device="meta",
+                                 dtype=DTYPES[dtype])
         proxy_trace = functools.lru_cache(maxsize=None)(
             lambda b: capture(shallow, sample_inputs(info, b, seq, device="meta")))
         proxy = (proxy_trace, depth / 2)

@@ -44,6 +44,8 @@ PRESETS: dict[str, GPTConfig | LlamaConfig] = {
     ),
 }
 
+FAMILIES = ("gpt", "llama")  # shaped by --model-args; their positions follow --seq
+
 _MODEL_CLASS: dict[type, type[nn.Module]] = {GPTConfig: GPT, LlamaConfig: Llama}
 
 _ARGS_GRAMMAR = "key=value[,key=value...] with int, float or true/false values, e.g. layers=24,hidden=2304"
@@ -87,16 +89,19 @@ def build_model(
     spec: str,
     model_args: dict[str, Any] | None = None,
     *,
+    seq: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, ModelInfo]:
     """Build a preset/family model, an HF causal LM (`hf:<model_type>`, see hf.py) or call
-    `path/to/file.py:factory(**model_args)` on `device` in `dtype`."""
+    `path/to/file.py:factory(**model_args)` on `device` in `dtype`. A family (gpt, llama) gets `seq` positions
+    (the run's sequence length) unless `seq` is in model_args."""
     if not dtype.is_floating_point:
         raise ModelError(f"model dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
     args = dict(model_args or {})
     if spec in PRESETS:
-        config = _override(spec, PRESETS[spec], args)
+        base = dataclasses.replace(PRESETS[spec], seq=seq) if seq and spec in FAMILIES else PRESETS[spec]
+        config = _override(spec, base, args)
         with _building(device, dtype):
             model = _MODEL_CLASS[type(config)](config)
     elif spec.startswith(hf.PREFIX):
