@@ -77,6 +77,7 @@ class Plan:
     fallback_ops: dict[str, int] = field(default_factory=dict)  # op without a rule -> count (replicated)
     fallback_seconds: dict[str, float] = field(default_factory=dict)  # op without a rule -> its time per step
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # other degrees evaluated, with predictions
+    notes: list[str] = field(default_factory=list)  # how the model was built (weights loaded, eager attention)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -4,6 +4,7 @@ and by `autopar.compile` when no plan file is given."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -48,4 +49,5 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
         proxy = (proxy_trace, depth / 2)
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
                         fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)
-    return search(req, trace, progress, proxy)
+    plan = search(req, trace, progress, proxy)
+    return replace(plan, notes=list(info.notes)) if info.notes else plan

@@ -33,6 +33,11 @@ from autopar.plan import Plan
 DEMO_SEQ = 128  # a demo-sized default: a config's max positions (32768 for qwen2) would take minutes and GiBs
 
 
+def sequence_length(seq: int | None, info) -> int:
+    """--seq, else DEMO_SEQ capped by the model's max positions."""
+    return seq or min(DEMO_SEQ, info.seq or DEMO_SEQ)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.error = functools.partial(usage_error, ap)  # `autopar: error: ...`, like every other user error
@@ -69,7 +74,7 @@ def train(args: argparse.Namespace) -> list[float]:
     plan = Plan.load(args.plan) if args.plan else None  # a bad plan file fails before any model is built
     torch.manual_seed(args.seed)
     model, info = build_model(args.model, parse_model_args(args.model_args), seq=args.seq)
-    seq = args.seq or min(DEMO_SEQ, info.seq or DEMO_SEQ)
+    seq = sequence_length(args.seq, info)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)

@@ -155,7 +155,8 @@ def header(plan: Plan, model_label: str, hardware: Hardware) -> Table:
             ("micro-batching", micro_batching(plan)),
             *([("pipeline", pipeline_summary(plan))] if plan.degrees.get("pp", 1) > 1 else []),
             ("memory", _memory_decisions(plan)),
-            ("dtype", plan.dtype), ("planner", f"{s.get('seconds', 0):.2f} s; ILP {ilp}")]
+            ("dtype", plan.dtype), ("planner", f"{s.get('seconds', 0):.2f} s; ILP {ilp}"),
+            *(("note", note) for note in plan.notes)]
     table = Table.grid(padding=(0, 2))
     table.title, table.title_justify, table.title_style = "autopar plan", "left", "bold"
     table.add_column(style="bold")

@@ -60,6 +60,7 @@ class ModelInfo:
     hidden: int | None  # model width; None when unknown
     heads: int | None  # attention heads; None when unknown
     config: Any | None  # the config dataclass (GPTConfig / LlamaConfig / a factory model's .config) or None
+    notes: tuple[str, ...] = ()  # what a user should know about how it was built (weights loaded, eager attention)
 
 
 def parse_model_args(text: str) -> dict[str, int | float | bool]:
@@ -106,14 +107,15 @@ def build_model(
             model = _MODEL_CLASS[type(config)](config)
     elif spec.startswith(hf.PREFIX):
         with _building(device, dtype):
-            model, config = hf.build_hf(spec, args, dtype)
-        return model, ModelInfo(name=spec, config=config, **hf.model_shape(config))
+            model, config, notes = hf.build_hf(spec, args, dtype, device)
+        return model, ModelInfo(name=spec, config=config, notes=notes, **hf.model_shape(config))
     elif ".py:" in spec:
         with _building(device, dtype):
             model = _call_factory(spec, args)
     else:
         names = ", ".join(PRESETS)
-        raise ModelError(f"unknown model {spec!r}; use one of {names}, hf:<model_type> or path/to/file.py:factory")
+        raise ModelError(f"unknown model {spec!r}; use one of {names}, hf:<model_type>, hf:PATH, hf:ORG/NAME or "
+                         "path/to/file.py:factory")
     return model, _info(spec, model)
 
 
