@@ -101,3 +101,15 @@ def test_train_py_defaults_to_a_demo_sized_sequence():
     assert qwen2.seq == 32768 and train.sequence_length(None, qwen2) == 128  # not the config's 32768
     assert train.sequence_length(None, build_model("gpt-tiny", device="meta")[1]) == 32  # capped by the model
     assert train.sequence_length(64, qwen2) == 64
+
+
+@pytest.mark.parametrize("model_type", ["dbrx", "recurrent_gemma"])
+def test_a_model_type_that_cannot_work_says_why_in_one_line(model_type, capsys):
+    """With transformers 5.2x, dbrx's class misreads its own config and recurrent_gemma's recurrent block does not
+    trace at these shapes: either it plans, or it is refused in one line (never a traceback)."""
+    code = main(["plan", f"hf:{model_type}", "--model-args", "hidden_size=32,num_hidden_layers=2,vocab_size=64",
+                 *PLAN])
+    out, err = capsys.readouterr()
+    if code != 0:
+        assert code == 2 and err.startswith("autopar: error: ") and err.count("\n") == 1, err
+        assert f"hf:{model_type}" in err or "cannot trace" in err

@@ -67,8 +67,8 @@ def build_hf(spec: str, args: dict[str, Any], dtype: torch.dtype,
             lm = _construct(transformers, source, config, dtype, "eager", load)
             notes.append(f"{spec}: transformers runs {type(lm).__name__} without SDPA; using its eager attention "
                          "(scores, softmax and the value matmul as separate ops)")
-        except (AssertionError, RuntimeError, TypeError) as err:  # e.g. nn.Embedding's padding_idx assertion
-            raise ModelError(_build_failure(spec, args, err)) from None
+        except Exception as err:  # noqa: BLE001 - third-party construction code: nn.Embedding's padding_idx
+            raise ModelError(_build_failure(spec, args, err)) from None  # assertion, a config a class misreads
     return CausalLMLoss(lm), config, tuple(n for n in notes if n)
 
 
@@ -171,6 +171,9 @@ def _build_failure(spec: str, args: dict[str, Any], err: Exception) -> str:
     first = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
     if "AutoModelForCausalLM" in str(err):
         return f"HF model {spec} has no causal-LM head; use a decoder-only model such as hf:gpt2"
+    if not isinstance(err, (ValueError, AssertionError)):  # not a value transformers refused: its code failed
+        return (f"transformers cannot build {spec} with --model-args {_fmt(args) or '(none)'} ({type(err).__name__}: "
+                f"{first}); this model type does not work with this transformers version here, try another")
     return f"model {spec!r} with --model-args {_fmt(args) or '(none)'}: {first}; change those values"
 
 
