@@ -31,8 +31,9 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EPILOG = """\
 examples:
   autopar plan gpt3-1.3b --devices 32 --hardware a100-80gb-sxm --batch 512
-  autopar plan gpt --model-args layers=24,hidden=2304,heads=24,vocab=51200,seq=2048 \\
-      --devices 32 --hardware a100-80gb-sxm --batch 512 --json plan.json
+  autopar plan gpt --model-args layers=24,hidden=2304,heads=24,vocab=51200 \\
+      --devices 32 --hardware a100-80gb-sxm --batch 512 --seq 2048 --json plan.json
+  autopar plan hf:./my-model --devices 8 --hardware h100-80gb-sxm --batch 64 --seq 2048 --json - | jq .degrees
   autopar plan llama3-8b --mesh dp=4,tp=8 --hardware h100-80gb-sxm --batch 256 --seq 4096
   autopar plan my_model.py:build --devices 8 --hardware my_cluster.toml --batch 64 --fix mbs=2
 """
@@ -60,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     presets = [name for name in PRESETS if name not in families]
     p.add_argument("model", metavar="MODEL",
                    help=f"preset ({', '.join(presets)}), family ({', '.join(families)}; shape it with "
-                        "--model-args) or path/to/file.py:factory")
+                        "--model-args), path/to/file.py:factory, or a transformers causal LM: hf:<model_type>, "
+                        "hf:PATH (a save_pretrained folder) or hf:ORG/NAME (from the local HF cache)")
     p.add_argument("--devices", type=positive_int, metavar="N", help="number of devices (default: product of --mesh)")
     p.add_argument("--mesh", metavar="AXES", help="pin the mesh, e.g. dp=2,tp=4 (axes left out are 1); the same "
                                                   "as --fix with those degrees")
