@@ -60,13 +60,14 @@ def build_hf(spec: str, args: dict[str, Any], dtype: torch.dtype,
     notes = [f"{spec}: starts from the weights in {source.folder}" if source.weights else ""]
     with _quiet(transformers):
         try:
-            lm = _construct(transformers, source, config, dtype, ATTENTION, load)
-        except ValueError as err:
-            if "scaled_dot_product_attention" not in str(err):
-                raise ModelError(_build_failure(spec, args, err)) from None
-            lm = _construct(transformers, source, config, dtype, "eager", load)
-            notes.append(f"{spec}: transformers runs {type(lm).__name__} without SDPA; using its eager attention "
-                         "(scores, softmax and the value matmul as separate ops)")
+            try:
+                lm = _construct(transformers, source, config, dtype, ATTENTION, load)
+            except ValueError as err:
+                if "scaled_dot_product_attention" not in str(err):
+                    raise
+                lm = _construct(transformers, source, config, dtype, "eager", load)
+                notes.append(f"{spec}: transformers runs {type(lm).__name__} without SDPA; using its eager "
+                             "attention (scores, softmax and the value matmul as separate ops)")
         except Exception as err:  # noqa: BLE001 - third-party construction code: nn.Embedding's padding_idx
             raise ModelError(_build_failure(spec, args, err)) from None  # assertion, a config a class misreads
     return CausalLMLoss(lm), config, tuple(n for n in notes if n)
@@ -152,7 +153,8 @@ def _is_dropout(key: str, value: Any) -> bool:
 
 
 def _check_type(spec: str, key: str, value: Any, default: Any) -> None:
-    """Match the default's type: ints stay ints (positive), floats accept ints, bools only true/false."""
+    """Match the default's type: ints stay ints (>= 0: token ids may be 0), floats accept ints, bools only
+    true/false; the values' meaning is transformers' to validate."""
     if default is None:
         return
     if isinstance(default, bool) or isinstance(value, bool):
