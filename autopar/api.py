@@ -3,8 +3,10 @@ that trains with any torch optimizer under torchrun."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -58,12 +60,13 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     _check_pins(plan, pins)
+    _check_tp_inside_a_node(plan)
     pp = plan.degrees.get("pp", 1)
     degrees = tuple(plan.degrees[a] for a in AXES)
     if pp * math.prod(degrees) != world:
         raise MeshError(f"the plan's mesh {_fmt(plan.degrees)} has {pp * math.prod(degrees)} devices but the world "
                         f"size is {world}; launch with --nproc_per_node {pp * math.prod(degrees)} or re-plan")
-    captured = trace(plan.micro_batch_size)  # the plan's graph runs one micro-batch
+    captured = trace(plan.micro_batch_size * plan.degrees["dp"])  # the plan's graph runs one micro-step
     pg = build(captured, degrees, AXES)
     if fingerprint(pg) != plan.graph_fingerprint:
         raise PlanError(f"the plan was made for another model or input shape ({plan.model}, batch {plan.batch} x seq "
@@ -124,8 +127,10 @@ def _search(model, trace, sample_inputs, world, pins, hardware, budget) -> Plan:
     batch = _batch_of(sample_inputs)
     seq = sample_inputs[0].shape[1] if sample_inputs and sample_inputs[0].dim() > 1 else 1
     hw = load_hardware(hardware or ("h100-80gb-sxm" if torch.cuda.is_available() else "cpu"))
-    if int(pins.get("pp", 1)) <= 1:  # without a pipeline, the forward runs the whole batch as one micro-batch
-        pins.setdefault("mbs", batch)
+    if _ranks_per_node():  # the launch's nodes, not the hardware file's: tp is searched inside them
+        hw = dataclasses.replace(hw, devices_per_node=_ranks_per_node())
+    if int(pins.get("pp", 1)) <= 1 and "mbs" not in pins:  # without a pipeline: the whole batch at once
+        pins["num_micro_batches"] = 1
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     req = SearchRequest(model=type(model).__name__, n_params=n, hardware=hw, devices=world, batch=batch, seq=seq,
                         fix=pins, memory_budget_bytes=budget,
@@ -156,6 +161,21 @@ def _check_pins(plan: Plan, pins: dict) -> None:
         asked = ", ".join(f"{a}={d}" for a, d in clash.items())
         raise PlanError(f"the plan's mesh {_fmt(plan.degrees)} contradicts {asked} given by fix/mesh; drop those "
                         "pins to run the plan, or re-plan with them")
+
+
+def _ranks_per_node() -> int:
+    """Ranks on this node as the launcher reports them (torchrun's LOCAL_WORLD_SIZE); 0 when not launched so."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+
+
+def _check_tp_inside_a_node(plan: Plan) -> None:
+    """Tensor parallelism's per-layer collectives need the fastest links: a tp group never spans nodes. The mesh
+    puts tp innermost and torchrun numbers each node's ranks contiguously, so tp dividing the node is enough."""
+    local, tp = _ranks_per_node(), plan.degrees.get("tp", 1)
+    if local and local % tp:
+        raise MeshError(f"the plan's tp={tp} would span nodes: the launcher reports {local} ranks per node "
+                        f"(LOCAL_WORLD_SIZE) and tensor parallelism stays inside a node; use a tp that divides "
+                        f"{local}, or launch more ranks per node")
 
 
 def _fmt(degrees: dict) -> str:

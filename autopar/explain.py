@@ -44,8 +44,8 @@ def candidates(plan: Plan) -> dict[str, list[dict[str, object]]]:
         out["zero"] = [{**base, "zero": z} for z in (0, 1, 2, 3) if z != base["zero"]]
     out["ac"] = [{**base, "ac": a} for a in ("none", "selective", "full") if a != base["ac"]]
     mbs = base["mbs"]
-    out["mbs"] = [{**base, "mbs": b} for b in (mbs // 2, mbs * 2)
-                  if b >= dp and b <= plan.batch and plan.batch % b == 0 and b % dp == 0 and b != mbs]
+    out["mbs"] = [{**base, "mbs": b} for b in (mbs // 2, mbs * 2)  # per replica: batch = mbs x dp x micro-batches
+                  if 1 <= b and plan.batch % (b * dp) == 0 and b != mbs]
     return out
 
 

@@ -51,7 +51,8 @@ FIX_KEYS: dict[str, tuple[Callable[[str], object], str]] = {
     "zero": (_one_of(ZERO_STAGES), "ZeRO stage"),
     "ac": (_one_of(AC_MODES), "activation checkpointing"),
     "precision": (_one_of(PRECISIONS), "training precision (bf16: bf16 compute, fp32 master weights)"),
-    "mbs": (_positive_int, "micro-batch size, global samples per micro-step"),
+    "mbs": (_positive_int, "micro-batch size: samples per micro-batch per data-parallel replica (Megatron's "
+                             "--micro-batch-size, DeepSpeed's train_micro_batch_size_per_gpu)"),
     "schedule": (_one_of(SCHEDULES), "pipeline schedule"),
     "v": (_positive_int, "virtual pipeline stages per device"),
 }

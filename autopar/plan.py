@@ -13,7 +13,7 @@ from typing import Any
 
 from autopar.errors import PlanError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: micro_batch_size is per data-parallel replica (1: global per micro-step)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +56,8 @@ class Plan:
     degrees: dict[str, int]  # dp, tp (pp, cp = 1 until those land)
     batch: int  # global batch per optimizer step
     seq: int
-    micro_batch_size: int  # global samples per micro-step (one forward/backward)
-    num_micro_batches: int
+    micro_batch_size: int  # samples per micro-batch per data-parallel replica (Megatron's --micro-batch-size)
+    num_micro_batches: int  # micro-batches per optimizer step (gradient accumulation steps)
     zero: int = 0  # ZeRO stage along dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + parameters sharded
     ac: str = "none"  # activation checkpointing of every block not named in ac_layers: none | selective | full
     ac_layers: dict[str, str] = field(default_factory=dict)  # block ("blocks.3") -> mode, where it differs from ac
@@ -77,6 +77,7 @@ class Plan:
     fallback_ops: dict[str, int] = field(default_factory=dict)  # op without a rule -> count (replicated)
     fallback_seconds: dict[str, float] = field(default_factory=dict)  # op without a rule -> its time per step
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # other degrees evaluated, with predictions
+    notes: list[str] = field(default_factory=list)  # how the model was built (weights loaded, eager attention)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -86,6 +87,8 @@ class Plan:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Plan":
+        if d.get("schema_version") == 1:
+            d = _from_schema_1(d)
         if d.get("schema_version") != SCHEMA_VERSION:
             raise PlanError(f"plan schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
                             "re-create the plan with this version of `autopar plan`")
@@ -112,3 +115,15 @@ class Plan:
         except (ValueError, TypeError, KeyError, AttributeError) as e:  # ValueError: not JSON, not UTF-8
             raise PlanError(f"plan file {path} is malformed ({type(e).__name__}: {e}); re-create it with "
                             "`autopar plan ... --json`") from None
+
+
+def _from_schema_1(d: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 counted micro_batch_size in global samples per micro-step; schema 2 per data-parallel replica
+    (Megatron's --micro-batch-size). The same plan, so it is migrated: divide by dp."""
+    dp = (d.get("degrees") or {}).get("dp", 1)
+    mbs = d.get("micro_batch_size")
+    if not isinstance(mbs, int) or not isinstance(dp, int) or dp < 1 or mbs % dp:
+        raise PlanError(f"plan schema_version 1 has micro_batch_size {mbs!r} (global samples per micro-step) that "
+                        f"dp={dp!r} does not divide, so it cannot be migrated to schema {SCHEMA_VERSION} (samples per "
+                        "data-parallel replica); re-create the plan with `autopar plan ... --json`")
+    return {**d, "schema_version": SCHEMA_VERSION, "micro_batch_size": mbs // dp}

@@ -4,6 +4,7 @@ and by `autopar.compile` when no plan file is given."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -25,7 +26,7 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
     """Plan `model` (preset, family or path.py:factory) for `devices` devices of `hardware`."""
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     dtype = dtype or ("float32" if hw.name == "cpu" else "bfloat16")
-    module, info = build_model(model, model_args or {}, device="meta", dtype=DTYPES[dtype])
+    module, info = build_model(model, model_args or {}, seq=seq, device="meta", dtype=DTYPES[dtype])
     seq = seq or info.seq
     if seq is None:
         raise MeshError(f"model {model} does not state its sequence length; pass --seq")
@@ -41,10 +42,12 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
     proxy = None
     depth = getattr(info.config, "layers", None)
     if isinstance(depth, int) and depth > 2 and (model_args or {}).get("layers", depth) == depth:
-        shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, device="meta", dtype=DTYPES[dtype])
+        shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, seq=seq, device="meta",
+                                 dtype=DTYPES[dtype])
         proxy_trace = functools.lru_cache(maxsize=None)(
             lambda b: capture(shallow, sample_inputs(info, b, seq, device="meta")))
         proxy = (proxy_trace, depth / 2)
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
                         fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)
-    return search(req, trace, progress, proxy)
+    plan = search(req, trace, progress, proxy)
+    return replace(plan, notes=list(info.notes)) if info.notes else plan

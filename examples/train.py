@@ -30,6 +30,14 @@ from autopar.models import build_model, parse_model_args, sample_inputs
 from autopar.plan import Plan
 
 
+DEMO_SEQ = 128  # a demo-sized default: a config's max positions (32768 for qwen2) would take minutes and GiBs
+
+
+def sequence_length(seq: int | None, info) -> int:
+    """--seq, else DEMO_SEQ capped by the model's max positions."""
+    return seq or min(DEMO_SEQ, info.seq or DEMO_SEQ)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.error = functools.partial(usage_error, ap)  # `autopar: error: ...`, like every other user error
@@ -38,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=positive_int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=positive_int, default=8, help="global batch per step")
-    ap.add_argument("--seq", type=positive_int, default=None, help="sequence length (default: the model's)")
+    ap.add_argument("--seq", type=positive_int, default=None,
+                    help=f"sequence length (default: {DEMO_SEQ}, or the model's max positions if fewer)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--fix", default="", help="pins, e.g. dp=2,tp=2 (default: the planner decides)")
     ap.add_argument("--hardware", default=None, help="cost model to plan with (default: cpu, or h100 on CUDA)")
@@ -67,8 +76,8 @@ def batches(info, args, seq: int):
 def train(args: argparse.Namespace) -> list[float]:
     plan = Plan.load(args.plan) if args.plan else None  # a bad plan file fails before any model is built
     torch.manual_seed(args.seed)
-    model, info = build_model(args.model, parse_model_args(args.model_args))
-    seq = args.seq or info.seq
+    model, info = build_model(args.model, parse_model_args(args.model_args), seq=args.seq)
+    seq = sequence_length(args.seq, info)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)

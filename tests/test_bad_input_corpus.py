@@ -21,6 +21,8 @@ from tests.dist_utils import TRAIN, run_train
 GPT = ["gpt-tiny", "--hardware", "cpu", "--batch", "8"]
 NO_FACTORY = "def other():\n    return torch.nn.Linear(2, 2)\n"
 RAISES = "def build():\n    raise RuntimeError('boom')\n"
+HF_ARGS = ["--hardware", "cpu", "--devices", "2", "--batch", "4", "--seq", "8"]
+PHI3 = "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=4,vocab_size=64"
 
 
 def _model_file(tmp: Path, body: str) -> str:
@@ -75,7 +77,20 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
     ("hf-bad-value", "plan", lambda t: ["hf:gpt2", "--model-args", "n_embd=64,n_head=3", "--hardware", "cpu",
                                         "--devices", "2", "--batch", "4"], "divisible"),
     ("hf-wrong-type", "plan", lambda t: ["hf:gpt2", "--model-args", "n_layer=1.5", "--hardware", "cpu", "--devices",
-                                         "2", "--batch", "4"], "n_layer=1.5 has the wrong type; give a positive"),
+                                         "2", "--batch", "4"], "n_layer=1.5 has the wrong type; give a non-negative integer"),
+    ("hf-invalid-value", "plan", lambda t: ["hf:llama", "--model-args", "hidden_size=30,num_attention_heads=4",
+                                            *HF_ARGS], "The hidden size (30) is not a multiple of the number of "
+                                                       "attention heads (4); change those values"),
+    ("hf-pad-outside-vocab", "plan", lambda t: ["hf:phi3", "--model-args", PHI3, *HF_ARGS],
+     "pad_token_id=32000 is outside the vocabulary (vocab_size=64); add pad_token_id=0"),
+    ("hf-folder-missing", "plan", lambda t: [f"hf:{t}/nope", *HF_ARGS], "nope (from 'hf:"),
+    ("hf-folder-no-config", "plan", lambda t: [f"hf:{t}", *HF_ARGS], "has no config.json; give a folder written by"),
+    ("hf-not-in-cache", "plan", lambda t: ["hf:no-such-org-17/no-model", *HF_ARGS],
+     "no-such-org-17/no-model is not in the local HF cache"),
+    ("mbs-per-replica", "plan", lambda t: [*GPT, "--mesh", "dp=2", "--fix", "mbs=3"],
+     "mbs=3 (per data-parallel replica) with dp=2 needs a batch divisible by mbs x dp = 6, not 8"),
+    ("train-hf-pad-outside-vocab", "train", lambda t: ["--model", "hf:phi3", "--model-args", PHI3, "--reference"],
+     "pad_token_id=32000 is outside the vocabulary"),
     ("model-args-malformed", "plan", lambda t: [*GPT, "--devices", "2", "--model-args", "layers=two"],
      "--model-args item 'layers=two' is malformed"),
     ("model-args-unknown", "plan", lambda t: [*GPT, "--devices", "2", "--model-args", "depth=2"],
@@ -101,7 +116,7 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
      "plan.json is malformed (JSONDecodeError"),
     ("plan-json-list", "train", lambda t: ["--plan", _plan_file(t, "[1, 2]")], "a JSON list, not an object"),
     ("plan-schema-version", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.update(schema_version=99))],
-     "plan schema_version 99 is not 1; re-create the plan"),
+     "plan schema_version 99 is not 2; re-create the plan"),
     ("plan-missing-field", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.pop("graph_fingerprint"))],
      "graph_fingerprint"),
     ("plan-file-missing", "train", lambda t: ["--plan", f"{t}/none.json"], "does not exist; create one with"),

@@ -166,7 +166,7 @@ def _plan(strategies: dict[str, NodeDecision], params: dict[str, str], degrees=(
                             tflops_per_device=1.0, model_flops_per_step=1.0)
     return Plan(model="m", n_params=1, graph_fingerprint="x", hardware="cpu", devices=degrees[0] * degrees[1],
                 axis_names=["dp", "tp"], degrees={"dp": degrees[0], "tp": degrees[1]}, batch=8, seq=4,
-                micro_batch_size=8, num_micro_batches=1, memory_budget_bytes=1.0, params=params,
+                micro_batch_size=8 // degrees[0], num_micro_batches=1, memory_budget_bytes=1.0, params=params,
                 strategies=strategies, predicted=prediction)
 
 
@@ -205,3 +205,34 @@ def test_reading_names_megatron_tp_sp_and_dp():
     zero3 = _plan({"l": _linear("l", "R/R", "S0/R")}, {"l.weight": "S0/R"})
     assert reading(zero3, "l", [zero3.strategies["l"]], {"weight": "S0/R"}) == \
         "data-parallel, ZeRO-3-like (dp)"
+
+
+# ---------------------------------------------------------------- conventions users bring (issue 17)
+
+
+def test_mbs_is_per_data_parallel_replica_and_json_dash_writes_the_plan_to_stdout(capsys):
+    """Megatron's --micro-batch-size / DeepSpeed's train_micro_batch_size_per_gpu: batch 8 = mbs 2 x dp 2 x 2."""
+    code, out, err = _run(capsys, *TINY, "--mesh", "dp=2", "--fix", "mbs=2", "--json", "-")
+    assert code == 0, err
+    plan = json.loads(out)  # stdout is the plan alone, for scripts
+    assert (plan["batch"], plan["micro_batch_size"], plan["num_micro_batches"]) == (8, 2, 2)
+    assert "global batch 8 = mbs 2 per replica × dp 2 × 2 micro-batches (gradient accumulation)" in err
+    assert "predicted step time" in err  # the tables went to stderr
+
+
+def test_mbs_that_does_not_divide_the_batch_per_replica_names_mbs_x_dp(capsys):
+    code, _, err = _run(capsys, *TINY, "--mesh", "dp=2", "--fix", "mbs=3")
+    assert code == 2
+    assert "mbs=3 (per data-parallel replica) with dp=2 needs a batch divisible by mbs x dp = 6, not 8" in err
+
+
+def test_family_models_take_their_positions_from_seq(capsys):
+    from autopar.models import build_model
+
+    assert build_model("gpt", seq=2048, device="meta")[1].seq == 2048
+    assert build_model("llama", {"seq": 4096}, seq=2048, device="meta")[1].seq == 4096  # model-args override
+    assert build_model("gpt-tiny", seq=16, device="meta")[1].seq == 32  # a preset keeps its own
+    code, out, err = _run(capsys, "plan", "gpt", "--model-args", "layers=2,hidden=64,heads=4", "--devices", "1",
+                          "--hardware", "cpu", "--batch", "2", "--seq", "256", "--json", "-")
+    assert code == 0, err
+    assert json.loads(out)["seq"] == 256

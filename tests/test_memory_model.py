@@ -100,18 +100,18 @@ def _plan(budget: float | None, **fix):
 def test_a_model_that_fits_only_with_zero3_and_full_checkpointing_gets_them():
     roomy = _plan(None)
     assert (roomy.zero, roomy.ac) == (0, "none")  # nothing to trade when memory is plentiful
-    need = {(z, a): _plan(None, zero=z, ac=a, mbs=8).predicted.memory_bytes_per_device
+    need = {(z, a): _plan(None, zero=z, ac=a, mbs=2).predicted.memory_bytes_per_device
             for z in (0, 1, 2, 3) for a in ("none", "selective", "full")}
     ranked = sorted(need, key=need.get)
     assert ranked[0] == (3, "full") and need[ranked[1]] > need[ranked[0]], need
     budget = 0.5 * (need[ranked[0]] + need[ranked[1]])
-    tight = _plan(budget, mbs=8)
+    tight = _plan(budget, mbs=2)
     assert (tight.zero, tight.ac) == (3, "full")
     assert tight.predicted.memory_bytes_per_device <= budget
 
 
 def test_impossible_budget_states_the_minimum_the_best_plan_needs():
-    floor = _plan(None, zero=3, ac="full", mbs=4).predicted.memory_bytes_per_device
+    floor = _plan(None, zero=3, ac="full", mbs=1).predicted.memory_bytes_per_device
     with pytest.raises(PlanError, match=r"needs at least [\d.]+ (MiB|KiB)") as err:
         _plan(0.5 * floor)
     assert "--memory" in str(err.value)
@@ -129,7 +129,7 @@ def test_fixed_zero_and_checkpointing_is_a_what_if():
 def test_zero3_costs_half_again_the_gradient_traffic():
     cpu = load_hardware("cpu")
     free = replace(cpu, intra_node=cpu.intra_node.without_latency(), inter_node=cpu.inter_node.without_latency())
-    z0, z3 = (make_plan("gpt-tiny", devices=4, hardware=free, batch=8, fix={"dp": 4, "zero": z, "mbs": 8},
+    z0, z3 = (make_plan("gpt-tiny", devices=4, hardware=free, batch=8, fix={"dp": 4, "zero": z, "mbs": 2},
                         model_args={"hidden": 256, "layers": 4, "seq": 128}) for z in (0, 3))
     assert z3.predicted.grad_sync_s == pytest.approx(1.5 * z0.predicted.grad_sync_s, rel=1e-6)
     assert math.isclose(z3.predicted.compute_s, z0.predicted.compute_s, rel_tol=1e-9)
@@ -144,7 +144,7 @@ def test_each_collective_the_data_parallel_runtime_issues_pays_its_latency():
     def alpha(kind):
         return latency_s(kind, n, link)
 
-    z0, z1, z2, z3 = (_plan(None, zero=z, mbs=8).predicted for z in (0, 1, 2, 3))
+    z0, z1, z2, z3 = (_plan(None, zero=z, mbs=2).predicted for z in (0, 1, 2, 3))
     bandwidth = z0.grad_sync_s - alpha("all_reduce")
     assert z1.grad_sync_s == pytest.approx(z0.grad_sync_s, rel=1e-9)
     assert z2.grad_sync_s == pytest.approx(bandwidth + 5 * (alpha("all_gather") + alpha("reduce_scatter")), rel=1e-6)
@@ -173,7 +173,7 @@ def test_megatron_1_7b_published_configuration_and_the_planner_beats_it():
     F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h)) (recompute included)."""
     args = dict(layers=24, hidden=2304, heads=24, vocab=51200, seq=2048)
     common = dict(model_args=args, devices=32, hardware="a100-80gb-sxm", batch=512)
-    published = make_plan("gpt", fix={"dp": 32, "tp": 1, "mbs": 512, "ac": "full", "zero": 0}, **common)
+    published = make_plan("gpt", fix={"dp": 32, "tp": 1, "mbs": 16, "ac": "full", "zero": 0}, **common)
     assert published.num_micro_batches == 1 and published.ac == "full"
     b, s, l, h, v = 512, 2048, 24, 2304, 51200
     flops = 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
@@ -184,15 +184,15 @@ def test_megatron_1_7b_published_configuration_and_the_planner_beats_it():
 
 
 def test_blocks_are_given_back_from_checkpointing_while_the_budget_allows():
-    full = _plan(None, zero=3, ac="full", mbs=8).predicted.memory_bytes_per_device
-    none = _plan(None, zero=3, ac="none", mbs=8).predicted.memory_bytes_per_device
+    full = _plan(None, zero=3, ac="full", mbs=2).predicted.memory_bytes_per_device
+    none = _plan(None, zero=3, ac="none", mbs=2).predicted.memory_bytes_per_device
     given_back = []
     for fraction in (0.3, 0.5, 0.75, 0.9):
         budget = full + fraction * (none - full)
-        plan = _plan(budget, zero=3, mbs=8)
+        plan = _plan(budget, zero=3, mbs=2)
         assert plan.predicted.memory_bytes_per_device <= budget
         if plan.ac_layers:
-            uniform = _plan(budget, zero=3, ac=plan.ac, mbs=8)  # the mode pinned: every block checkpointed
+            uniform = _plan(budget, zero=3, ac=plan.ac, mbs=2)  # the mode pinned: every block checkpointed
             assert not uniform.ac_layers and set(plan.ac_layers.values()) == {"none"}
             assert plan.predicted.recompute_s < uniform.predicted.recompute_s
             assert plan.predicted.step_time_s < uniform.predicted.step_time_s

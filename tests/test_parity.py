@@ -80,7 +80,7 @@ def test_checkpointing_per_layer_from_a_plan_file(reference, tmp_path):
 
     from autopar.planning import make_plan
 
-    plan = make_plan("gpt-tiny", devices=4, hardware="cpu", batch=8, fix={"dp": 2, "tp": 2, "mbs": 8, "zero": 2})
+    plan = make_plan("gpt-tiny", devices=4, hardware="cpu", batch=8, fix={"dp": 2, "tp": 2, "mbs": 4, "zero": 2})
     replace(plan, ac="full", ac_layers={"blocks.1": "none"}).save(tmp_path / "plan.json")
     ref_losses, ref_dump = reference("gpt-tiny")
     dump = tmp_path / "par.pt"

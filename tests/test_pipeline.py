@@ -27,11 +27,11 @@ COMMON = ["--model-args", f"layers={LAYERS}", "--steps", "10", "--seed", "0", "-
 
 
 def _pipeline_plan(model: str, pp: int = 2, schedule: str = "1f1b", v: int = 1, m: int = 4, **fix):
-    """A plan for pp x dp x tp devices: the (dp, tp) stage mesh planned at micro-batch 8 // m, stages of equal
+    """A plan for pp x dp x tp devices: the (dp, tp) stage mesh planned at m micro-batches, stages of equal
     layer counts placed in a loop (stage c on pp rank c % pp)."""
     fix = {"dp": 1, "tp": 1, **fix}
     plan = make_plan(model, devices=fix["dp"] * fix["tp"], hardware="cpu", batch=8, model_args={"layers": LAYERS},
-                     fix={**fix, "mbs": 8 // m})
+                     fix={**fix, "mbs": 8 // m // fix["dp"]})  # mbs per data-parallel replica
     prefix = "layers" if model.startswith("llama") else "blocks"
     per = LAYERS // (pp * v)
     stages = [[f"{prefix}.{i}" for i in range(c * per, (c + 1) * per)] for c in range(pp * v)]
@@ -205,7 +205,7 @@ def test_pipeline_parity(model, pipeline, reference, tmp_path):
 def test_gradient_accumulation_without_a_pipeline(reference, tmp_path):
     """pp=1 with 4 micro-batches: train_step accumulates, FSDP reduce-scatters once, after the last."""
     plan = make_plan("gpt-tiny", devices=2, hardware="cpu", batch=8, model_args={"layers": LAYERS},
-                     fix={"dp": 2, "mbs": 2, "zero": 2})
+                     fix={"dp": 2, "mbs": 1, "zero": 2})  # 8 = mbs 1 x dp 2 x 4 micro-batches
     assert plan.num_micro_batches == 4
     plan.save(tmp_path / "plan.json")
     ref_losses, ref_dump = reference("gpt-tiny")

@@ -146,7 +146,7 @@ def test_39b_on_512_a100_published_configuration_and_the_search_beats_it():
     V/(16 l h))."""
     args = dict(layers=48, hidden=8192, heads=64, vocab=51200, seq=2048)
     common = dict(model_args=args, devices=512, hardware="a100-80gb-sxm", batch=1536)
-    published = make_plan("gpt", fix={"pp": 2, "tp": 8, "dp": 32, "mbs": 32 * 4, "ac": "full", "zero": 0,
+    published = make_plan("gpt", fix={"pp": 2, "tp": 8, "dp": 32, "mbs": 4, "ac": "full", "zero": 0,
                                       "schedule": "interleaved"}, **common)
     b, s, l, h, v = 1536, 2048, 48, 8192, 51200
     flops = 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))

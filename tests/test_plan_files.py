@@ -29,7 +29,7 @@ import autopar
 from autopar.errors import AutoparError
 from autopar.models import build_model, sample_inputs
 from autopar.plan import Plan
-cli_plan, small_plan, old_plan, saved = sys.argv[1:5]
+cli_plan, small_plan, old_plan, saved, v1_plan = sys.argv[1:6]
 dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
 
 def built(name="gpt-tiny"):
@@ -53,7 +53,8 @@ searched.plan.save(saved)
 out = {"searched": searched.code, "reloaded": compiled(plan=saved).code,
        "cli_file": compiled(plan=cli_plan).code, "cli_object": compiled(plan=Plan.load(cli_plan)).code,
        "other_model": refusal(name="llama-tiny", plan=cli_plan), "other_world": refusal(plan=small_plan),
-       "old_schema": refusal(plan=old_plan), "contradicting_fix": refusal(plan=cli_plan, fix={"tp": 4})}
+       "old_schema": refusal(plan=old_plan), "contradicting_fix": refusal(plan=cli_plan, fix={"tp": 4}),
+       "migrated": compiled(plan=v1_plan).code}
 print(json.dumps(out))
 """
 
@@ -65,7 +66,11 @@ def programs(tmp_path_factory):
     assert main([*PLAN, "--mesh", "dp=2,tp=2", "--json", str(cli)]) == 0
     assert main([*PLAN, "--mesh", "dp=2", "--json", str(small)]) == 0
     old.write_text(json.dumps({**json.loads(cli.read_text()), "schema_version": 0}))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cli), str(small), str(old), str(tmp / "saved.json")],
+    v1 = tmp / "v1.json"  # schema 1 counted micro_batch_size globally: mbs per replica x dp
+    saved = json.loads(cli.read_text())
+    v1.write_text(json.dumps({**saved, "schema_version": 1, "micro_batch_size": saved["micro_batch_size"] * 2}))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cli), str(small), str(old), str(tmp / "saved.json"),
+                           str(v1)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -81,10 +86,25 @@ def test_a_cli_plan_file_generates_the_same_program_as_compile_s_own_search(prog
     assert programs["cli_file"] == programs["searched"]  # meta-device planning = real-tensor planning
 
 
+def test_a_schema_1_plan_is_migrated_to_micro_batches_per_replica(programs):
+    assert programs["migrated"] == programs["cli_file"]
+
+
+def test_a_schema_1_plan_that_cannot_be_migrated_says_why(tmp_path):
+    from autopar.errors import PlanError
+    from autopar.plan import Plan
+
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps({"schema_version": 1, "degrees": {"dp": 2}, "micro_batch_size": 3}))
+    with pytest.raises(PlanError, match=r"micro_batch_size 3 .* that dp=2 does not divide, so it cannot be "
+                                        r"migrated to schema 2 \(samples per data-parallel replica\)"):
+        Plan.load(path)
+
+
 def test_mismatched_plans_are_refused_with_what_they_were_made_for(programs):
     assert "made for another model or input shape (gpt-tiny, batch 8 x seq 32" in programs["other_model"]
     assert "the plan's mesh dp=2 x tp=1 has 2 devices but the world size is 4" in programs["other_world"]
-    assert "schema_version 0 is not 1" in programs["old_schema"]
+    assert "schema_version 0 is not 2" in programs["old_schema"]
     assert "the plan's mesh dp=2 x tp=2 contradicts tp=4" in programs["contradicting_fix"]
     assert all("\n" not in programs[k] for k in ("other_model", "other_world", "old_schema", "contradicting_fix"))
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autopar.capture import without_source_lines
-from autopar.cli.report import count, mesh, pipeline_summary, render
+from autopar.cli.report import count, mesh, micro_batching, pipeline_summary, render
 from autopar.cost_models import Hardware, available_hardware, load_hardware
 from autopar.errors import AutoparError
 from autopar.fixspec import (FIX_KEYS, PIN_INTENTS, merge_mesh, parse_fix, parse_memory, parse_mesh, parse_pins,
@@ -31,10 +31,11 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EPILOG = """\
 examples:
   autopar plan gpt3-1.3b --devices 32 --hardware a100-80gb-sxm --batch 512
-  autopar plan gpt --model-args layers=24,hidden=2304,heads=24,vocab=51200,seq=2048 \\
-      --devices 32 --hardware a100-80gb-sxm --batch 512 --json plan.json
+  autopar plan gpt --model-args layers=24,hidden=2304,heads=24,vocab=51200 \\
+      --devices 32 --hardware a100-80gb-sxm --batch 512 --seq 2048 --json plan.json
+  autopar plan hf:./my-model --devices 8 --hardware h100-80gb-sxm --batch 64 --seq 2048 --json - | jq .degrees
   autopar plan llama3-8b --mesh dp=4,tp=8 --hardware h100-80gb-sxm --batch 256 --seq 4096
-  autopar plan my_model.py:build --devices 8 --hardware my_cluster.toml --batch 64 --fix mbs=16
+  autopar plan my_model.py:build --devices 8 --hardware my_cluster.toml --batch 64 --fix mbs=2
 """
 
 
@@ -60,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     presets = [name for name in PRESETS if name not in families]
     p.add_argument("model", metavar="MODEL",
                    help=f"preset ({', '.join(presets)}), family ({', '.join(families)}; shape it with "
-                        "--model-args) or path/to/file.py:factory")
+                        "--model-args), path/to/file.py:factory, or a transformers causal LM: hf:<model_type>, "
+                        "hf:PATH (a save_pretrained folder) or hf:ORG/NAME (from the local HF cache)")
     p.add_argument("--devices", type=positive_int, metavar="N", help="number of devices (default: product of --mesh)")
     p.add_argument("--mesh", metavar="AXES", help="pin the mesh, e.g. dp=2,tp=4 (axes left out are 1); the same "
                                                   "as --fix with those degrees")
@@ -69,7 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, required=True, metavar="B", help="global batch per optimizer step")
     p.add_argument("--seq", type=positive_int, metavar="S", help="sequence length (default: the model's)")
     p.add_argument("--model-args", default="", metavar="K=V,...", help="model config overrides, e.g. layers=24")
-    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON (load it with autopar.compile)")
+    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON (load it with autopar.compile); "
+                                                  "'-' writes it to stdout and the tables to stderr")
     p.add_argument("--fix", default="", metavar="K=V,...", help=f"pin parts of the plan; keys: {keys}")
     p.add_argument("--pin", action="append", metavar="GLOB=INTENT",
                    help=f"pin the matmuls of modules matching GLOB, e.g. 'blocks.*.mlp.*=row' (intents: "
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     pins = {"pins": parse_pins(args.pin)} if args.pin else {}
     model_args = parse_model_args(args.model_args)
     hardware = load_hardware(args.hardware)
-    console = _console()
+    console = _console(stderr=args.json == "-")  # stdout carries only the JSON then
+
     def plan_with(pins_: dict, progress=None) -> Plan:
         return make_plan(args.model, devices=devices, hardware=hardware, batch=args.batch, seq=args.seq,
                          model_args=model_args, fix=pins_, memory_budget_bytes=memory,
@@ -110,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_memory(plan, args.plot)
         console.print(f"wrote the memory plot to {args.plot}", highlight=False)
-    if args.json:
+    if args.json == "-":
+        sys.stdout.write(plan.to_json() + "\n")
+    elif args.json:
         _save(plan, args.json)
         console.print(f"wrote the plan to {args.json}", highlight=False)
     return 0
@@ -141,18 +147,18 @@ def _memory_decisions(plan: Plan) -> str:
 
 def header(plan: Plan, model_label: str, hardware: Hardware) -> Table:
     """What was asked and what was settled: model, hardware, mesh, batching, and how the planner got there."""
-    s, mbs, dp = plan.solver, plan.micro_batch_size, plan.degrees.get("dp", 1)
-    per_rank = mbs // dp if mbs % dp == 0 else mbs / dp
+    s = plan.solver
     ilp = (f"{s.get('variables', '?')} variables, {s.get('constraints', '?')} constraints, "
            f"{s.get('candidates', '?')} mesh(es) solved, {s.get('status', '?')}")
     rows = [("model", f"{model_label}  ({count(plan.n_params)} params)"),
             ("hardware", f"{plan.hardware} ({hardware.device}, {hardware.devices_per_node} per node)"),
             ("devices", str(plan.devices)), ("mesh", mesh(plan.degrees, plan.axis_names)),
             ("batch × seq", f"{plan.batch} × {plan.seq}"),
-            ("micro-batches", f"{mbs} samples × {plan.num_micro_batches} ({per_rank} per dp rank)"),
+            ("micro-batching", micro_batching(plan)),
             *([("pipeline", pipeline_summary(plan))] if plan.degrees.get("pp", 1) > 1 else []),
             ("memory", _memory_decisions(plan)),
-            ("dtype", plan.dtype), ("planner", f"{s.get('seconds', 0):.2f} s; ILP {ilp}")]
+            ("dtype", plan.dtype), ("planner", f"{s.get('seconds', 0):.2f} s; ILP {ilp}"),
+            *(("note", note) for note in plan.notes)]
     table = Table.grid(padding=(0, 2))
     table.title, table.title_justify, table.title_style = "autopar plan", "left", "bold"
     table.add_column(style="bold")
@@ -162,9 +168,10 @@ def header(plan: Plan, model_label: str, hardware: Hardware) -> Table:
     return table
 
 
-def _console() -> Console:
+def _console(stderr: bool = False) -> Console:
     # Off a terminal (pipes, CI logs, pytest) rich would wrap at 80 columns; 120 keeps the tables on one line each.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(highlight=False, stderr=stderr, width=None if stream.isatty() else 120)
 
 
 @contextlib.contextmanager
@@ -198,7 +205,7 @@ def _progress(verbose: bool) -> Iterator[Callable[[str], None] | None]:
 
 def _check_writable(path: str | None) -> None:
     """Fail before planning, not after, when the plan could not be saved."""
-    if path and not Path(path).resolve().parent.is_dir():
+    if path and path != "-" and not Path(path).resolve().parent.is_dir():
         raise AutoparError(f"--json {path}: directory {Path(path).resolve().parent} does not exist; create it first")
 
 

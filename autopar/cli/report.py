@@ -266,6 +266,13 @@ def stages_table(plan: Plan) -> Table | None:
     return table
 
 
+def micro_batching(plan: Plan) -> str:
+    """Megatron's terms: global batch = micro-batch per replica x dp x micro-batches (gradient accumulation)."""
+    m, dp = plan.num_micro_batches, plan.degrees.get("dp", 1)
+    return (f"global batch {plan.batch} = mbs {plan.micro_batch_size} per replica × dp {dp} × {m} "
+            f"micro-batch{'es' if m > 1 else ''} (gradient accumulation)")
+
+
 def step_table(plan: Plan, hardware: Hardware | None) -> Table:
     """The step as the cost model adds it up: compute + exposed communication + exposed gradient sync + optimizer
     step (+ bubble, recompute where they exist). Collectives appear only as time; the Plan does not record the edges."""

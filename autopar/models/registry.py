@@ -44,6 +44,8 @@ PRESETS: dict[str, GPTConfig | LlamaConfig] = {
     ),
 }
 
+FAMILIES = ("gpt", "llama")  # shaped by --model-args; their positions follow --seq
+
 _MODEL_CLASS: dict[type, type[nn.Module]] = {GPTConfig: GPT, LlamaConfig: Llama}
 
 _ARGS_GRAMMAR = "key=value[,key=value...] with int, float or true/false values, e.g. layers=24,hidden=2304"
@@ -58,6 +60,7 @@ class ModelInfo:
     hidden: int | None  # model width; None when unknown
     heads: int | None  # attention heads; None when unknown
     config: Any | None  # the config dataclass (GPTConfig / LlamaConfig / a factory model's .config) or None
+    notes: tuple[str, ...] = ()  # what a user should know about how it was built (weights loaded, eager attention)
 
 
 def parse_model_args(text: str) -> dict[str, int | float | bool]:
@@ -87,28 +90,32 @@ def build_model(
     spec: str,
     model_args: dict[str, Any] | None = None,
     *,
+    seq: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, ModelInfo]:
     """Build a preset/family model, an HF causal LM (`hf:<model_type>`, see hf.py) or call
-    `path/to/file.py:factory(**model_args)` on `device` in `dtype`."""
+    `path/to/file.py:factory(**model_args)` on `device` in `dtype`. A family (gpt, llama) gets `seq` positions
+    (the run's sequence length) unless `seq` is in model_args."""
     if not dtype.is_floating_point:
         raise ModelError(f"model dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
     args = dict(model_args or {})
     if spec in PRESETS:
-        config = _override(spec, PRESETS[spec], args)
+        base = dataclasses.replace(PRESETS[spec], seq=seq) if seq and spec in FAMILIES else PRESETS[spec]
+        config = _override(spec, base, args)
         with _building(device, dtype):
             model = _MODEL_CLASS[type(config)](config)
     elif spec.startswith(hf.PREFIX):
         with _building(device, dtype):
-            model, config = hf.build_hf(spec, args, dtype)
-        return model, ModelInfo(name=spec, config=config, **hf.model_shape(config))
+            model, config, notes = hf.build_hf(spec, args, dtype, device)
+        return model, ModelInfo(name=spec, config=config, notes=notes, **hf.model_shape(config))
     elif ".py:" in spec:
         with _building(device, dtype):
             model = _call_factory(spec, args)
     else:
         names = ", ".join(PRESETS)
-        raise ModelError(f"unknown model {spec!r}; use one of {names}, hf:<model_type> or path/to/file.py:factory")
+        raise ModelError(f"unknown model {spec!r}; use one of {names}, hf:<model_type>, hf:PATH, hf:ORG/NAME or "
+                         "path/to/file.py:factory")
     return model, _info(spec, model)
 
 

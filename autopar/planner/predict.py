@@ -193,7 +193,7 @@ def to_plan(req: SearchRequest, best: Candidate, budget: float, stats: dict, oth
                 devices=req.devices, axis_names=list(pg.axis_names),
                 degrees={**dict(zip(pg.axis_names, pg.degrees)), "pp": best.degrees.get("pp", 1), "cp": 1},
                 batch=req.batch,
-                seq=req.seq, micro_batch_size=req.batch // best.micro_batches,
+                seq=req.seq, micro_batch_size=req.batch // (best.micro_batches * best.ctx.dp),
                 num_micro_batches=best.micro_batches, dtype=req.dtype, zero=best.memory.zero if best.ctx.dp > 1 else 0,
                 ac=best.memory.ac, ac_layers=dict(ac_layers or {}), precision=best.memory.precision, memory_budget_bytes=budget, params=params,
                 strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),

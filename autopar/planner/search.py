@@ -79,11 +79,15 @@ def micro_batch_counts(req: SearchRequest, dp: int, pp: int = 1) -> list[int]:
     ranks idle) and the micro-batch per data-parallel replica is 2 or 1 samples: more micro-batches shrink the
     bubble, and a larger micro-batch needs more memory while the cost model gains little from it once matmuls
     are large (Narayanan et al. 2021 Fig. 18 finds the best micro-batch at 1-2 for the 91B model)."""
-    if "mbs" in req.fix:
+    if "num_micro_batches" in req.fix:  # autopar.compile's default at pp = 1: the whole batch at once
+        m = int(req.fix["num_micro_batches"])
+        return [m] if req.batch % (m * dp) == 0 else []
+    if "mbs" in req.fix:  # per data-parallel replica, as Megatron's --micro-batch-size: batch = mbs x dp x m
         mbs = int(req.fix["mbs"])
-        if req.batch % mbs:
-            raise MeshError(f"--fix mbs={mbs} does not divide the batch {req.batch}; choose a divisor of the batch")
-        return [req.batch // mbs]
+        if req.batch % (mbs * dp) and "dp" in req.fix:
+            raise MeshError(f"--fix mbs={mbs} (per data-parallel replica) with dp={dp} needs a batch divisible by "
+                            f"mbs x dp = {mbs * dp}, not {req.batch}; change --batch, mbs or dp")
+        return [] if req.batch % (mbs * dp) else [req.batch // (mbs * dp)]
     counts = [m for m in _divisors(req.batch) if (req.batch // m) % dp == 0]
     if pp > 1:
         counts = [m for m in counts if m >= pp and req.batch // (m * dp) in (2, 1)]
@@ -107,8 +111,9 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     meshes = [d for d in mesh_candidates(req, blocks) if micro_batch_counts(req, d["dp"], d["pp"])]
     if not meshes:
         dps = sorted({d["dp"] for d in mesh_candidates(req, blocks)})
-        raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))} (with mbs "
-                        f"{req.fix.get('mbs', 'free')}); use a batch that is a multiple of the dp degree")
+        per = f" x mbs={req.fix['mbs']} (per replica)" if "mbs" in req.fix else ""
+        raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))}{per}; use a batch that "
+                        f"is a multiple of the dp degree{' x mbs' if per else ''}")
 
     def early(jobs):  # the full trace the flat front-runner will need, taken while workers solve the first ILPs:
         sizes = {req.batch // m for _, m, _ in jobs}  # when each job, once solved, settles its mesh at one size
@@ -162,7 +167,8 @@ def _depth(req: SearchRequest, trace, proxy) -> int:
     """Repeated blocks of the model (the most pipeline stages it can be cut into)."""
     if proxy is not None:
         return round(2 * proxy[1])
-    captured = trace(req.batch // int(req.batch // int(req.fix.get("mbs", req.batch))))
+    mbs, dp = req.fix.get("mbs"), req.fix.get("dp")  # any batch shows the blocks; this one is traced again later
+    captured = trace(int(mbs) * int(dp) if mbs and dp and req.batch % (int(mbs) * int(dp)) == 0 else req.batch)
     classes = captured.block_classes if captured.block_classes is not None else \
         build(captured, (1, 1), AXES).block_classes
     return max((len(c) for c in classes), default=1)

@@ -78,7 +78,8 @@ class CompiledModel(nn.Module):
         return "\n".join(f"# ==== pipeline stage {s.index}\n{full_code(s.body, self.blocks)}" for s in self.program)
 
     def forward(self, *args, **kwargs):
-        """The model's forward on one micro-batch (the plan's micro_batch_size samples); pp = 1 only."""
+        """The model's forward on one micro-step (micro_batch_size x dp samples, the global batch of one
+        micro-batch per replica); pp = 1 only."""
         out = self._run(pytree.tree_leaves((args, kwargs)))
         return pytree.tree_unflatten(list(out) if isinstance(out, (list, tuple)) else [out], self._out_spec)
 
@@ -95,9 +96,10 @@ class CompiledModel(nn.Module):
         micro-batches, the same value on every rank. The forward must return the loss."""
         leaves = pytree.tree_leaves((args, kwargs))
         m, batch = self.plan.num_micro_batches, leaves[0].shape[0] if leaves[0].dim() else 0
-        if batch != self.plan.micro_batch_size * m:
+        mbs, dp = self.plan.micro_batch_size, self.plan.degrees["dp"]
+        if batch != mbs * dp * m:
             raise PlanError(f"train_step got a batch of {batch} samples but the plan runs {m} micro-batches of "
-                            f"{self.plan.micro_batch_size}; pass the plan's global batch ({self.plan.batch})")
+                            f"{mbs} per replica x dp={dp}; pass the plan's global batch ({self.plan.batch})")
         if self.pipeline is not None:
             # Each bucket's reduction starts as its gradients' last micro-batch lands, during the schedule's
             # last backward passes; the step waits for them after the schedule (_GradSync.pipelined).
