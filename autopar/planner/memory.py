@@ -39,6 +39,7 @@ class MemoryConfig:
     zero: int = 0
     ac: str = "none"
     precision: str = "fp32"
+    fuse: bool = True  # fused kernels (planner/fusion.py): they change what backward keeps and the step time
 
     def __post_init__(self):
         if self.zero not in ZERO_STAGES or self.ac not in AC_MODES or self.precision not in PRECISIONS:
