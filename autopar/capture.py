@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from autopar.errors import ModelError
 
@@ -94,6 +94,7 @@ def _quiet():
 
 
 def _from_program(ep: ExportedProgram, method: str) -> Captured:
+    ep = _functionalized(ep)
     _inline_grad_mode_regions(ep)
     _drop_trace_asserts(ep.graph)
     params, buffers, constants, user_inputs = {}, {}, {}, []
@@ -108,6 +109,36 @@ def _from_program(ep: ExportedProgram, method: str) -> Captured:
         elif spec.kind == InputKind.USER_INPUT:
             user_inputs.append(name)
     return Captured(ep.graph, params, buffers, constants, user_inputs, ep, method)
+
+
+def _mutates(node: fx.Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and any(
+        a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
+
+
+def _functionalized(ep: ExportedProgram) -> ExportedProgram:
+    """The program with its in-place ops rewritten out of place by torch's functionalization (an empty
+    decomposition table keeps every other op as traced), when it has any.
+
+    Each op of the generated program runs on a redistributed copy of its input where the plan moves it, so an
+    in-place op would update the copy and miss the other names of the tensor (views, earlier readers), or modify
+    a collective's output autograd forbids touching (issue 18). Functional, `h[..., :2].mul_(2)` becomes a
+    `slice_scatter` into a new value every later reader uses. Mutations of the model's state or inputs inside
+    forward (a buffer updated in place) remain graph outputs, which a step cannot write back on every plan: they
+    are refused."""
+    if not any(_mutates(n) for n in ep.graph.nodes):
+        return ep
+    with _quiet():
+        ep = ep.run_decompositions({})
+    kinds = {OutputKind.BUFFER_MUTATION: "buffer", OutputKind.USER_INPUT_MUTATION: "input",
+             OutputKind.PARAMETER_MUTATION: "parameter"}
+    for spec in ep.graph_signature.output_specs:
+        if spec.kind in kinds:
+            raise ModelError(f"the forward updates {kinds[spec.kind]} '{spec.target}' in place; autopar runs each "
+                             "rank on its own shards and cannot write that update back on every plan. Compute the "
+                             "new value out of place and return it, or update it outside the forward")
+    return ep
 
 
 _TRACE_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}

@@ -126,11 +126,43 @@ def register(*ops, flops: FlopFn = elementwise_flops, unit: str = "vector", save
     return wrap
 
 
-def rule_for(target) -> OpRule | None:
-    if target in RULES:
-        return RULES[target]
+# Python operators that reach a graph as call targets (fx symbolic tracing, `operator.getitem` on multi-output
+# ops, arithmetic some exporters leave on tensors) are the aten op they dispatch to on tensors.
+BUILTIN_OPS = {operator.add: torch.ops.aten.add, operator.sub: torch.ops.aten.sub, operator.mul: torch.ops.aten.mul,
+               operator.truediv: torch.ops.aten.div, operator.neg: torch.ops.aten.neg,
+               operator.pow: torch.ops.aten.pow, operator.and_: torch.ops.aten.__and__,
+               operator.or_: torch.ops.aten.__or__, operator.xor: torch.ops.aten.__xor__,
+               operator.eq: torch.ops.aten.eq, operator.ne: torch.ops.aten.ne, operator.lt: torch.ops.aten.lt,
+               operator.le: torch.ops.aten.le, operator.gt: torch.ops.aten.gt, operator.ge: torch.ops.aten.ge,
+               operator.matmul: torch.ops.aten.matmul, operator.invert: torch.ops.aten.bitwise_not}
+
+
+def packet_of(target) -> object:
+    """What rules and lowerings are keyed by: an aten overload's packet (`aten.mul` for `aten.mul.Tensor`), the
+    aten op a Python operator dispatches to, or the target itself (`operator.getitem`, any other callable)."""
     packet = getattr(target, "overloadpacket", None)
-    return RULES.get(packet)
+    if packet is not None:
+        return packet
+    return BUILTIN_OPS.get(target, target) if _hashable(target) else target
+
+
+def op_name(target) -> str:
+    """A readable name for any call target: 'transpose', 'getitem', 'add'."""
+    packet = packet_of(target)
+    return getattr(packet, "__name__", None) or str(packet)
+
+
+def rule_for(target) -> OpRule | None:
+    packet = packet_of(target)
+    return RULES.get(target if packet is target else packet) if _hashable(target) else None
+
+
+def _hashable(target) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
 
 
 def tensor_values(node: fx.Node) -> list[torch.Tensor]:

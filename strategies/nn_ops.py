@@ -17,7 +17,7 @@ import math
 import torch
 
 from autopar.placement import P, R, S
-from autopar.strategies.base import OpInfo, Strategy1D, register, replicated
+from autopar.strategies.base import OpInfo, Strategy1D, packet_of, register, replicated
 
 aten = torch.ops.aten
 
@@ -85,6 +85,6 @@ def cross_entropy(info: OpInfo) -> list[Strategy1D]:
     if len(logits) == 2 and len(target) == 1 and len(info.out_shapes) == 1 and not weighted and not smoothing:
         out = S(0) if reduction == 0 else P
         strategies.append(Strategy1D(outs=(out,), ins=(S(0), S(0)) + (R,) * n_extra))
-        if info.node.target.overloadpacket is aten.cross_entropy_loss:  # vocab-parallel: logits split by class
+        if packet_of(info.node.target) is aten.cross_entropy_loss:  # vocab-parallel: logits split by class
             strategies.append(Strategy1D(outs=(R,), ins=(S(1), R)))
     return strategies

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from autopar.placement import R, S
-from autopar.strategies.base import OpInfo, Strategy1D, linear_partial, register, replicated
+from autopar.strategies.base import OpInfo, Strategy1D, linear_partial, packet_of, register, replicated
 
 aten = torch.ops.aten
 
@@ -66,7 +66,7 @@ def _scalar_args(info: OpInfo) -> bool:
 @register(aten.tanh, unit="transcendental", special="tanh")
 @register(*UNARY)
 def unary(info: OpInfo) -> list[Strategy1D]:
-    skip = 2 if info.node.target.overloadpacket in _POSITIONAL else 0
+    skip = 2 if packet_of(info.node.target) in _POSITIONAL else 0
     return broadcast_shards(info, skip)
 
 
@@ -88,7 +88,7 @@ def additive(info: OpInfo) -> list[Strategy1D]:
 def scaling(info: OpInfo) -> list[Strategy1D]:
     n = len(info.in_shapes)
     extra = [linear_partial(n, [0])]  # (a1 + a2) * b = a1*b + a2*b, also for a python scalar b
-    if n == 2 and info.node.target.overloadpacket is torch.ops.aten.mul:
+    if n == 2 and packet_of(info.node.target) is torch.ops.aten.mul:
         extra.append(linear_partial(n, [1]))
     return broadcast_shards(info) + extra
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from autopar.placement import S
-from autopar.strategies.base import OpInfo, Strategy1D, linear_partial, no_flops, register, replicated
+from autopar.strategies.base import OpInfo, Strategy1D, linear_partial, no_flops, packet_of, register, replicated
 
 aten = torch.ops.aten
 
@@ -60,7 +60,7 @@ register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatte
 @register(aten.transpose, aten.t, aten.permute, aten.numpy_T, flops=no_flops, saves="none")
 def permute(info: OpInfo) -> list[Strategy1D]:
     rank = len(info.in_shapes[0])
-    target = info.node.target.overloadpacket
+    target = packet_of(info.node.target)
     if target is aten.permute:
         order = [d % rank for d in info.arg(1, "dims")]
     else:
@@ -92,7 +92,7 @@ def _split_dim(info: OpInfo, default_index: int) -> int:
 
 @register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, flops=no_flops, saves="none")
 def split(info: OpInfo) -> list[Strategy1D]:
-    target = info.node.target.overloadpacket
+    target = packet_of(info.node.target)
     rank = len(info.in_shapes[0])
     along = _split_dim(info, 1 if target is aten.unbind else 2)
     shift = 1 if target is aten.unbind else 0  # unbind drops the dim
@@ -117,8 +117,8 @@ def select(info: OpInfo) -> list[Strategy1D]:
 def cat(info: OpInfo) -> list[Strategy1D]:
     n = len(info.in_shapes)
     rank = len(info.in_shapes[0])
-    along = info.arg(1, "dim", 0) % (rank + (1 if info.node.target.overloadpacket is aten.stack else 0))
-    stack = info.node.target.overloadpacket is aten.stack
+    along = info.arg(1, "dim", 0) % (rank + (1 if packet_of(info.node.target) is aten.stack else 0))
+    stack = packet_of(info.node.target) is aten.stack
     strategies = [replicated(n), linear_partial(n, range(n))]
     for d in range(rank):
         if d == along and not stack:

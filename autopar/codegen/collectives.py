@@ -23,7 +23,9 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     out = torch.empty((n * moved.shape[0],) + moved.shape[1:], dtype=x.dtype, device=x.device)
     _all_gather(out, moved, group=group)
     # Contiguous, so consumers (q, k and v of one gathered input) share it instead of each copying it for a matmul.
-    return out.movedim(0, dim).contiguous()
+    # Never a view of the buffer (movedim(0, 0) is one): autograd forbids in-place ops on a view made inside a
+    # custom Function's forward.
+    return out if dim == 0 else out.movedim(0, dim).contiguous()
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -31,7 +33,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // n,) + moved.shape[1:], dtype=x.dtype, device=x.device)
     _reduce_scatter(out, moved, group=group)
-    return out.movedim(0, dim).contiguous()
+    return out if dim == 0 else out.movedim(0, dim).contiguous()
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:

@@ -19,9 +19,9 @@ import torch.fx as fx
 
 from autopar.codegen.lower import LOWERINGS
 from autopar.placement import R, Placements
-from autopar.planner.graph import PlanGraph, PNode
+from autopar.planner.graph import PlanGraph, PNode, differentiable
 from autopar.redistribute import steps
-from autopar.strategies import Strategy, grad_partial_axes, tensor_values
+from autopar.strategies import Strategy, grad_partial_axes, packet_of, tensor_values
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Emitter:
         if p.node.target is operator.getitem:
             return local[0]
         args, kwargs = _substitute(p.node.args, p.node.kwargs, local)
-        lower = LOWERINGS.get(getattr(p.node.target, "overloadpacket", None))
+        lower = LOWERINGS.get(packet_of(p.node.target))
         if lower is not None:
             return lower(self, p, self.decisions[p.node.name], args, kwargs)
         return self.g.call_function(p.node.target, args, kwargs)
@@ -85,8 +85,12 @@ class Emitter:
             value = self.g.call_function(operator.getitem, (value, k))
         src = self.decisions[prod].outs[k]
         strategy = self.decisions[p.node.name]
+        # An op's value gets its backward reduction whatever the planning graph inferred about its gradient:
+        # autograd skips it at run time for a value that needs none, while a missed one is a silently wrong
+        # gradient (issue 18: a complex intermediate once hid the gradient path from that inference). Only
+        # leaves known to need none (inputs, buffers) and integer values go without.
         partial: tuple[int, ...] = ()
-        if producer.requires_grad:
+        if producer.requires_grad or producer.kind == "op" and differentiable(producer.info.out_dtypes[k]):
             partial = tuple(a for a in grad_partial_axes(strategy, j) if a not in self.deferred.get(prod, ()))
         key = (prod, k, strategy.ins[j], partial)
         if key not in self.moved:  # consumers needing the same placement share one redistribution

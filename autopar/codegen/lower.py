@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from autopar.placement import local_shape
+from autopar.strategies import packet_of
 
 aten = torch.ops.aten
 LOWERINGS: dict[object, Callable] = {}
@@ -100,7 +101,7 @@ def cross_entropy(em, p, strategy, args, kwargs):
             return per_row
         total = g.call_function(aten.sum.default, (per_row,))
     else:
-        smoothing = (0.0,) if p.node.target.overloadpacket is aten.cross_entropy_loss else ()
+        smoothing = (0.0,) if packet_of(p.node.target) is aten.cross_entropy_loss else ()
         total = g.call_function(p.node.target, (logits, target, None, 2, ignore) + smoothing)  # 2 = sum
     if reduction == 2:
         return total

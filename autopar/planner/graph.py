@@ -19,8 +19,8 @@ import torch.fx as fx
 from autopar.capture import Captured
 from autopar.errors import MeshError
 from autopar.placement import R, S
-from autopar.strategies import (OpInfo, OpRule, Strategy, Strategy1D, expand, rule_for, tensor_inputs,
-                                tensor_values)
+from autopar.strategies import (OpInfo, OpRule, Strategy, Strategy1D, expand, op_name, packet_of, rule_for,
+                                tensor_inputs, tensor_values)
 
 @dataclass
 class PNode:
@@ -49,6 +49,12 @@ class PlanGraph:
 
     def owners(self) -> list[PNode]:
         return [p for p in self.nodes.values() if p.owner == p.node.name]
+
+
+def differentiable(dtype: torch.dtype) -> bool:
+    """Autograd carries gradients through floating and complex tensors alike: a complex intermediate (a rotation
+    as complex pairs, an FFT) between two weights must not end the gradient path the planner and codegen see."""
+    return dtype.is_floating_point or dtype.is_complex
 
 
 def _module_path(node: fx.Node) -> str:
@@ -150,11 +156,11 @@ def _copies(p: PNode, nodes: dict[str, PNode]) -> bool:
     """A reshape whose input is (a view of) a transposed tensor: the data is copied. Except after attention:
     the SDPA kernels (flash, memory-efficient, CPU) lay their output out as (batch, seq, heads, dim), so the usual
     transpose-and-merge-heads is a view."""
-    if getattr(p.node.target, "overloadpacket", None) is not torch.ops.aten.reshape:
+    if packet_of(p.node.target) is not torch.ops.aten.reshape:
         return False
     q, permuted = nodes[p.inputs[0][0]], False
     while q.kind == "op" and q.rule is not None and q.rule.moves_no_data and len(q.inputs) == 1:
-        permuted = permuted or q.node.target.overloadpacket.__name__ in _PERMUTING
+        permuted = permuted or op_name(q.node.target) in _PERMUTING
         q = nodes[q.inputs[0][0]]
     return permuted and "scaled_dot_product" not in str(q.node.target)
 
@@ -227,13 +233,13 @@ def _pnode(node: fx.Node, captured: Captured, graph_nodes, done: dict[str, PNode
     inputs = [(n.name, k) for n, k in tensor_inputs(node)] if tensor_values(node) or node.op == "output" else []
     info = _info(node, graph_nodes, inputs)
     requires_grad = any(done[n].requires_grad for n, _ in inputs) and any(
-        t.is_floating_point() for t in tensor_values(node))
+        differentiable(t.dtype) for t in tensor_values(node))
     if node.op == "output":
         return PNode(node, "output", info, None, [], inputs, requires_grad, "")
     rule = rule_for(node.target) if node.op == "call_function" else None
     path = _module_path(node)
     saved = tuple(j for j, (n, k) in enumerate(inputs) if done[n].kind in ("op", "input")
-                  and info.in_dtypes[j].is_floating_point)
+                  and differentiable(info.in_dtypes[j]))
     if rule is not None and rule.saves == "others":  # x * c with c a constant or a buffer keeps nothing
         saved = tuple(j for j in saved if any(done[n].requires_grad for i, (n, _) in enumerate(inputs) if i != j))
     return PNode(node, "op", info, rule, [], inputs, requires_grad, path, _block_of(path),

@@ -1,0 +1,133 @@
+"""Many (model, plan) parity checks in one torchrun launch: process start-up and torch import are paid once.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 4 tests/parity_worker.py CASES.json
+
+CASES.json is a list of cases: {"id", "factory": "module:function", "kwargs", "fix", "seed", "steps", "batch"}.
+Every rank builds the model from the seed, compiles it with autopar under the case's pins, trains `steps` SGD
+steps and trains an eager copy of the same model on the same batches in the same process (the single-process
+reference). Rank 0 prints one JSON line per case: the largest relative loss difference over the steps, the
+parameters whose first-step gradients differ (tests/dist_utils.py's rule), or the error the case raised.
+A case that fails does not stop the others: every rank raises the same error at the same point of the same plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import autopar  # noqa: E402
+
+LR = 0.05  # plain SGD: a gradient rounding difference moves the weights by lr * 1e-7, not by lr as Adam's may
+
+
+def batches(vocab: int, batch: int, seq: int, steps: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    return [(torch.randint(0, vocab, (batch, seq), generator=gen), torch.randint(0, vocab, (batch, seq), generator=gen))
+            for _ in range(steps)]
+
+
+def build(case: dict) -> torch.nn.Module:
+    module, fn = case["factory"].split(":")
+    torch.manual_seed(case.get("seed", 0))
+    return getattr(importlib.import_module(module), fn)(**case.get("kwargs", {}))
+
+
+def grad_mismatch(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], rtol: float) -> dict[str, float]:
+    """Relative error per differing parameter, scaled as tests/dist_utils.grad_mismatches does."""
+    floor = 1e-4 * max((g.abs().max().item() for g in ref.values()), default=0.0)
+    bad = {}
+    for name, g in ref.items():
+        if name not in got:
+            bad[name] = float("inf")
+            continue
+        err = (g - got[name]).abs().max().item() / max(g.abs().max().item(), floor, 1e-30)
+        if err > rtol:
+            bad[name] = err
+    return bad
+
+
+def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
+    model = build(case)
+    ref = copy.deepcopy(model)
+    data = batches(model.vocab, case.get("batch", 4), model.seq, case.get("steps", 2), case.get("seed", 0))
+    compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify) if verify else \
+        autopar.compile(model, sample_inputs=data[0], fix=case["fix"])
+    opt = compiled.optimizer(torch.optim.SGD, lr=LR)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    worst, bad = 0.0, {}
+    for step, (x, y) in enumerate(data):
+        loss = compiled.train_step(x, y).item()
+        ref_loss = ref(x, y)
+        ref_loss.backward()
+        worst = max(worst, abs(loss - ref_loss.item()) / max(abs(ref_loss.item()), 1e-12))
+        if step == 0:
+            grads = {k: p.grad.clone() for k, p in ref.named_parameters() if p.grad is not None}
+            bad = grad_mismatch(grads, compiled.full_state(grads=True), rtol)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    return {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.plan)}
+
+
+def _plan_kind(plan) -> str:
+    d = plan.degrees
+    return f"pp={d.get('pp', 1)},dp={d['dp']},tp={d['tp']},zero={plan.zero},ac={plan.ac}"
+
+
+def main(path: str) -> int:
+    dist.init_process_group("gloo")
+    cases = json.loads(Path(path).read_text())
+    rank0 = dist.get_rank() == 0
+    for case in cases:
+        t0 = time.perf_counter()
+        try:
+            result = run_case(case, case.get("rtol", 1e-5), case.get("verify", False))
+        except Exception as e:  # noqa: BLE001 - reported per case; the next case still runs
+            result = {"error": f"{type(e).__name__}: {e}"[:2000], "trace": traceback.format_exc()[-3000:]}
+        result.update(id=case["id"], seconds=round(time.perf_counter() - t0, 2))
+        if rank0:
+            print(json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
+
+
+def launch(cases: list[dict], nproc: int, tmp: Path, timeout: int = 900) -> dict[str, dict]:
+    """Run the cases under torchrun on `nproc` gloo ranks; results by case id (a case missing from the output
+    means a rank died, which fails the caller with the launcher's stderr)."""
+    import os
+    import signal
+    import subprocess
+
+    spec = tmp / f"cases_{nproc}.json"
+    spec.write_text(json.dumps(cases))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
+           str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    results = {r["id"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
+    missing = [c["id"] for c in cases if c["id"] not in results]
+    assert not missing, f"no result for {missing} (rc {proc.returncode}):\n{err[-4000:]}"
+    return results
