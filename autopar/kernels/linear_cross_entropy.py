@@ -146,10 +146,11 @@ linear_cross_entropy.register_autograd(_backward, setup_context=_setup)
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_start: int = 0,
                                ignore_index: int = -100, chunk: int = 0, group=None) -> torch.Tensor:
     """The loss summed over counted rows (what generated code calls): computes the gradients in forward only when
-    autograd will ask for them. chunk 0 picks `ce_chunk_rows`."""
+    autograd will ask for them. chunk 0 picks `ce_chunk_rows`; group: the tp ProcessGroup or its name ("" or None
+    for none)."""
     from autopar.kernels import ce_chunk_rows
 
     need = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     chunk = chunk or ce_chunk_rows(x.shape[0], weight.shape[0], x.shape[1])
-    name = group.group_name if group is not None else ""
+    name = group if isinstance(group, str) else (group.group_name if group is not None else "")
     return linear_cross_entropy(x, weight, target, vocab_start, ignore_index, chunk, name, need)[0]
