@@ -44,6 +44,16 @@ def llama_tiny(**overrides) -> torch.nn.Module:
     return _preset("llama-tiny", **overrides)
 
 
+def hf_llama() -> torch.nn.Module:
+    """A transformers Llama (autopar/models/hf.py), tiny."""
+    from autopar.models.registry import build_model, parse_model_args
+    args = "hidden_size=64,intermediate_size=128,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2," \
+           "vocab_size=128,max_position_embeddings=32"
+    model, info = build_model("hf:llama", parse_model_args(args))
+    model.vocab, model.seq = info.vocab, 16
+    return model
+
+
 FUSED = re.compile(r"torch\.ops\.autopar\.(\w+)\.default\(|(fused_linear_cross_entropy)\(")
 
 

@@ -1,4 +1,4 @@
-"""Fusion on, end to end: gpt-tiny and llama-tiny trained 10 steps under dp=2, tp=2, pp=2 and dp=2 x tp=2 with
+"""Fusion on, end to end: gpt-tiny and llama-tiny (and a transformers Llama, 3 steps at tp=2) trained 10 steps under dp=2, tp=2, pp=2 and dp=2 x tp=2 with
 ZeRO-3, on gloo ranks, with every fusable chain fused (the program's fused calls are counted), against the
 unfused single-process eager model: losses and first-step gradients within 1e-5 relative. One tiny model also
 trains a few steps with the Triton kernels under TRITON_INTERPRET=1."""
@@ -28,7 +28,8 @@ def _case(model: str, fix: dict, **extra) -> dict:
     return {"id": name, "factory": f"{W}:{model}", "fix": fix, "steps": 10, "batch": 4, **extra}
 
 
-WORLD2 = [_case(m, fix) for m in ("gpt_tiny", "llama_tiny") for fix in ({"dp": 2}, {"tp": 2}, {"pp": 2})]
+WORLD2 = [_case(m, fix) for m in ("gpt_tiny", "llama_tiny") for fix in ({"dp": 2}, {"tp": 2}, {"pp": 2})] + \
+    [_case("hf_llama", {"tp": 2}, steps=3)]  # transformers' Llama: the same chains, matched by op pattern
 WORLD4 = [_case(m, {"dp": 2, "tp": 2, "zero": 3}) for m in ("gpt_tiny", "llama_tiny")]
 INTERPRETED = [_case("llama_tiny", {"dp": 2}, steps=3, batch=2, kwargs={"seq": 8}, id="llama_tiny-dp2-triton")]
 

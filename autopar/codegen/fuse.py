@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from autopar.codegen.emit import BLOCK_META
-from autopar.planner.fusion import Chain, find_chains, flat_args
+from autopar.planner.fusion import _VIEWS, Chain, find_chains, flat_args
 from autopar.planner.graph import PlanGraph
 
 aten = torch.ops.aten
@@ -46,8 +46,10 @@ def _intact(chain: Chain, pg: PlanGraph, values: dict[str, fx.Node]) -> bool:
         node, here = pg.nodes[name].node, values.get(name)
         if chain.kind == "cross_entropy" and name == chain.anchor:
             continue  # the loss is lowered (codegen/lower.py); _cross_entropy matches what it became
-        if not isinstance(here, fx.Node) or here.op != "call_function" or here.target != node.target:
+        if not isinstance(here, fx.Node) or here.op != "call_function":
             return False
+        if here.target != node.target and not (node.target in _VIEWS and here.target in _VIEWS):
+            return False  # (a view's lowering may write it as another view: codegen/lower.py)
         for i, arg in enumerate(flat_args(node)):
             if isinstance(arg, fx.Node) and arg.name in chain.members and flat_args(here)[i] is not values[arg.name]:
                 return False
@@ -55,7 +57,7 @@ def _intact(chain: Chain, pg: PlanGraph, values: dict[str, fx.Node]) -> bool:
         if name == chain.residual_out:  # its value leaves the chain: every outside use comes after the fused op
             if any(order[u] < order[last] for u in escapes):
                 return False
-        elif name != chain.anchor and escapes and not (chain.kind == "cross_entropy" and name == chain.members[1]):
+        elif name != chain.anchor and escapes and not (chain.kind == "cross_entropy" and name == chain.members[-2]):
             return False  # (the logits view feeds the lowered loss, which _cross_entropy checks)
     return True
 
@@ -100,7 +102,7 @@ def _cross_entropy(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node], gr
     rows' losses; what the lowering does with that sum (divide by the global count) stays."""
     from autopar.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
-    linear, view = values[chain.members[0]], values[chain.members[1]]
+    linear, view = values[chain.members[0]], values[chain.members[-2]]
     x, weight = flat_args(linear)[0], flat_args(linear)[1]
     ignore, reduction = chain.params
     if len(view.users) != 1:
@@ -124,7 +126,7 @@ def _cross_entropy(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node], gr
         count = _call(graph, total, aten.sum.dim_IntList, (counted, [0]))
         result = _call(graph, total, aten.div.Tensor, (fused, count))
     total.replace_all_uses_with(result)
-    _erase(graph, dead + [loss, view, linear])
+    _erase(graph, dead + [loss] + [values[m] for m in chain.members[:-1]])
     return True
 
 

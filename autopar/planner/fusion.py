@@ -78,10 +78,22 @@ def _module(n: fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+def _noop_to(n) -> bool:
+    """`.to(dtype)` of a tensor already of that dtype (transformers' norms write them): a no-op to fuse over."""
+    if not _is(n, aten.to.dtype, aten._to_copy.default) or not isinstance(n.args[0], fx.Node):
+        return False
+    a, b = n.args[0].meta.get("val"), n.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+
+
 def _rms(mul_w: fx.Node):
-    """mul(mul(h, rsqrt(add(mean(pow(h, 2), [-1], True), eps))), weight), either operand order: (h, nodes, eps)."""
+    """mul(mul(h, rsqrt(add(mean(pow(h, 2), [-1], True), eps))), weight), either operand order, with no-op
+    `.to(dtype)` around h and the normalised value allowed: (h, nodes, eps, weight ref)."""
     for inner, pos in ((mul_w.args[0], 0), (mul_w.args[1], 1)):
-        if not _is(inner, aten.mul.Tensor) or not _only_user(inner, mul_w):
+        cast = None
+        if _noop_to(inner) and _only_user(inner, mul_w):
+            cast, inner = inner, inner.args[0]
+        if not _is(inner, aten.mul.Tensor) or not _only_user(inner, cast or mul_w):
             continue
         for r, hpos in ((inner.args[1], 0), (inner.args[0], 1)):
             h = inner.args[hpos]
@@ -95,9 +107,13 @@ def _rms(mul_w: fx.Node):
             pw = mean.args[0]
             rank = len(_shape(h) or ())
             dims = [d % rank for d in mean.args[1]] if rank else []
-            if pw.args[0] is h and pw.args[1] == 2 and _only_user(pw, mean) and dims == [rank - 1] and \
-                    (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim")):
-                return h, (pw, mean, add, r, inner, mul_w), add.args[1], (mul_w.name, 1 - pos)
+            if not (pw.args[0] is h and pw.args[1] == 2 and _only_user(pw, mean) and dims == [rank - 1] and
+                    (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim"))):
+                continue
+            nodes = (pw, mean, add, r, inner) + ((cast,) if cast else ()) + (mul_w,)
+            if _noop_to(h) and set(h.users) == {pw, inner}:
+                h, nodes = h.args[0], (h,) + nodes
+            return h, nodes, add.args[1], (mul_w.name, 1 - pos)
     return None
 
 
@@ -111,14 +127,21 @@ def _norm_chain(n: fx.Node) -> Chain | None:
         rms, bias = True, None
     else:
         return None
+    residual, cast = h, None
+    if _noop_to(h) and _is(h.args[0], aten.add.Tensor) and list(h.args[0].users) == [h]:
+        residual, cast, h = h, h, h.args[0]  # transformers: the residual is the cast sum, shared with the norm
     add = h if _is(h, aten.add.Tensor) and len(h.args) == 2 and not h.kwargs else None
     if add is not None and _shape(add.args[0]) == _shape(add.args[1]) == _shape(add) and \
             _module(n).startswith(_module(add)):  # the add belongs to a module around the norm: the same block
-        return Chain("add_norm", (add.name,) + tuple(m.name for m in nodes),
-                     ((add.name, 0), (add.name, 1), weight, bias), (eps, rms), residual_out=add.name)
+        head = (add.name,) + ((cast.name,) if cast is not None else ())
+        return Chain("add_norm", head + tuple(m.name for m in nodes),
+                     ((add.name, 0), (add.name, 1), weight, bias), (eps, rms), residual_out=residual.name)
     if not rms:
         return None  # LayerNorm alone is one kernel already
     return Chain("norm", tuple(m.name for m in nodes), ((nodes[0].name, 0), None, weight, None), (eps, True))
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
 
 
 def _swiglu(n: fx.Node) -> Chain | None:
@@ -176,17 +199,19 @@ def _cross_entropy(n: fx.Node) -> Chain | None:
     args = list(n.args) + [None] * (6 - len(n.args))
     weight, reduction = args[2] if len(n.args) > 2 else None, args[3] if len(n.args) > 3 else 1
     ignore, smoothing = (args[4] if len(n.args) > 4 else -100), (args[5] if len(n.args) > 5 else 0.0)
-    view, lin = n.args[0], n.args[0].args[0] if isinstance(n.args[0], fx.Node) and n.args[0].args else None
-    if weight is not None or reduction not in (1, 2) or smoothing or n.kwargs:
+    if weight is not None or reduction not in (1, 2) or smoothing or n.kwargs or len(_shape(n.args[0]) or ()) != 2:
         return None
-    if not (_is(view, aten.view.default, aten.reshape.default) and _is(lin, aten.linear.default)
-            and (len(lin.args) < 3 or lin.args[2] is None) and _only_user(view, n) and _only_user(lin, view)):
-        return None
-    if len(_shape(view) or ()) != 2:
+    mids, lin = [], n.args[0]  # views (and no-op casts) between the head and the loss
+    while (_is(lin, *_VIEWS) or _noop_to(lin)) and _only_user(lin, mids[-1] if mids else n):
+        mids.append(lin)
+        lin = lin.args[0]
+    if not mids or not _is(lin, aten.linear.default) or (len(lin.args) > 2 and lin.args[2] is not None) or \
+            not _only_user(lin, mids[-1]):
         return None
     hidden = (_shape(lin.args[1]) or (0, 0))[1]
-    return Chain("cross_entropy", (lin.name, view.name, n.name), ((lin.name, 0), (lin.name, 1), (n.name, 1)),
-                 (ignore, reduction), hidden=hidden)
+    names = (lin.name,) + tuple(m.name for m in reversed(mids)) + (n.name,)
+    return Chain("cross_entropy", names, ((lin.name, 0), (lin.name, 1), (n.name, 1)), (ignore, reduction),
+                 hidden=hidden)
 
 
 MATCHERS = (_cross_entropy, _norm_chain, _swiglu, _bias_gelu, _rotary)
