@@ -79,7 +79,7 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     fsdp_axes = (AXES.index("dp"),) if plan.zero >= 2 and plan.degrees["dp"] > 1 else None  # FSDP owns dp
     emitted = emit(pg, decisions, coords, fsdp_axes)
     if pins.get("fuse", plan.fuse):  # codegen/fuse.py: the chains planner/fusion.py priced
-        fuse_chains(emitted.graph, pg, emitted.values, {a: mesh.get_group(a).group_name for a in AXES})
+        fuse_chains(emitted.graph, pg, emitted.values)
     root, placements, aliases = _shard_parameters(model, captured, pg, decisions, mesh, coords)
     deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
     return CompiledModel(root, emitted.graph, plan, mesh, captured.program.call_spec.out_spec, placements,

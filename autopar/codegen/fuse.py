@@ -22,8 +22,8 @@ from autopar.planner.graph import PlanGraph
 aten = torch.ops.aten
 
 
-def fuse(graph: fx.Graph, pg: PlanGraph, values: dict[str, fx.Node], groups: dict[str, str]) -> list[Chain]:
-    """Rewrite every intact chain in place; returns the chains fused. groups: mesh axis -> process group name."""
+def fuse(graph: fx.Graph, pg: PlanGraph, values: dict[str, fx.Node]) -> list[Chain]:
+    """Rewrite every intact chain in place; returns the chains fused."""
     from autopar.kernels import ops  # noqa: F401 - registers torch.ops.autopar.* (and imports triton where present)
 
     traced = next(iter(pg.nodes.values())).node.graph
@@ -32,7 +32,7 @@ def fuse(graph: fx.Graph, pg: PlanGraph, values: dict[str, fx.Node], groups: dic
         if not _intact(chain, pg, values):
             continue
         rewrite = _cross_entropy if chain.kind == "cross_entropy" else _pointwise
-        if rewrite(graph, chain, values, groups):
+        if rewrite(graph, chain, values):
             done.append(chain)
     graph.lint()
     return done
@@ -74,7 +74,7 @@ def _call(graph: fx.Graph, at: fx.Node, target, args: tuple) -> fx.Node:
     return node
 
 
-def _pointwise(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node], groups) -> bool:
+def _pointwise(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node]) -> bool:
     anchor = values[chain.anchor]
     ins = _args(chain, values)
     ops = torch.ops.autopar
@@ -97,7 +97,7 @@ def _pointwise(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node], groups
     return True
 
 
-def _cross_entropy(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node], groups) -> bool:
+def _cross_entropy(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node]) -> bool:
     """linear -> view -> (one of the cross-entropy lowerings) becomes one chunked fused call summing the counted
     rows' losses; what the lowering does with that sum (divide by the global count) stays."""
     from autopar.kernels.linear_cross_entropy import fused_linear_cross_entropy
@@ -113,7 +113,10 @@ def _cross_entropy(graph: fx.Graph, chain: Chain, values: dict[str, fx.Node], gr
         total = next(iter(mul.users)) if mul is not None and len(mul.users) == 1 else None
         if total is None or total.target is not aten.sum.default:
             return False  # per-row losses wanted (reduction none): nothing to fuse them into
-        group, start, target, dead = groups[loss.target.split(".")[1]], loss.args[2], loss.args[1], [total, mul]
+        with graph.inserting_before(total):  # the axis's process group, as the generated module holds it
+            group = graph.get_attr(loss.target.rsplit(".", 1)[0] + ".group")
+        group.meta[BLOCK_META] = total.meta.get(BLOCK_META)
+        start, target, dead = loss.args[2], loss.args[1], [total, mul]
     elif loss.target is aten.cross_entropy_loss.default:  # rows whole or row-sharded: the loss reads all classes
         total, group, start, target, dead = loss, "", 0, loss.args[1], []
     else:

@@ -152,5 +152,5 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: to
 
     need = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     chunk = chunk or ce_chunk_rows(x.shape[0], weight.shape[0], x.shape[1])
-    name = group if isinstance(group, str) else (group.group_name if group is not None else "")
+    name = group if isinstance(group, str) else (group.group_name if group is not None else "")  # a ProcessGroup
     return linear_cross_entropy(x, weight, target, vocab_start, ignore_index, chunk, name, need)[0]
