@@ -30,7 +30,7 @@ FUSION_KINDS = ("add_norm", "norm", "swiglu", "bias_gelu", "rotary", "cross_entr
 # (external tensors the fused kernel reads + writes) in units of its output; saved tensors likewise
 _TRAFFIC = {"add_norm": 4, "norm": 2, "swiglu": 3, "bias_gelu": 2, "rotary": 2}
 _SAVED = {"add_norm": 1, "norm": 1, "swiglu": 2, "bias_gelu": 1, "rotary": 0}
-_END = 2 ** 62  # slice(x, d, h, END) as export writes x[..., h:]
+_END = 2 ** 63 - 1  # slice(x, d, h, END): how export writes x[..., h:]
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def _rotary(n: fx.Node) -> Chain | None:
                 continue
             rank, half = len(shape), shape[-1] // 2
             dims_ok = all(a.args[1] % rank == rank - 1 for a in (hi, lo)) and cat.args[1] % rank == rank - 1
-            if dims_ok and tuple(hi.args[2:4]) in ((half, _END), (half, shape[-1]), (half, 2 ** 63 - 1)) and \
+            if dims_ok and tuple(hi.args[2:4]) in ((half, _END), (half, shape[-1])) and \
                     tuple(lo.args[2:4]) == (0, half) and _only_user(hi, neg) and _only_user(lo, cat) and \
                     _only_user(m_cos, n) and _only_user(m_sin, n) and _shape(n) == shape:
                 xpos = list(m_cos.args).index(x)
