@@ -28,3 +28,7 @@ class PlanError(AutoparError):
 
 class NotSupportedYet(AutoparError):
     """A known capability that this version does not provide."""
+
+
+class CheckpointError(AutoparError):
+    """A checkpoint folder is missing, damaged, of another model, or of a newer format."""

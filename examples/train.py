@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="measure the step time (median of the steps between the first and the last, untraced) and "
                          "the last step's peak tensor memory; print them beside the plan's prediction")
     ap.add_argument("--print-code", action="store_true", help="print rank 0's generated program")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="save the training state here and resume from its newest complete checkpoint, under any plan")
+    ap.add_argument("--checkpoint-every", type=positive_int, default=None, help="save every N steps (asynchronously)")
+    ap.add_argument("--export", default=None, help="after training, write the model as one state dict (HF folder)")
     return ap.parse_args(argv)
 
 
@@ -67,6 +71,7 @@ def train(args: argparse.Namespace) -> list[float]:
     model, info = build_model(args.model, parse_model_args(args.model_args))
     seq = args.seq or info.seq
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    source = model
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)
         model = autopar.compile(model, sample_inputs=example, fix=_fix(args), plan=plan,
@@ -76,7 +81,10 @@ def train(args: argparse.Namespace) -> list[float]:
     opt = model.optimizer(torch.optim.AdamW, lr=args.lr) if not args.reference else \
         torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, dump, seconds = [], {}, []
+    start = _resume(model, args, rank0)
     for step, (tokens, targets) in enumerate(batches(info, args, seq)):
+        if step < start:  # the data position: batches are drawn in order, so draw past the ones trained on
+            continue
         out = {}
 
         def one_step():
@@ -101,11 +109,30 @@ def train(args: argparse.Namespace) -> list[float]:
         losses.append(loss.item())
         if rank0:
             print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
+        if args.checkpoint_dir and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            model.save(args.checkpoint_dir, step + 1, data={"batches": step + 1}, asynchronous=True)
+    if args.checkpoint_dir and not args.reference:
+        model.wait_for_save()
+    if args.export:
+        model.export(args.export, source)
     if args.dump:
         dump["params"] = _full(model, grads=False)
         if rank0:
             torch.save(dump, args.dump)
     return losses
+
+
+def _resume(model, args, rank0: bool) -> int:
+    """The step to start from: that of the newest complete checkpoint in --checkpoint-dir (written under any
+    plan), its state loaded; 0 without one."""
+    from autopar.runtime.checkpoint_io import latest
+
+    if not args.checkpoint_dir or args.reference or latest(args.checkpoint_dir) is None:
+        return 0
+    state = model.load(args.checkpoint_dir)
+    if rank0:
+        print(f"autopar: resumed from step {state.step} ({state.path})", file=sys.stderr, flush=True)
+    return state.data.get("batches", state.step)
 
 
 def _report(m, seconds: list[float], model, rank0: bool) -> None:
@@ -165,8 +192,13 @@ def main(argv=None) -> int:
         return 2
     finally:
         if distributed:
-            dist.destroy_process_group()
+            teardown()
     return 0
+
+
+def teardown() -> None:
+    """Destroy the process groups; see autopar/runtime/__init__.py on why the threads must be gone first."""
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
