@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "examples" / "train.py")
+JOBS = str(ROOT / "tests" / "checkpoint_jobs.py")
 
 
 # A gloo rank sometimes aborts in teardown, after the last step, with this line from std::terminate (a joinable
@@ -33,11 +34,31 @@ def run_train(args: list[str], nproc: int | None, dump: Path | None = None, time
     return rc, losses, err
 
 
+def run_jobs(jobs: list[dict], nproc: int, workdir: Path, timeout: int = 900, restarts: int = 0
+             ) -> tuple[int, dict, str]:
+    """Run tests/checkpoint_jobs.py's jobs (several trainings) in one torchrun launch: (returncode, the losses of
+    each named job, stderr)."""
+    spec = workdir / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    rc, stdout, stderr = _run(_torchrun(nproc, f"--max-restarts={restarts}") + [JOBS, str(spec)], timeout)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"job"')]
+    return rc, {d["job"]: d["losses"] for d in lines}, stderr
+
+
+def _torchrun(nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra]
+
+
 def _launch(args: list[str], nproc: int | None, dump: Path | None, timeout: int):
-    cmd = [sys.executable, TRAIN, *args] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+    cmd = [sys.executable, TRAIN, *args] if nproc is None else _torchrun(nproc) + [TRAIN, *args]
     if dump is not None:
         cmd += ["--dump", str(dump)]
+    rc, stdout, stderr = _run(cmd, timeout)
+    losses = [json.loads(line)["loss"] for line in stdout.splitlines() if line.startswith("{")]
+    return rc, losses, stderr
+
+
+def _run(cmd: list[str], timeout: int) -> tuple[int, str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     # A session of its own: a run that hangs (ranks waiting on each other) is killed with every rank it started,
     # not just the launcher.
@@ -49,8 +70,7 @@ def _launch(args: list[str], nproc: int | None, dump: Path | None, timeout: int)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    losses = [json.loads(line)["loss"] for line in stdout.splitlines() if line.startswith("{")]
-    return proc.returncode, losses, stderr
+    return proc.returncode, stdout, stderr
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:

@@ -165,9 +165,9 @@ def _digest(path: Path) -> list[int]:
     return [path.stat().st_size, crc]
 
 
-def verify_files(path: Path, manifest: dict) -> None:
-    """Check the files this rank is assigned (every world_size-th), then agree on every rank's findings."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def damaged(path: Path, manifest: dict, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with the files of checkpoint `path` (every `world`-th from `rank`): missing, truncated,
+    corrupted (CRC-32)."""
     bad = []
     for i, (name, (size, crc)) in enumerate(sorted(manifest["files"].items())):
         if i % world != rank:
@@ -179,8 +179,14 @@ def verify_files(path: Path, manifest: dict) -> None:
             bad.append(f"{name} has {f.stat().st_size} bytes, {size} were written (truncated?)")
         elif _digest(f)[1] != crc:
             bad.append(f"{name} does not match its CRC-32 (corrupted)")
+    return bad
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every rank checks a share of the files; all agree on the findings (one error, the same on every rank)."""
+    world = dist.get_world_size()
     found: list = [None] * world
-    dist.all_gather_object(found, bad)
+    dist.all_gather_object(found, damaged(path, manifest, dist.get_rank(), world))
     bad = sorted(b for part in found for b in part)
     if bad:
         raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(bad)}; load an earlier checkpoint "
