@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,17 +41,25 @@ def run_jobs(jobs: list[dict], nproc: int, workdir: Path, timeout: int = 900, re
     each named job, stderr)."""
     spec = workdir / "jobs.json"
     spec.write_text(json.dumps(jobs))
-    rc, stdout, stderr = _run(_torchrun(nproc, f"--max-restarts={restarts}") + [JOBS, str(spec)], timeout)
+    rc, stdout, stderr = _run(torchrun(nproc, restarts) + [JOBS, str(spec)], timeout)
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"job"')]
     return rc, {d["job"]: d["losses"] for d in lines}, stderr
 
 
-def _torchrun(nproc: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra]
+def torchrun(nproc: int, restarts: int = 0) -> list[str]:
+    """The torchrun command line. With restarts, the static rendezvous on a free port: with torch 2.13 a restarted
+    --standalone (c10d rendezvous) job hangs in init_process_group on this host; the static one restarts cleanly."""
+    if not restarts:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--master-port={port}",
+            f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
 
 
 def _launch(args: list[str], nproc: int | None, dump: Path | None, timeout: int):
-    cmd = [sys.executable, TRAIN, *args] if nproc is None else _torchrun(nproc) + [TRAIN, *args]
+    cmd = [sys.executable, TRAIN, *args] if nproc is None else torchrun(nproc) + [TRAIN, *args]
     if dump is not None:
         cmd += ["--dump", str(dump)]
     rc, stdout, stderr = _run(cmd, timeout)

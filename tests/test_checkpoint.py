@@ -17,13 +17,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dist_utils import ROOT, TRAIN, max_rel_diff, run_jobs
+from tests.dist_utils import ROOT, TRAIN, max_rel_diff, run_jobs, torchrun
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 GPT = ["--model", "gpt-tiny", "--steps", "10", "--seed", "0", "--batch", "8", "--seq", "16"]
@@ -108,8 +107,7 @@ def test_kill_one_rank_mid_training(runs, tmp_path):
     _, root = runs
     args = [*GPT, "--model-args", "dropout=0.1", "--fix", "tp=2", "--checkpoint-dir", str(tmp_path / "ckpt"),
             "--checkpoint-every", "2", "--dump", str(tmp_path / "final.pt")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           TRAIN, *args]
+    cmd = [*torchrun(2, restarts=1), TRAIN, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
