@@ -197,9 +197,21 @@ def main(argv=None) -> int:
 
 
 def teardown() -> None:
-    """Destroy the process groups; see autopar/runtime/__init__.py on why the threads must be gone first."""
+    """Destroy the process groups (every rank has passed its last collective)."""
     dist.destroy_process_group()
 
 
+def exit_now(code: int) -> None:
+    """End the process without interpreter finalization. gloo's worker threads can outlive destroy_process_group
+    (two of a compiled job's process groups stay referenced from C++ here); a worker that drops the last reference
+    to a finished collective's tensor takes the GIL to free its Python object, and during finalization CPython
+    ends such a thread with pthread_exit, whose unwinding through C++ noexcept frames calls std::terminate:
+    "terminate called without an active exception", a rank dying after its last step (pytorch/pytorch#38228
+    describes the mechanism). Everything is written and every collective done by now, so skip finalization."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -62,4 +62,4 @@ def _die_in_save(rank: int, step: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    train.exit_now(main())

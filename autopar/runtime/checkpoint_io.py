@@ -14,7 +14,6 @@ save of that step removes the leftover. An asynchronous save copies the state (s
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import zlib
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager

@@ -22,7 +22,7 @@ def export(compiled, directory: str | Path, model: nn.Module | None = None) -> P
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in full.items()}
-        hf, prefix = _transformers_model(model)
+        hf = _transformers_model(model)
         if hf is not None:
             model.load_state_dict(state, strict=True)
             hf.save_pretrained(directory, safe_serialization=True)
@@ -34,16 +34,12 @@ def export(compiled, directory: str | Path, model: nn.Module | None = None) -> P
     return directory
 
 
-def _transformers_model(model: nn.Module | None):
-    """(the transformers PreTrainedModel inside `model`, its name prefix) or (None, "")."""
-    if model is None:
-        return None, ""
-    if hasattr(model, "save_pretrained"):
-        return model, ""
-    for name, child in model.named_children():  # autopar's CausalLMLoss holds the model as `.lm`
-        if hasattr(child, "save_pretrained"):
-            return child, name + "."
-    return None, ""
+def _transformers_model(model: nn.Module | None) -> nn.Module | None:
+    """The transformers PreTrainedModel that is `model` or its direct child (autopar's hf: wrapper holds it as
+    `.lm`), or None."""
+    if model is None or hasattr(model, "save_pretrained"):
+        return model
+    return next((c for c in model.children() if hasattr(c, "save_pretrained")), None)
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
