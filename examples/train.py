@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     distributed = not args.reference and "WORLD_SIZE" in os.environ
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(args)
         if distributed:
@@ -194,6 +194,19 @@ def main(argv=None) -> int:
         if distributed:
             teardown()
     return 0
+
+
+def init_distributed(backend: str) -> None:
+    """init_process_group from torchrun's environment. After a restart (--max-restarts), the static rendezvous
+    hands the workers the store of the first attempt, still holding the dead workers' gloo addresses: a rank that
+    reads a peer's address before the peer rewrites it connects to a dead port. A prefix per attempt avoids them."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        dist.init_process_group(backend)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
 
 
 def teardown() -> None:

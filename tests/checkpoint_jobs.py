@@ -27,7 +27,7 @@ import train  # noqa: E402
 
 def main() -> int:
     jobs = json.loads(Path(sys.argv[1]).read_text())
-    dist.init_process_group("gloo")
+    train.init_distributed("gloo")
     try:
         for job in jobs:
             if "copy" in job:
