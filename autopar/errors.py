@@ -32,3 +32,7 @@ class NotSupportedYet(AutoparError):
 
 class VerifyError(AutoparError):
     """`autopar.compile(..., verify=True)` found the parallel program's first step differing from one process."""
+
+
+class CheckpointError(AutoparError):
+    """A checkpoint folder is missing, damaged, of another model, or of a newer format."""

@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--verify", action="store_true",
                     help="check the parallel program's first step against this model run in one process first; "
                          "refuse, naming the first differing parameter, if they differ")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="save the training state here and resume from its newest complete checkpoint, under any plan")
+    ap.add_argument("--checkpoint-every", type=positive_int, default=None, help="save every N steps (asynchronously)")
+    ap.add_argument("--export", default=None, help="after training, write the model as one state dict (HF folder)")
     return ap.parse_args(argv)
 
 
@@ -79,6 +83,7 @@ def train(args: argparse.Namespace) -> list[float]:
     model, info = build_model(args.model, parse_model_args(args.model_args), seq=args.seq)
     seq = sequence_length(args.seq, info)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    source = model
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)
         model = autopar.compile(model, sample_inputs=example, fix=_fix(args), plan=plan,
@@ -88,7 +93,10 @@ def train(args: argparse.Namespace) -> list[float]:
     opt = model.optimizer(torch.optim.AdamW, lr=args.lr) if not args.reference else \
         torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, dump, seconds = [], {}, []
+    start = _resume(model, args, rank0)
     for step, (tokens, targets) in enumerate(batches(info, args, seq)):
+        if step < start:  # the data position: batches are drawn in order, so draw past the ones trained on
+            continue
         out = {}
 
         def one_step():
@@ -113,11 +121,30 @@ def train(args: argparse.Namespace) -> list[float]:
         losses.append(loss.item())
         if rank0:
             print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
+        if args.checkpoint_dir and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            model.save(args.checkpoint_dir, step + 1, data={"batches": step + 1}, asynchronous=True)
+    if args.checkpoint_dir and not args.reference:
+        model.wait_for_save()
+    if args.export:
+        model.export(args.export, source)
     if args.dump:
         dump["params"] = _full(model, grads=False)
         if rank0:
             torch.save(dump, args.dump)
     return losses
+
+
+def _resume(model, args, rank0: bool) -> int:
+    """The step to start from: that of the newest complete checkpoint in --checkpoint-dir (written under any
+    plan), its state loaded; 0 without one."""
+    from autopar.runtime.checkpoint_io import latest
+
+    if not args.checkpoint_dir or args.reference or latest(args.checkpoint_dir) is None:
+        return 0
+    state = model.load(args.checkpoint_dir)
+    if rank0:
+        print(f"autopar: resumed from step {state.step} ({state.path})", file=sys.stderr, flush=True)
+    return state.data.get("batches", state.step)
 
 
 def _report(m, seconds: list[float], model, rank0: bool) -> None:
@@ -164,7 +191,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     distributed = not args.reference and "WORLD_SIZE" in os.environ
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(args)
         if distributed:
@@ -177,9 +204,39 @@ def main(argv=None) -> int:
         return 2
     finally:
         if distributed:
-            dist.destroy_process_group()
+            teardown()
     return 0
 
 
+def init_distributed(backend: str) -> None:
+    """init_process_group from torchrun's environment. After a restart (--max-restarts), the static rendezvous
+    hands the workers the store of the first attempt, still holding the dead workers' gloo addresses: a rank that
+    reads a peer's address before the peer rewrites it connects to a dead port. A prefix per attempt avoids them."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        dist.init_process_group(backend)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
+
+
+def teardown() -> None:
+    """Destroy the process groups (every rank has passed its last collective)."""
+    dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """End the process without interpreter finalization. gloo's worker threads can outlive destroy_process_group
+    (two of a compiled job's process groups stay referenced from C++ here); a worker that drops the last reference
+    to a finished collective's tensor takes the GIL to free its Python object, and during finalization CPython
+    ends such a thread with pthread_exit, whose unwinding through C++ noexcept frames calls std::terminate:
+    "terminate called without an active exception", a rank dying after its last step (pytorch/pytorch#38228
+    describes the mechanism). Everything is written and every collective done by now, so skip finalization."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

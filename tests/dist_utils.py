@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,31 +14,47 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "examples" / "train.py")
-
-
-# A gloo rank sometimes aborts in teardown, after the last step, with this line from std::terminate (a joinable
-# std::thread destroyed): seen in full CI runs on 4 ranks (ZeRO-1 runs among them), never in a run on its own.
-ABORT_AT_EXIT = "terminate called without an active exception"
+JOBS = str(ROOT / "tests" / "checkpoint_jobs.py")
 
 
 def run_train(args: list[str], nproc: int | None, dump: Path | None = None, timeout: int = 600):
-    """Run examples/train.py eagerly (nproc None) or under torchrun; return (returncode, losses, stderr).
-    A run whose every step completed and whose only failure is ABORT_AT_EXIT is launched once more (a second
-    abort fails the caller), so the known teardown abort cannot fail a test, and nothing else is retried."""
-    rc, losses, err = _launch(args, nproc, dump, timeout)
-    steps = int(args[args.index("--steps") + 1]) if "--steps" in args else None
-    if rc != 0 and ABORT_AT_EXIT in err and steps is not None and len(losses) == steps:
-        print(f"run_train: a rank aborted at exit after all {steps} steps ({ABORT_AT_EXIT!r}); running again",
-              file=sys.stderr)
-        rc, losses, err = _launch(args, nproc, dump, timeout)
-    return rc, losses, err
+    """Run examples/train.py eagerly (nproc None) or under torchrun; return (returncode, losses, stderr)."""
+    return _launch(args, nproc, dump, timeout)
+
+
+def run_jobs(jobs: list[dict], nproc: int, workdir: Path, timeout: int = 900, restarts: int = 0
+             ) -> tuple[int, dict, str]:
+    """Run tests/checkpoint_jobs.py's jobs (several trainings) in one torchrun launch: (returncode, the losses of
+    each named job, stderr)."""
+    spec = workdir / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    rc, stdout, stderr = _run(torchrun(nproc, restarts) + [JOBS, str(spec)], timeout)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"job"')]
+    return rc, {d["job"]: d["losses"] for d in lines}, stderr
+
+
+def torchrun(nproc: int, restarts: int = 0) -> list[str]:
+    """The torchrun command line. With restarts, the static rendezvous on a free port: with torch 2.13 a restarted
+    --standalone (c10d rendezvous) job hangs in init_process_group on this host; the static one restarts cleanly."""
+    if not restarts:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--master-port={port}",
+            f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
 
 
 def _launch(args: list[str], nproc: int | None, dump: Path | None, timeout: int):
-    cmd = [sys.executable, TRAIN, *args] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+    cmd = [sys.executable, TRAIN, *args] if nproc is None else torchrun(nproc) + [TRAIN, *args]
     if dump is not None:
         cmd += ["--dump", str(dump)]
+    rc, stdout, stderr = _run(cmd, timeout)
+    losses = [json.loads(line)["loss"] for line in stdout.splitlines() if line.startswith("{")]
+    return rc, losses, stderr
+
+
+def _run(cmd: list[str], timeout: int) -> tuple[int, str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     # A session of its own: a run that hangs (ranks waiting on each other) is killed with every rank it started,
     # not just the launcher.
@@ -49,8 +66,7 @@ def _launch(args: list[str], nproc: int | None, dump: Path | None, timeout: int)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    losses = [json.loads(line)["loss"] for line in stdout.splitlines() if line.startswith("{")]
-    return proc.returncode, losses, stderr
+    return proc.returncode, stdout, stderr
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:

@@ -2,7 +2,9 @@
 no Python traceback, and a non-zero exit status, from `autopar plan` and from examples/train.py.
 
 One table, one test. `plan` cases run the CLI in-process; `train` cases run examples/train.py's main in-process
-(no process group: they fail before any is needed); the one `dist` case runs real gloo ranks under torchrun.
+(no process group: they fail before any is needed); `ckpt` cases run it as the one rank of a gloo job in-process
+(a checkpoint is read by ranks) and `cli` cases any `autopar` verb; the one `dist` case runs real gloo ranks under
+torchrun. A checkpoint that fails to load is left as it was: the error comes before any save.
 Hardware-file schema cases live in test_hardware_schema.py; this corpus keeps only the missing file.
 """
 
@@ -10,6 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -121,7 +127,71 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
      "graph_fingerprint"),
     ("plan-file-missing", "train", lambda t: ["--plan", f"{t}/none.json"], "does not exist; create one with"),
     ("plan-is-a-directory", "train", lambda t: ["--plan", str(t)], "cannot be read"),
+    ("checkpoint-other-model", "ckpt", lambda t: [*CKPT_RUN, _checkpoint(t, "llama-tiny")],
+     "is of another model: missing blocks.0.attn.k.bias"),
+    ("checkpoint-truncated", "ckpt", lambda t: [*CKPT_RUN, _checkpoint(t, edit=_truncate)],
+     "bytes, 1"),
+    ("checkpoint-corrupted", "ckpt", lambda t: [*CKPT_RUN, _checkpoint(t, edit=_flip_byte)],
+     "does not match its CRC-32 (corrupted); load an earlier checkpoint"),
+    ("checkpoint-newer-format", "ckpt", lambda t: [*CKPT_RUN, _checkpoint(t, edit=_newer)],
+     "has format 99, newer than the format 1 this autopar reads; upgrade autopar"),
+    ("checkpoint-folder-missing", "cli", lambda t: ["checkpoint", f"{t}/none"], "none does not exist; give a folder"),
+    ("checkpoint-folder-empty", "cli", lambda t: ["checkpoint", str(t)], "holds no complete checkpoint"),
 ]
+
+
+CKPT_RUN = ["--model", "gpt-tiny", "--steps", "2", "--batch", "2", "--seq", "8", "--checkpoint-dir"]
+_SAVED: dict[str, Path] = {}
+
+
+def _checkpoint(tmp: Path, model: str = "gpt-tiny", edit: Callable[[Path], None] | None = None) -> str:
+    """A folder holding a 1-rank checkpoint of `model` after one step (made once per model), with `edit` applied
+    to its step folder; the argument of --checkpoint-dir."""
+    if model not in _SAVED:
+        _SAVED[model] = Path(tempfile.mkdtemp(prefix=f"autopar-ckpt-{model}-"))
+        code = _one_rank(["--model", model, "--steps", "1", "--batch", "2", "--seq", "8", "--checkpoint-dir",
+                          str(_SAVED[model]), "--checkpoint-every", "1"])
+        assert code == 0
+    target = tmp / f"ckpt-{model}"
+    shutil.copytree(_SAVED[model], target)
+    if edit is not None:
+        edit(target / "step_00000001")
+    return str(target)
+
+
+def _truncate(step: Path) -> None:
+    shard = step / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+
+def _flip_byte(step: Path) -> None:
+    shard = bytearray((step / "__0_0.distcp").read_bytes())
+    shard[len(shard) // 2] ^= 0xFF
+    (step / "__0_0.distcp").write_bytes(bytes(shard))
+
+
+def _newer(step: Path) -> None:
+    manifest = json.loads((step / "autopar.json").read_text())
+    (step / "autopar.json").write_text(json.dumps({**manifest, "format": 99}))
+
+
+def _one_rank(argv: list[str]) -> int:
+    """examples/train.py's main in this process as rank 0 of a 1-rank gloo job (as torchrun would set it up)."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return _train_main()(argv)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _train_main():
@@ -133,7 +203,10 @@ def _train_main():
 
 def _run(runner: str, argv: list[str], capsys) -> tuple[int, str]:
     try:
-        code = main(["plan", *argv]) if runner == "plan" else _train_main()(argv)
+        if runner in ("plan", "cli"):
+            code = main(["plan", *argv] if runner == "plan" else argv)
+        else:
+            code = _one_rank(argv) if runner == "ckpt" else _train_main()(argv)
     except SystemExit as done:  # train.py's argparse exits; the plan CLI returns its status
         code = done.code
     return code, capsys.readouterr().err
@@ -161,3 +234,11 @@ def test_world_size_not_matching_the_pinned_mesh_under_torchrun():
     assert rc != 0
     assert len(lines) == 1 and "no mesh pp x dp x tp = 2 devices matches dp=2,tp=2" in lines[0], err[-2000:]
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err  # torchrun's launcher prints its own
+
+
+def test_a_checkpoint_that_does_not_load_is_left_as_it_was(tmp_path, capsys):
+    folder = Path(_checkpoint(tmp_path, "llama-tiny"))
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert _one_rank([*CKPT_RUN, str(folder)]) == 2
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert "is of another model" in capsys.readouterr().err

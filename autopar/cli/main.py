@@ -7,7 +7,7 @@ import os
 import sys
 from importlib import metadata
 
-from autopar.cli import plan_cmd, profile_cmd, validate_cmd
+from autopar.cli import checkpoint_cmd, plan_cmd, profile_cmd, validate_cmd
 from autopar.errors import AutoparError
 
 EXIT_USAGE = 2  # argparse's own code for bad usage; user errors share it
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_parser(sub)
     profile_cmd.add_parser(sub)
     validate_cmd.add_parser(sub)
+    checkpoint_cmd.add_parser(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ of backward waits for the buckets.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -121,7 +122,52 @@ class CompiledModel(nn.Module):
     def optimizer(self, cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs) -> torch.optim.Optimizer:
         """The optimizer for this rank's shards, with its state partitioned over dp under ZeRO-1."""
         group = self.mesh.get_group("dp") if self.zero == 1 else None
-        return make_optimizer(self.parameters(), cls, self.zero, group, **kwargs)
+        self._optimizer = make_optimizer(self.parameters(), cls, self.zero, group, **kwargs)
+        return self._optimizer
+
+    def save(self, directory: str | Path, step: int, *, data: dict | None = None, optimizer=None,
+             asynchronous: bool = False) -> Path:
+        """Save the training state (parameters, the optimizer's state, every rank's RNG, `step`, the data
+        position `data`, this plan) to `directory`/step_<step>, atomically; any plan can load it
+        (autopar/runtime/state.py). Every rank calls it. `asynchronous`: copy the state and write it from a thread
+        (DCP async_save); `wait_for_save()` or the next save finishes it. Returns the checkpoint folder."""
+        from autopar.runtime import state
+
+        return state.save(self, directory, optimizer or getattr(self, "_optimizer", None), step, data, asynchronous)
+
+    def load(self, directory: str | Path, *, optimizer=None):
+        """Load the newest complete checkpoint under `directory` (or that checkpoint folder), written under any
+        plan, into the parameters, the optimizer (default: the one `.optimizer()` made) and the RNGs. Returns its
+        TrainingState (step, data position, path, the plan that wrote it). Every rank calls it."""
+        from autopar.runtime import state
+
+        return state.load(self, directory, optimizer or getattr(self, "_optimizer", None))
+
+    def export(self, directory: str | Path, model: nn.Module | None = None) -> Path:
+        """Write the full parameters as one single-device state dict (model.safetensors); with `model`, the module
+        that was compiled, a transformers model is written as a from_pretrained folder (config.json too)."""
+        from autopar.runtime.export import export
+
+        return export(self, directory, model)
+
+    def wait_for_save(self) -> None:
+        """Finish an asynchronous save in flight and stop its thread (call before destroying the process group)."""
+        if getattr(self, "_writer", None) is not None:
+            self._writer.close()
+
+    def _checkpoint_writer(self):
+        from autopar.runtime.checkpoint_io import Writer
+
+        if getattr(self, "_writer", None) is None:
+            self._writer = Writer()
+        return self._writer
+
+    def _checkpoint_layout(self):
+        from autopar.runtime.state import layout
+
+        if getattr(self, "_layout", None) is None:
+            self._layout = layout(self)
+        return self._layout
 
     def local_parameter(self, fqn: str) -> torch.Tensor:
         """This rank's tensor of parameter `fqn` (an FSDP DTensor under ZeRO-2/3)."""
