@@ -339,6 +339,8 @@ class ShardingILP:
             self.prob.solve(solver)
         elapsed = time.perf_counter() - t0
         status = pulp.LpStatus[self.prob.status]
+        if status == "Optimal" and self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
+            status = "Not Solved"  # pulp labels HiGHS's time limit "Optimal"; the incumbent is not proven optimal
         timed_out_with_incumbent = status == "Not Solved" and _has_values(self.x)
         if status != "Optimal" and not timed_out_with_incumbent:  # infeasible (memory), or nothing found in time
             return None
