@@ -94,3 +94,26 @@ def _check_degrees(degrees: Sequence[tuple[str, int]]) -> None:
     for axis, degree in degrees:
         if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
             raise MeshError(f"mesh axis '{axis}' has degree {degree!r}; degrees must be whole numbers >= 1")
+
+
+def ring_attention_s(hw: Hardware, link: Link, kv_bytes: float, cp: int, attention_fwd_s: float,
+                     attention_bwd_s: float, grad_bytes: float | None = None) -> tuple[float, float]:
+    """(communication seconds, of them exposed) of one causal ring attention over `cp` ranks on `link`, forward and
+    backward (autopar/codegen/ring_attention.py).
+
+    `kv_bytes`: one rank's K and V together; `attention_{fwd,bwd}_s`: one rank's whole local attention compute (its
+    1/cp of the causal work, load-balanced). The ring runs cp steps of equal work (each a 1/cp share): forward, K/V
+    hop to the next rank cp-1 times, each hop beside one step's attention (Liu et al. 2023, arXiv 2310.01889,
+    Sec. 3: the transfer hides when a block's compute outlasts it); backward, K/V hop cp-1 times and the dK/dV
+    accumulators (`grad_bytes`, fp32: twice bf16 K/V) cp times, each beside one step's backward, the last one
+    (bringing dK/dV home) with nothing to hide behind.
+    """
+    if cp <= 1:
+        return 0.0, 0.0
+    grad_bytes = kv_bytes if grad_bytes is None else grad_bytes
+    hop = collective_time_s("send_recv", kv_bytes, 2, link)
+    grad_hop = collective_time_s("send_recv", grad_bytes, 2, link)
+    fwd_step, bwd_step = attention_fwd_s / cp, attention_bwd_s / cp
+    comm = (cp - 1) * hop + (cp - 1) * hop + cp * grad_hop
+    exposed = (cp - 1) * exposed_s(hw, hop, fwd_step) + (cp - 1) * exposed_s(hw, hop + grad_hop, bwd_step) + grad_hop
+    return comm, exposed

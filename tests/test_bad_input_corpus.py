@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -25,6 +26,7 @@ from autopar.cli.main import main
 from tests.dist_utils import TRAIN, run_train
 
 GPT = ["gpt-tiny", "--hardware", "cpu", "--batch", "8"]
+LONG = ["llama3-70b", "--model-args", "seq=524288", "--seq", "524288", "--hardware", "h100-80gb-sxm", "--devices", "64"]
 NO_FACTORY = "def other():\n    return torch.nn.Linear(2, 2)\n"
 RAISES = "def build():\n    raise RuntimeError('boom')\n"
 HF_ARGS = ["--hardware", "cpu", "--devices", "2", "--batch", "4", "--seq", "8"]
@@ -102,7 +104,13 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
     ("model-args-unknown", "plan", lambda t: [*GPT, "--devices", "2", "--model-args", "depth=2"],
      "has no field depth; valid --model-args keys"),
     ("batch-not-divisible", "plan", lambda t: ["gpt-tiny", "--hardware", "cpu", "--mesh", "dp=4", "--batch", "6"],
-     "batch 6 is not divisible by dp=4"),
+     "batch 6 is not divisible by dp=4; use --batch 4"),
+    # issue 20: one long sample on 64 devices; dp=1 divides the batch, but only pipelines fill the rest
+    ("long-seq-batch-1", "plan", lambda t: [*LONG, "--batch", "1"],
+     "batch 1 cannot fill 64 devices: tp stops at one h100-80gb-sxm node (8 devices)"),
+    # issue 20: eight long samples; the size stated is finite and the advice is the sequence, not the batch
+    ("long-seq-memory", "plan", lambda t: [*LONG, "--batch", "8", "--mesh", "dp=8,tp=8"],
+     "at seq 524288 one sample's activations alone need at least"),
     ("seq-over-model", "plan", lambda t: [*GPT, "--devices", "2", "--seq", "64"],
      "seq=64 exceeds model gpt-tiny's max positions 32"),
     ("hardware-file-missing", "plan", lambda t: [*GPT[:1], "--hardware", f"{t}/cluster.toml", "--batch", "8",
@@ -221,6 +229,7 @@ def test_bad_input_gives_one_actionable_line(case, runner, argv, says, tmp_path,
     assert len(lines) == 1, err
     assert says in lines[0], lines[0]
     assert "Traceback" not in err
+    assert not re.search(r"\b(inf|nan)\b", lines[0], re.IGNORECASE), lines[0]  # sizes are finite numbers
 
 
 def test_the_corpus_is_large_enough():

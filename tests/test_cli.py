@@ -61,7 +61,7 @@ def test_mesh_pins_the_degrees_and_implies_the_device_count(tmp_path, capsys):
     (["--devices", "4", "--fix", "zero=7"], "zero (ZeRO stage) must be one of 0, 1, 2, 3"),
     (["--devices", "4", "--fix", "banana=1"], "no key 'banana'; valid keys: dp, tp, pp, cp, zero, ac, precision, mbs"),
     (["--devices", "4", "--memory", "lots"], "--memory 'lots' is not a size"),
-    (["--mesh", "dp=4,tp=1", "--batch", "6"], "batch 6 is not divisible by dp=4"),
+    (["--mesh", "dp=4,tp=1", "--batch", "6"], "batch 6 is not divisible by dp=4; use --batch 4"),
     (["--devices", "4", "--mesh", "dp=2,tp=2", "--fix", "dp=4"], "--mesh dp=2 and --fix dp=4 disagree"),
     ([], "give --devices N"),
 ])

@@ -31,8 +31,9 @@ PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gath
           "block_grads": ("end",),
           "activations": ("start",), "inputs": ("start",), "recompute": ("start", "end"), "autocast": ("start",),
           "grads": ("end",), "buckets": ("end",),
-          "p2p_buffers": ("start", "end"), "p2p_grads": ("end",)}  # pipelines only (planner/pipeline.py)
-PARTS = tuple(k for k in PHASES if not k.startswith("p2p_"))  # every plan's; a pipeline's rank adds the p2p ones
+          "p2p_buffers": ("start", "end"), "p2p_grads": ("end",),  # pipelines only (planner/pipeline.py)
+          "ring_buffers": ("start", "end")}  # context parallelism only (planner/context.py)
+PARTS = tuple(k for k in PHASES if not k.startswith(("p2p_", "ring_")))  # every plan's; pp and cp add theirs
 ONE_BLOCK_PARTS = ("gathered", "recompute")  # concern the block at work, not every block
 
 

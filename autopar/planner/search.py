@@ -103,17 +103,14 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     optional, is (trace of a copy with two blocks, depth ratio): candidates are then planned on that copy
     deepened to the model's depth (proxy.py), and only the chosen one is traced and solved at full depth."""
     t0 = time.perf_counter()
-    budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
+    budget = _budget(req)
     full_trace, blocks = trace, _depth(req, trace, proxy)
     if proxy is not None:
         trace = _deepened(proxy[0], blocks)
     _check_pipeline_pins(req, blocks)
     meshes = [d for d in mesh_candidates(req, blocks) if micro_batch_counts(req, d["dp"], d["pp"])]
     if not meshes:
-        dps = sorted({d["dp"] for d in mesh_candidates(req, blocks)})
-        per = f" x mbs={req.fix['mbs']} (per replica)" if "mbs" in req.fix else ""
-        raise MeshError(f"batch {req.batch} is not divisible by dp={'/'.join(map(str, dps))}{per}; use a batch that "
-                        f"is a multiple of the dp degree{' x mbs' if per else ''}")
+        raise MeshError(_no_batch_message(req, mesh_candidates(req, blocks)))
 
     def early(jobs):  # the full trace the flat front-runner will need, taken while workers solve the first ILPs:
         sizes = {req.batch // m for _, m, _ in jobs}  # when each job, once solved, settles its mesh at one size
@@ -554,10 +551,32 @@ def _alternative(req: SearchRequest, c: Candidate) -> dict:
             "memory_bytes_per_device": p.memory_bytes_per_device, "tokens_per_s": p.tokens_per_s}
 
 
+def _no_batch_message(req: SearchRequest, meshes: list[dict[str, int]]) -> str:
+    """Why no mesh takes the batch: dp must divide it, and a pipeline needs pp micro-batches of at least one sample
+    per replica (batch >= pp x dp); the smallest batch some mesh takes, to say what to do."""
+    mbs = int(req.fix.get("mbs", 0))
+    if mbs and req.batch % mbs == 0:  # mbs is per data-parallel replica: the batch needs mbs x dp x micro-batches
+        dps = "/".join(map(str, sorted({d["dp"] for d in meshes})))
+        return (f"--fix mbs={mbs} (per replica) leaves no mesh whose dp={dps} x mbs divides batch {req.batch} "
+                f"(pipelines also need pp micro-batches); use a batch that is a multiple of mbs x dp, or drop mbs "
+                f"from --fix")
+    smallest = min(d["dp"] * d["pp"] for d in meshes)
+    dps = "/".join(map(str, sorted({d["dp"] for d in meshes})))
+    why = f"batch {req.batch} is not divisible by dp={dps}"
+    if any(req.batch % d["dp"] == 0 for d in meshes):  # dp divides it, but the pipelines have too few samples
+        pps = "/".join(map(str, sorted({d["pp"] for d in meshes if req.batch % d["dp"] == 0})))
+        why = (f"batch {req.batch} cannot fill {req.devices} devices: tp stops at one {req.hardware.name} node "
+               f"({req.hardware.devices_per_node} devices) and the meshes dp divides need pp={pps}, whose pipeline "
+               f"needs at least pp x dp samples (one per micro-batch and replica)")
+    return f"{why}; use --batch {smallest} (or a multiple), or fewer --devices"
+
+
 def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
     """State the least memory any candidate needs: each mesh at its smallest micro-batch and its most
-    memory-saving configuration, solved for memory instead of time."""
-    least = math.inf
+    memory-saving configuration, solved for memory instead of time (its lower bound where the solver finds no
+    solution, as HiGHS may on a badly scaled problem), and, where activations alone exceed the budget at one
+    sample per micro-batch, say that the sequence is what does not fit."""
+    least, floor, per_sample, budget = math.inf, math.inf, math.inf, _budget(req)
     for degrees in meshes:
         m = micro_batch_counts(req, degrees["dp"])[-1]
         cfg = memory_configs(req, degrees["dp"])[-1]
@@ -565,13 +584,31 @@ def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
         pinned = pinned_strategies(pg, req.fix.get("pins") or {})
         if pinned is None:
             continue
-        sol = ShardingILP(pg, ctx, _NO_LIMIT, m, pinned, objective="memory").solve(req.time_limit_s)
+        ilp = ShardingILP(pg, ctx, _NO_LIMIT, m, pinned, objective="memory")
+        sol = ilp.solve(req.time_limit_s)
+        floor = min(floor, ilp.memory_lower_bound())
         if sol is not None:
             least = min(least, predict(req, Candidate(degrees, m, pg, ctx, sol)).memory_bytes_per_device)
-    budget = req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
-    return (f"no plan fits the memory budget of {_bytes(budget)} per device; the best plan needs at least "
-            f"{_bytes(least)} (ZeRO-3 and full checkpointing where allowed, the most micro-batches). Add devices, "
+        if req.batch // (m * degrees["dp"]) == 1:
+            per_sample = min(per_sample, memory_lower_bound(pg, ctx, ilp.terms, _only_activations, m))
+    if math.isinf(least) and math.isinf(floor):
+        return (f"no plan fits the memory budget of {_bytes(budget)} per device, and no candidate mesh could be "
+                "solved for memory; raise --memory or add devices")
+    needs = f"{_bytes(least)}" if not math.isinf(least) else f"{_bytes(floor)} (a lower bound)"
+    head = f"no plan fits the memory budget of {_bytes(budget)} per device; the best plan needs at least {needs}"
+    if per_sample > budget:
+        return (f"{head}; at seq {req.seq} one sample's activations alone need at least {_bytes(per_sample)} per "
+                "device on every mesh (full checkpointing, tp within one node). Lower --seq or raise --memory")
+    return (f"{head} (ZeRO-3 and full checkpointing where allowed, the most micro-batches). Add devices, "
             "lower --batch/--seq, or raise --memory")
+
+
+def _only_activations(owner: str, part: str) -> float:
+    return 1.0 if part in PER_MICRO_BATCH else 0.0
+
+
+def _budget(req: SearchRequest) -> float:
+    return req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
 
 
 def _bytes(n: float) -> str:

@@ -1,0 +1,91 @@
+"""Tier 0: context parallelism's prices (cost_models.comm.ring_attention_s, planner/context.py): the ring's send/recv
+and how much local attention hides, the folded model's activations at 1/cp, the attention the fold leaves out."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopar.cost_models import Link, collective_time_s, load_hardware
+from autopar.cost_models.comm import ring_attention_s
+from autopar.planner.context import folded, ring_buffer_bytes, ring_correction
+from autopar.planning import make_plan
+
+H100 = load_hardware("h100-80gb-sxm")
+NVLINK = H100.intra_node
+
+
+def test_one_rank_has_no_ring():
+    assert ring_attention_s(H100, NVLINK, 1e9, 1, 1.0, 2.0) == (0.0, 0.0)
+
+
+def test_ring_moves_kv_2_cp_minus_2_times_and_dkv_cp_times():
+    link = Link("x", 0.0, 1e9)
+    comm, _ = ring_attention_s(H100, link, 1e6, 4, 0.0, 0.0, grad_bytes=2e6)
+    assert comm == pytest.approx((2 * 3 * 1e6 + 4 * 2e6) / 1e9)
+
+
+def test_without_attention_to_hide_behind_every_hop_is_exposed():
+    comm, exposed = ring_attention_s(H100, NVLINK, 1e8, 8, 0.0, 0.0)
+    assert exposed == pytest.approx(comm)
+
+
+def test_long_attention_hides_all_but_the_last_gradient_hop():
+    comm, exposed = ring_attention_s(H100, NVLINK, 1e8, 8, 10.0, 20.0, grad_bytes=2e8)
+    assert exposed == pytest.approx(collective_time_s("send_recv", 2e8, 2, NVLINK))
+    assert exposed < comm / 10
+
+
+def _llama70b_layer(seq: int, cp: int) -> tuple[float, float]:
+    """(comm, exposed) of one Llama-3-70B layer's ring (64 heads of 128 after GQA's repeat, bf16, batch 1, tp=1),
+    attention at the roofline's peak x efficiency."""
+    kv = 2 * 64 * (seq // cp) * 128 * 2
+    flops = 4 * 64 * seq * seq / 2 * 128 / cp  # the rank's causal share
+    fwd = flops / (H100.peak_flops_per_s["bfloat16"] * H100.matmul_efficiency)
+    return ring_attention_s(H100, NVLINK, kv, cp, fwd, 2 * fwd, 2 * kv)
+
+
+def test_long_sequences_hide_the_ring_and_short_ones_do_not():
+    """Attention grows with S^2 / cp, the hop with S / cp: at 512k tokens the ring hides behind attention on
+    NVLink; at 2k it cannot."""
+    comm, exposed = _llama70b_layer(524288, 8)
+    assert exposed < 0.2 * comm
+    comm, exposed = _llama70b_layer(2048, 8)
+    assert exposed > 0.5 * comm
+
+
+def test_fold_divides_the_sequence_and_multiplies_the_batch():
+    assert folded(2, 64, 4) == (8, 16)
+    with pytest.raises(ValueError, match="2\\*cp=8"):
+        folded(1, 60, 4)
+
+
+def test_folded_plan_holds_activations_divided_by_cp():
+    """A cp=2 rank's activations (the folded model on dp=2) are half of one rank's at the whole sequence."""
+    fix = {"tp": 1, "zero": 0, "ac": "none"}
+    whole = make_plan("gpt-tiny", devices=1, hardware="cpu", batch=32, seq=32, fix=fix)
+    b, s = folded(32, 32, 2)  # a batch at which activations set the peak (backward start)
+    half = make_plan("gpt-tiny", devices=2, hardware="cpu", batch=b, seq=s, fix={**fix, "dp": 2})
+    act = [p.predicted.memory_parts["activations"] + p.predicted.memory_parts["inputs"] for p in (whole, half)]
+    assert act[1] == pytest.approx(act[0] / 2, rel=0.02), act
+
+
+def test_ring_correction_adds_the_attention_the_fold_leaves_out():
+    from autopar.planner.search import SearchRequest, _graph
+    from autopar.capture import capture
+    from autopar.models import build_model, sample_inputs
+
+    model, info = build_model("gpt-tiny", {}, device="meta")
+    b, s = folded(4, 32, 2)
+    captured = capture(model, sample_inputs(info, b, s, device="meta"))
+    cpu = load_hardware("cpu")
+    req = SearchRequest(model="gpt-tiny", n_params=0, hardware=cpu, devices=2, batch=b, seq=s)
+    pg, ctx = _graph(req, captured, {"pp": 1, "dp": 2, "tp": 1})
+    choice = {p.node.name: 0 for p in pg.owners()}
+    one = ring_correction(cpu, cpu.intra_node, pg, ctx, choice, 1)
+    two = ring_correction(cpu, cpu.intra_node, pg, ctx, choice, 2)
+    assert one.comm_s == 0 and one.attention_fwd_s == 0
+    assert two.attention_fwd_s > 0 and two.attention_bwd_s > two.attention_fwd_s
+    assert two.comm_s > 0 and 0 < two.exposed_s <= two.comm_s
+    # gpt-tiny: 4 heads x 8 dims; replicated strategy: the folded micro-batch of 8 samples x 16 tokens
+    kv = 2 * 8 * 4 * 16 * 8 * 4
+    assert two.buffer_bytes == ring_buffer_bytes(kv, 4) == 4 * kv  # fp32: K/V twice, dK/dV twice
