@@ -175,6 +175,7 @@ CASES = [
     ("gpt-tiny", dict(schedule="gpipe")),
     ("gpt-tiny", dict(schedule="zero-bubble", v=2, ac="full", dp=2)),  # weight gradients land without hooks
     ("gpt-tiny", dict(schedule="1f1b", dp=2)),  # dp gradient buckets reduced during the last backward passes
+    ("gpt-tiny", dict(schedule="gpipe", dp=2, m=1)),  # one micro-batch: each bucket reduced once, not twice
     ("gpt-tiny", dict(schedule="1f1b", tp=2)),  # TP + SP collectives inside stages
     ("gpt-tiny", dict(schedule="interleaved", v=2, dp=2, zero=3, ac="full")),  # FSDP per stage root
     ("llama-tiny", dict(schedule="interleaved", v=2, tp=2, ac="selective")),  # rotary tables passed through

@@ -224,6 +224,7 @@ class _GradSync:
         self.launched: set[int] = set()
         self.queued = False
         self.passes = 1  # backward passes that accumulate into each gradient per step (pipelined: m)
+        self.scheduled = False  # inside a pipeline schedule: reduce_all, not an autograd callback, ends the step
         for b, bucket in enumerate(self.buckets):
             for p in bucket["params"]:
                 p.register_post_accumulate_grad_hook(self._hook(b))
@@ -232,7 +233,7 @@ class _GradSync:
         def hook(p: torch.Tensor) -> None:
             if not self.enabled:
                 return
-            if not self.queued and self.passes == 1:
+            if not self.queued and not self.scheduled:  # under a schedule the step finishes (reduce_all)
                 torch.autograd.Variable._execution_engine.queue_callback(self._finish)
                 self.queued = True
             self.ready[b] = self.ready.get(b, 0) + 1
@@ -247,11 +248,11 @@ class _GradSync:
         m accumulations of each of its gradients and is reduced then, while backward goes on through the stage's
         earlier layers and the rank's other stages (as DDP overlaps within one backward); no backward waits for
         it: the step does, after the schedule (reduce_all)."""
-        self.passes = m
+        self.passes, self.scheduled = m, True
         try:
             yield
         finally:
-            self.passes = 1
+            self.passes, self.scheduled = 1, False
 
     def reduce_all(self) -> None:
         """After a pipeline schedule: reduce the buckets no hook launched (the zero-bubble schedule accumulates
