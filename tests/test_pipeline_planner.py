@@ -161,7 +161,7 @@ def test_data_parallel_reduction_hides_behind_the_last_micro_batch_backward():
     its forward + backward), and only the rest is exposed; ZeRO-1's broadcast after the optimizer step never hides."""
     args = dict(layers=4, hidden=1024, heads=16, vocab=51200, seq=2048)
     common = dict(model_args=args, devices=64, hardware="a100-80gb-sxm", batch=64)
-    preds = {zero: make_plan("gpt", fix={"pp": 2, "dp": 32, "tp": 1, "mbs": 32, "zero": zero, "schedule": "1f1b"},
+    preds = {zero: make_plan("gpt", fix={"pp": 2, "dp": 32, "tp": 1, "mbs": 1, "zero": zero, "schedule": "1f1b"},
                              **common).predicted for zero in (0, 1)}
     for pred in preds.values():
         window = 2 / 3 * max(s["time_s"] for s in pred.stages)

@@ -27,7 +27,7 @@ ROWS = {"1.7B": (24, 2304, 24, 1, 1, 32, 512, 16, 137), "39.1B": (48, 8192, 64, 
 def _tflops(name: str, hardware) -> float:
     layers, hidden, heads, tp, pp, gpus, batch, micro, _ = ROWS[name]
     dp = gpus // (tp * pp)
-    fix = {"pp": pp, "tp": tp, "dp": dp, "mbs": dp * micro, "ac": "full", "zero": 0}  # mbs: global micro-batch
+    fix = {"pp": pp, "tp": tp, "dp": dp, "mbs": micro, "ac": "full", "zero": 0}  # mbs: per data-parallel replica
     if pp > 1:
         fix["schedule"] = "interleaved"
     plan = make_plan("gpt", model_args=dict(layers=layers, hidden=hidden, heads=heads, vocab=VOCAB, seq=SEQ),

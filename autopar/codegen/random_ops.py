@@ -27,8 +27,8 @@ def check_random_ops(pg: PlanGraph, micro_batches: int, pipeline: bool) -> None:
     if (micro_batches > 1 or pipeline) and len(random) > 1:
         raise PlanError(f"the model draws random numbers in {len(random)} ops ({names}); split into {micro_batches} "
                         "micro-batches they draw in another order than one process does, so the step could not "
-                        "match it. Pin one micro-batch (fix mbs=<batch>, pp=1) or make those ops deterministic "
-                        "(dropout p=0 / model.eval())")
+                        "match it. Pin one micro-batch (fix mbs=<batch / dp>, per replica, and pp=1) or make those ops "
+                        "deterministic (dropout p=0 / model.eval())")
     state = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
