@@ -132,24 +132,14 @@ if __name__ == "__main__":
 def launch(cases: list[dict], nproc: int, tmp: Path, timeout: int = 900) -> dict[str, dict]:
     """Run the cases under torchrun on `nproc` gloo ranks; results by case id (a case missing from the output
     means a rank died, which fails the caller with the launcher's stderr)."""
-    import os
-    import signal
-    import subprocess
+    from tests.dist_utils import run_isolated
 
     spec = tmp / f"cases_{nproc}.json"
     spec.write_text(json.dumps(cases))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
            str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    rc, out, err = run_isolated(cmd, timeout)
     results = {r["id"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
     missing = [c["id"] for c in cases if c["id"] not in results]
-    assert not missing, f"no result for {missing} (rc {proc.returncode}):\n{err[-4000:]}"
+    assert not missing, f"no result for {missing} (rc {rc}):\n{err[-4000:]}"
     return results
