@@ -16,6 +16,7 @@ import torch
 
 from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
 from autopar.placement import R, Placement, local_shape
+from autopar.planner.fusion import priced
 from autopar.planner.graph import PNode
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
 from autopar.redistribute import steps
@@ -99,7 +100,7 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         act += out_bytes
     elif saves == "mask":  # a boolean per element (aten.dropout runs native_dropout, which returns it)
         act += float(math.prod(outs[-1]))
-    return NodeCost(fwd, bwd, act, 0.0, out_bytes)
+    return priced(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes))  # fused chains: planner/fusion.py
 
 
 def recomputed(ctx: CostContext, p: PNode) -> bool:

@@ -14,6 +14,7 @@ from autopar.planner.candidate import Candidate, SearchRequest
 from autopar.planner.cost import edge_price, node_cost, zero_sync
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.moves import chosen_moves
+from autopar.planner.fusion import summary
 from autopar.planner.pipeline import rank_sync, stage_time
 from autopar.planner.staging import pieces
 from autopar.runtime.compiled import BUCKET_BYTES
@@ -198,7 +199,9 @@ def to_plan(req: SearchRequest, best: Candidate, budget: float, stats: dict, oth
                 ac=best.memory.ac, ac_layers=dict(ac_layers or {}), precision=best.memory.precision, memory_budget_bytes=budget, params=params,
                 strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
                 fallback_seconds=dict(fallback_s),
-                alternatives=others, **_pipeline_fields(best))
+                alternatives=others, fuse=best.memory.fuse,
+                fusions=summary(best.ctx, pg, lambda n: chosen(best, n), best.micro_batches) if best.memory.fuse else [],
+                **_pipeline_fields(best))
 
 
 def _pipeline_fields(c: Candidate) -> dict:
