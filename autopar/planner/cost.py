@@ -16,7 +16,7 @@ import torch
 
 from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
 from autopar.placement import R, Placement, local_shape
-from autopar.planner.fusion import priced
+from autopar.planner.fusion import Chain, chain_of
 from autopar.planner.graph import PNode
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
 from autopar.redistribute import steps
@@ -100,7 +100,7 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         act += out_bytes
     elif saves == "mask":  # a boolean per element (aten.dropout runs native_dropout, which returns it)
         act += float(math.prod(outs[-1]))
-    return priced(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes))  # fused chains: planner/fusion.py
+    return fused(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes))
 
 
 def recomputed(ctx: CostContext, p: PNode) -> bool:
@@ -213,3 +213,62 @@ def zero_sync(ctx: CostContext, sync: float) -> tuple[float, float]:
     if stage == 1:
         return sync, 0.5 * sync
     return sync, 0.0
+
+
+# ---- fused chains (planner/fusion.py finds them) ---------------------------------------------------------------
+# (external tensors the fused kernel reads + writes) in units of its output; saved tensors likewise
+_TRAFFIC = {"add_norm": 4, "norm": 2, "swiglu": 3, "bias_gelu": 2, "rotary": 2}
+_SAVED = {"add_norm": 1, "norm": 1, "swiglu": 2, "bias_gelu": 1, "rotary": 0}
+
+
+def fused(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost) -> NodeCost:
+    """The cost of node p at strategy s when its chain (planner/fusion.py) runs fused (ctx.memory.fuse): a fused
+    chain's tensors are read and written once at the memory bandwidth, with one launch (op_time_s' roofline and
+    launch floor), its backward at BACKWARD_FACTOR x forward; the members it absorbs cost nothing. Saved for
+    backward: add_norm/norm keep their input and two fp32 numbers per row, swiglu its two inputs, rotary nothing
+    (its tables are buffers), bias_gelu the pre-activation, cross_entropy the input's and weight's gradients
+    (computed in forward) instead of the [tokens x vocab/tp] logits."""
+    if not ctx.memory.fuse or p.kind != "op":
+        return cost
+    chain = chain_of(p.node)
+    if chain is None or (chain.kind in ("bias_gelu", "cross_entropy") and p.node.name == chain.members[0]):
+        return cost  # the Linear stays a matmul at its own price
+    if p.node.name != chain.anchor:
+        return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0)
+    if chain.kind == "cross_entropy":
+        return _cross_entropy_cost(ctx, p, s, cost, chain)
+    return _pointwise_cost(ctx, p, s, cost, chain)
+
+
+def _local_out(ctx: CostContext, p: PNode, s: Strategy) -> tuple[tuple[int, ...], torch.dtype]:
+    return tuple(local_shape(p.info.out_shapes[0], s.outs[0], ctx.degrees)), p.info.out_dtypes[0]
+
+
+def _pointwise_cost(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost, chain: Chain) -> NodeCost:
+    shape, dtype = _local_out(ctx, p, s)
+    elements = float(math.prod(shape))
+    big = elements * dtype.itemsize
+    rows = elements / shape[-1] if shape else 1.0
+    stats = 8.0 * rows if chain.kind in ("add_norm", "norm") else 0.0  # fp32 mean and 1/std per row
+    special = elements if chain.kind in ("swiglu", "bias_gelu") else 0.0
+    family = p.rule.family(p.info) if chain.kind == "bias_gelu" and p.rule else "exp"
+    fwd = op_time_s(ctx.hw, 8.0 * elements, _TRAFFIC[chain.kind] * big + stats, dtype, "vector", special, family)
+    bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
+    saved = (_SAVED[chain.kind] * big + stats) * _activation_scale(ctx, p) if p.requires_grad else 0.0
+    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved)
+
+
+def _cross_entropy_cost(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost, chain: Chain) -> NodeCost:
+    """Forward: the logits chunk is written by the matmul (the Linear's price), read for max/sum-exp and read and
+    written once more as softmax - onehot; the gradient matmuls move from backward into forward (the Linear's
+    price already has them). Backward scales the saved dx and dW. Saved: dx [tokens x hidden] and dW
+    [vocab/tp x hidden] instead of the logits."""
+    logits = local_shape(p.info.in_shapes[0], s.ins[0], ctx.degrees)
+    dtype = p.info.in_dtypes[0]
+    tokens, vocab = logits
+    grads = float(tokens + vocab) * chain.hidden * dtype.itemsize
+    fwd = op_time_s(ctx.hw, 4.0 * tokens * vocab, 3.0 * tokens * vocab * dtype.itemsize, dtype, "transcendental",
+                    float(tokens * vocab), "exp")
+    bwd = op_time_s(ctx.hw, float(tokens + vocab) * chain.hidden, 2.0 * grads, dtype) if p.requires_grad else 0.0
+    saved = grads * _activation_scale(ctx, p) if p.requires_grad else 0.0
+    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved)

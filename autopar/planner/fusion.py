@@ -7,19 +7,14 @@ models match alike; codegen/fuse.py rewrites the same chains in each rank's prog
 - swiglu: silu(a) * b;  bias_gelu: a Linear's bias add + GELU;  rotary: x * cos + cat(-x2, x1) * sin;
 - cross_entropy: the head Linear (no bias) + view + cross_entropy_loss, chunked over tokens.
 
-Pricing (the cost model's hook, `priced`): a fused chain's tensors are read and written once at the hardware's
-memory bandwidth, with one launch (op_time_s' roofline and launch floor), its backward at the cost model's 2x
-forward; the members it absorbs cost nothing. Saved for backward: add_norm/norm keep their input and two fp32
-numbers per row, swiglu its two inputs, rotary nothing (its tables are buffers), bias_gelu the pre-activation,
-cross_entropy the input's and weight's gradients (computed in forward) instead of the [tokens x vocab/tp] logits.
+What a fused chain costs and saves is priced where every op is (cost.py, `fused`); the plan's per-kind summary
+is predict.py's. This module imports nothing of the planner (tests/test_planner_imports.py).
 """
 
 from __future__ import annotations
 
-import math
-import operator
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,9 +22,6 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 FUSION_KINDS = ("add_norm", "norm", "swiglu", "bias_gelu", "rotary", "cross_entropy")
-# (external tensors the fused kernel reads + writes) in units of its output; saved tensors likewise
-_TRAFFIC = {"add_norm": 4, "norm": 2, "swiglu": 3, "bias_gelu": 2, "rotary": 2}
-_SAVED = {"add_norm": 1, "norm": 1, "swiglu": 2, "bias_gelu": 1, "rotary": 0}
 _END = 2 ** 63 - 1  # slice(x, d, h, END): how export writes x[..., h:]
 
 
@@ -239,80 +231,3 @@ def chain_of(node: fx.Node) -> Chain | None:
     if node.graph not in _CACHE:
         _CACHE[node.graph] = {m: c for c in find_chains(node.graph) for m in c.members}
     return _CACHE[node.graph].get(node.name)
-
-
-# ---- pricing -----------------------------------------------------------------------------------------------------
-
-def priced(ctx, p, s, cost):
-    """node_cost's hook: the cost of node p at strategy s when its chain runs fused (ctx.memory.fuse)."""
-    if not ctx.memory.fuse or p.kind != "op":
-        return cost
-    chain = chain_of(p.node)
-    if chain is None or (chain.kind in ("bias_gelu", "cross_entropy") and p.node.name == chain.members[0]):
-        return cost  # the Linear stays a matmul at its own price
-    if p.node.name != chain.anchor:
-        return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0)
-    if chain.kind == "cross_entropy":
-        return _cross_entropy_cost(ctx, p, s, cost, chain)
-    return _pointwise_cost(ctx, p, s, cost, chain)
-
-
-def _local_out(ctx, p, s) -> tuple[tuple[int, ...], torch.dtype]:
-    from autopar.placement import local_shape
-    return tuple(local_shape(p.info.out_shapes[0], s.outs[0], ctx.degrees)), p.info.out_dtypes[0]
-
-
-def _pointwise_cost(ctx, p, s, cost, chain: Chain):
-    from autopar.cost_models import op_time_s
-    from autopar.planner.cost import BACKWARD_FACTOR, _activation_scale
-    shape, dtype = _local_out(ctx, p, s)
-    elements = float(math.prod(shape))
-    big = elements * dtype.itemsize
-    rows = elements / shape[-1] if shape else 1.0
-    stats = 8.0 * rows if chain.kind in ("add_norm", "norm") else 0.0  # fp32 mean and 1/std per row
-    special = elements if chain.kind in ("swiglu", "bias_gelu") else 0.0
-    family = p.rule.family(p.info) if chain.kind == "bias_gelu" and p.rule else "exp"
-    fwd = op_time_s(ctx.hw, 8.0 * elements, _TRAFFIC[chain.kind] * big + stats, dtype, "vector", special, family)
-    bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
-    saved = (_SAVED[chain.kind] * big + stats) * _activation_scale(ctx, p) if p.requires_grad else 0.0
-    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved)
-
-
-def _cross_entropy_cost(ctx, p, s, cost, chain: Chain):
-    """Forward: the logits chunk is written by the matmul (the Linear's price), read for max/sum-exp and read and
-    written once more as softmax - onehot; the gradient matmuls move from backward into forward (the Linear's
-    price already has them). Backward scales the saved dx and dW. Saved: dx [tokens x hidden] and dW
-    [vocab/tp x hidden] instead of the logits."""
-    from autopar.cost_models import op_time_s
-    from autopar.placement import local_shape
-    from autopar.planner.cost import _activation_scale
-    logits = local_shape(p.info.in_shapes[0], s.ins[0], ctx.degrees)
-    dtype = p.info.in_dtypes[0]
-    tokens, vocab = logits
-    grads = float(tokens + vocab) * chain.hidden * dtype.itemsize
-    fwd = op_time_s(ctx.hw, 4.0 * tokens * vocab, 3.0 * tokens * vocab * dtype.itemsize, dtype, "transcendental",
-                    float(tokens * vocab), "exp")
-    bwd = op_time_s(ctx.hw, float(tokens + vocab) * chain.hidden, 2.0 * grads, dtype) if p.requires_grad else 0.0
-    saved = grads * _activation_scale(ctx, p) if p.requires_grad else 0.0
-    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved)
-
-
-def summary(ctx, pg, chosen, micro_batches: int) -> list[dict[str, Any]]:
-    """Per fusion kind in the chosen plan: how many, and the predicted step time and activation memory they save
-    (unfused minus fused cost of their members at the chosen strategies; memory per micro-batch in flight)."""
-    from autopar.planner.cost import node_cost
-    off = replace(ctx, memory=replace(ctx.memory, fuse=False))
-    on = replace(ctx, memory=replace(ctx.memory, fuse=True))
-    rows: dict[str, dict[str, Any]] = {}
-    for name, p in pg.nodes.items():
-        chain = chain_of(p.node) if p.kind == "op" else None
-        if chain is None:
-            continue
-        s = chosen(name)
-        a, b = node_cost(off, p, s), node_cost(on, p, s)
-        row = rows.setdefault(chain.kind, {"kind": chain.kind, "count": 0, "time_saved_s": 0.0,
-                                           "memory_saved_bytes": 0.0})
-        row["count"] += name == chain.anchor
-        row["time_saved_s"] += micro_batches * (a.fwd_s + a.bwd_s - b.fwd_s - b.bwd_s)
-        row["memory_saved_bytes"] += a.activation_bytes - b.activation_bytes
-    return [rows[k] for k in FUSION_KINDS if k in rows]
