@@ -66,7 +66,7 @@ def _stats(logits, target, vocab_start, triton_path):
         kernel(_ce_stats_kernel)[(rows,)](logits, target, m, s, picked, v, vocab_start, BLOCK=block(v, VOCAB_BLOCK))
         return m, s, picked
     m = logits.max(-1).values
-    s = (logits - m.unsqueeze(-1)).exp().sum(-1)
+    s = (logits - m.unsqueeze(-1)).exp_().sum(-1)  # one chunk-sized temporary beside the logits
     local = target - vocab_start
     inside = (local >= 0) & (local < logits.shape[-1])
     picked = logits.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1) * inside
@@ -120,8 +120,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
         total += rows.sum()
         if need_grad:
             d = _softmax_grad(logits, lse, t_c, counted, vocab_start, x.dtype, triton_path)
-            grad_x[start:start + chunk] = d @ weight
-            grad_w += (d.t() @ x_c).float()
+            torch.mm(d, weight, out=grad_x[start:start + chunk])
+            if grad_w.dtype == d.dtype:
+                grad_w.addmm_(d.t(), x_c)  # no [vocab/tp x hidden] product beside the accumulator
+            else:
+                grad_w += (d.t() @ x_c).float()
+            del d  # the chunk's logits (d is written over them): gone before the next chunk's matmul
+        del logits
     return total, grad_x, grad_w.to(weight.dtype) if need_grad else grad_w
 
 

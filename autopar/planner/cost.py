@@ -57,6 +57,7 @@ class NodeCost:
     state_bytes: float  # parameters + gradients + optimizer state
     out_bytes: float = 0.0  # the outputs, one micro-batch (kept by selective checkpointing for weight matmuls)
     step_s: float = 0.0  # once per optimizer step, whatever the micro-batches: a parameter's optimizer update
+    transient_bytes: float = 0.0  # held at the op's own peak besides what it saves (a loss's copies of the logits)
 
 
 def optimizer_s(ctx: CostContext, shape: Sequence[int]) -> float:
@@ -100,7 +101,22 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         act += out_bytes
     elif saves == "mask":  # a boolean per element (aten.dropout runs native_dropout, which returns it)
         act += float(math.prod(outs[-1]))
-    return fused(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes))
+    transient = loss_copies_bytes(p, ins) if p.requires_grad else 0.0
+    return fused(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes, transient_bytes=transient))
+
+
+# An unfused cross-entropy holds, at its peak, two fp32 [rows x classes] copies of the logits besides the one its
+# backward saves: the vocab-parallel lowering (codegen/collectives.py) holds the logits and logits - max while
+# exp() (saved) is written; aten's cross_entropy_loss (log_softmax + nll_loss) in backward holds the gradient of
+# log_softmax's output and of its input beside log_softmax's output (saved). Autocast runs both in fp32.
+LOSS_COPIES = 2
+
+
+def loss_copies_bytes(p: PNode, ins: Sequence[Sequence[int]]) -> float:
+    """Transient bytes of an unfused cross-entropy over local logits of shape ins[0] (0 for other ops)."""
+    if p.node.target is not torch.ops.aten.cross_entropy_loss.default or len(ins[0]) != 2:
+        return 0.0
+    return LOSS_COPIES * nbytes(ins[0], torch.float32)
 
 
 def recomputed(ctx: CostContext, p: PNode) -> bool:
@@ -234,7 +250,7 @@ def fused(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost) -> NodeCost:
     if chain is None or (chain.kind in ("bias_gelu", "cross_entropy") and p.node.name == chain.members[0]):
         return cost  # the Linear stays a matmul at its own price
     if p.node.name != chain.anchor:
-        return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0)
+        return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0, transient_bytes=0.0)
     if chain.kind == "cross_entropy":
         return _cross_entropy_cost(ctx, p, s, cost, chain)
     return _pointwise_cost(ctx, p, s, cost, chain)
@@ -262,7 +278,11 @@ def _cross_entropy_cost(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost,
     """Forward: the logits chunk is written by the matmul (the Linear's price), read for max/sum-exp and read and
     written once more as softmax - onehot; the gradient matmuls move from backward into forward (the Linear's
     price already has them). Backward scales the saved dx and dW. Saved: dx [tokens x hidden] and dW
-    [vocab/tp x hidden] instead of the logits."""
+    [vocab/tp x hidden] instead of the logits. Transient, per chunk of tokens (kernels.ce_chunk_rows): the fp32
+    logits and exp(logits - max) beside them (the reference path; the Triton kernel reads the logits in place, so
+    on GPUs this is one chunk too many), and below fp32 the matmul's own output and dW's fp32 accumulator."""
+    from autopar.kernels import ce_chunk_rows  # the package's __init__: no triton, no kernels
+
     logits = local_shape(p.info.in_shapes[0], s.ins[0], ctx.degrees)
     dtype = p.info.in_dtypes[0]
     tokens, vocab = logits
@@ -271,4 +291,8 @@ def _cross_entropy_cost(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost,
                     float(tokens * vocab), "exp")
     bwd = op_time_s(ctx.hw, float(tokens + vocab) * chain.hidden, 2.0 * grads, dtype) if p.requires_grad else 0.0
     saved = grads * _activation_scale(ctx, p) if p.requires_grad else 0.0
-    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved)
+    chunk = float(ce_chunk_rows(tokens, vocab, chain.hidden) * vocab)
+    transient = 2 * nbytes((chunk,), torch.float32)
+    if dtype != torch.float32:
+        transient += chunk * dtype.itemsize + vocab * chain.hidden * (dtype.itemsize + 4.0)
+    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved, transient_bytes=transient)

@@ -242,5 +242,5 @@ def fusion_summary(ctx, pg, chosen, micro_batches: int) -> list[dict[str, Any]]:
                                            "memory_saved_bytes": 0.0})
         row["count"] += name == chain.anchor
         row["time_saved_s"] += micro_batches * (a.fwd_s + a.bwd_s - b.fwd_s - b.bwd_s)
-        row["memory_saved_bytes"] += a.activation_bytes - b.activation_bytes
+        row["memory_saved_bytes"] += a.activation_bytes + a.transient_bytes - b.activation_bytes - b.transient_bytes
     return [rows[k] for k in FUSION_KINDS if k in rows]
