@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
-from autopar.placement import R, Placement, local_shape
+from autopar.placement import P, R, Placement, local_shape
 from autopar.planner.fusion import Chain, chain_of
 from autopar.planner.graph import PNode
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
@@ -249,6 +249,11 @@ def fused(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost) -> NodeCost:
     chain = chain_of(p.node)
     if chain is None or (chain.kind in ("bias_gelu", "cross_entropy") and p.node.name == chain.members[0]):
         return cost  # the Linear stays a matmul at its own price
+    if chain.kind == "add_norm" and p.node.name == chain.members[0] and P in s.outs[0]:
+        # a partial sum is all-reduced before any norm reads it (codegen/emit.py): the collective splits the chain
+        # there, codegen/fuse.py leaves it unfused, and the add runs on its own; the search sees the price and
+        # keeps the residual sum whole where the fused chain is cheaper (Megatron's order: reduce, then add)
+        return cost
     if p.node.name != chain.anchor:
         return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0, transient_bytes=0.0)
     if chain.kind == "cross_entropy":
