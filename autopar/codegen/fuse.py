@@ -2,7 +2,8 @@
 
 The chains are those the planner priced (planner/fusion.py, matched by op pattern on the traced graph). A chain is
 rewritten only where this rank's program still holds it intact: every member emitted as the same op, each reading
-the member before it directly (no collective or lowering in between) and used only inside the chain. Where a
+the member before it directly (no collective or lowering in between), members reading one outside value reading
+the same redistribution of it, and each used only inside the chain. Where a
 placement put a collective inside a chain (an RMSNorm over a sharded hidden dim, say), the chain stays unfused, as
 the planner's pricing of that placement assumed nothing else. The fused ops are `torch.ops.autopar.*`
 (autopar/kernels); the head matmul + cross-entropy also absorbs the vocab-parallel lowering's collectives.
@@ -42,6 +43,7 @@ def _intact(chain: Chain, pg: PlanGraph, values: dict[str, fx.Node]) -> bool:
     members = {values.get(m) for m in chain.members}
     last = values.get(chain.anchor)
     order = {n: i for i, n in enumerate(last.graph.nodes)} if isinstance(last, fx.Node) else {}
+    outside: dict[str, object] = {}  # what each outside value a member reads is here
     for name in chain.members:
         node, here = pg.nodes[name].node, values.get(name)
         if chain.kind == "cross_entropy" and name == chain.anchor:
@@ -53,6 +55,9 @@ def _intact(chain: Chain, pg: PlanGraph, values: dict[str, fx.Node]) -> bool:
         for i, arg in enumerate(flat_args(node)):
             if isinstance(arg, fx.Node) and arg.name in chain.members and flat_args(here)[i] is not values[arg.name]:
                 return False
+            if isinstance(arg, fx.Node) and arg.name not in chain.members and \
+                    outside.setdefault(arg.name, flat_args(here)[i]) is not flat_args(here)[i]:
+                return False  # two members read one outside value as two different redistributions of it
         escapes = [u for u in here.users if u not in members]
         if name == chain.residual_out:  # its value leaves the chain: every outside use comes after the fused op
             if any(order[u] < order[last] for u in escapes):
