@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 from autopar.cost_models import exposed_s, latency_s
 from autopar.placement import fmt, local_shape
@@ -13,8 +14,8 @@ from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.candidate import Candidate, SearchRequest
 from autopar.planner.cost import edge_price, node_cost, zero_sync
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
-from autopar.planner.moves import chosen_moves
 from autopar.planner.fusion import FUSION_KINDS, chain_of
+from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import rank_sync, stage_time
 from autopar.planner.staging import pieces
 from autopar.runtime.compiled import BUCKET_BYTES
@@ -200,7 +201,8 @@ def to_plan(req: SearchRequest, best: Candidate, budget: float, stats: dict, oth
                 strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
                 fallback_seconds=dict(fallback_s),
                 alternatives=others, fuse=best.memory.fuse,
-                fusions=fusion_summary(best.ctx, pg, lambda n: chosen(best, n), best.micro_batches) if best.memory.fuse else [],
+                fusions=fusion_summary(best.ctx, pg, lambda n: chosen(best, n), best.micro_batches)
+                if best.memory.fuse else [],
                 **_pipeline_fields(best))
 
 
