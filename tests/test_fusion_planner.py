@@ -79,3 +79,15 @@ def test_autopar_plan_lists_fusions_without_triton():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fused kernels" in out.stdout and "rotary embedding" in out.stdout
     assert "KERNELS_IMPORTED False" in out.stdout
+
+
+def test_the_residual_sum_stays_whole_where_its_chain_fuses():
+    """A residual sum left partial over tp is all-reduced before its norm reads it: the collective splits the
+    add + norm chain (codegen leaves it unfused), so the add is priced on its own and the search keeps the sum
+    whole (reduce, then add), where the chain fuses (tests/test_fusion_parity.py runs gpt-tiny at tp=2 fused)."""
+    plan = make_plan("gpt-tiny", devices=2, hardware="cpu", batch=4, seq=32, fix={"dp": 1, "tp": 2})
+    module, info = build_model("gpt-tiny", {}, device="meta")
+    chains = find_chains(capture(module, sample_inputs(info, 4, 32, device="meta")).graph)
+    adds = [c.members[0] for c in chains if c.kind == "add_norm"]
+    assert adds and all("P" not in plan.strategies[a].outs[0].split("/") for a in adds), \
+        {a: plan.strategies[a].outs for a in adds}
