@@ -54,8 +54,9 @@ def _launch(args: list[str], nproc: int | None, dump: Path | None, timeout: int)
     return rc, losses, stderr
 
 
-def run_isolated(cmd: list[str], timeout: int) -> tuple[int, str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def run_isolated(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int, str, str]:
+    """Run cmd (`env` added to the environment); (returncode, stdout, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     # A session of its own: a run that hangs (ranks waiting on each other) is killed with every rank it started,
     # not just the launcher.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
