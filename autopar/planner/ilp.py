@@ -458,6 +458,10 @@ def _has_values(x: dict[str, list]) -> bool:
 
 def _solver(time_limit_s: float, threads: int):
     # One thread by default: HiGHS's thread pool does not survive fork, and the search forks workers per mesh.
+    # The time limit is wall clock, so a loaded machine can stop a solve early ("Not Solved", its incumbent). A
+    # deterministic limit exists (single-threaded HiGHS is deterministic; mip_max_nodes / mip_max_leaves count work,
+    # and pulp passes them through as solver options), but HiGHS then ends with kSolutionLimit, which pulp 3.3.2's
+    # HiGHS.findSolutionValues has no entry for (KeyError): using one needs that status mapped here first.
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
         return _BulkHiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, threads=threads)
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP)  # DESIGN decision 5: CBC as the fallback
