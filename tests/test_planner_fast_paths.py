@@ -82,3 +82,37 @@ def test_planning_in_the_cli_leaves_collection_and_source_lines_on(tmp_path):
                  "--json", str(tmp_path / "plan.json")])
     assert code == 0 and (tmp_path / "plan.json").exists()
     assert gc.isenabled() and not torch.fx.config.do_not_emit_stack_traces
+
+
+
+def _tiny_ilp(captured, degrees, budget_share: float) -> ShardingILP:
+    """An ILP of the tiny GPT with a budget between its memory lower bound (share 0) and the device's memory."""
+    hw = load_hardware("a100-80gb-sxm")
+    links = axis_links(hw, list(zip(AXES, degrees)))
+    pg = build(captured, degrees, AXES)
+    ctx = CostContext(hw, degrees, tuple(links[a] for a in AXES))
+    floor = ShardingILP(pg, ctx, hw.memory_bytes).memory_lower_bound()
+    return ShardingILP(pg, ctx, floor + budget_share * (hw.memory_bytes - floor))
+
+
+def test_the_relaxation_shortcut_finds_the_mips_optimum(tiny, monkeypatch):
+    """Solving the LP relaxation first (and stopping there when its optimum is integral) returns what branch and
+    bound returns: on meshes where the relaxation is integral and where it is not (the MIP must run), with memory
+    loose and tight."""
+    model, inputs = tiny
+    captured = capture(model, inputs)
+    took = []
+    for degrees in ((1, 2), (2, 2), (1, 4)):
+        for share in (1.0, 1e-4, 0.0):
+            results = []
+            for first in (False, True):
+                monkeypatch.setattr(_BulkHiGHS, "relaxation_first", first)
+                ilp = _tiny_ilp(captured, degrees, share)
+                results.append(ilp.solve())
+                took += [ilp.relaxation_integral] if first else []
+            plain, shortcut = results
+            assert (plain is None) == (shortcut is None), (degrees, share)
+            if plain is not None:
+                assert shortcut.status == plain.status == "Optimal"
+                assert shortcut.objective_s == pytest.approx(plain.objective_s, rel=2e-3), (degrees, share)
+    assert any(took) and not all(took), took  # both paths ran

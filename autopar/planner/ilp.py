@@ -338,6 +338,7 @@ class ShardingILP:
         with _quiet_stdout():
             self.prob.solve(solver)
         elapsed = time.perf_counter() - t0
+        self.relaxation_integral = getattr(solver, "relaxation_integral", False)  # solved without branching
         status = pulp.LpStatus[self.prob.status]
         if status == "Optimal" and self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
             status = "Not Solved"  # pulp labels HiGHS's time limit "Optimal"; the incumbent is not proven optimal
@@ -457,6 +458,10 @@ def _has_values(x: dict[str, list]) -> bool:
 
 def _solver(time_limit_s: float, threads: int):
     # One thread by default: HiGHS's thread pool does not survive fork, and the search forks workers per mesh.
+    # The time limit is wall clock, so a loaded machine can stop a solve early ("Not Solved", its incumbent). A
+    # deterministic limit exists (single-threaded HiGHS is deterministic; mip_max_nodes / mip_max_leaves count work,
+    # and pulp passes them through as solver options), but HiGHS then ends with kSolutionLimit, which pulp 3.3.2's
+    # HiGHS.findSolutionValues has no entry for (KeyError): using one needs that status mapped here first.
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
         return _BulkHiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, threads=threads)
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP)  # DESIGN decision 5: CBC as the fallback
@@ -465,7 +470,29 @@ def _solver(time_limit_s: float, threads: int):
 class _BulkHiGHS(pulp.HiGHS):
     """pulp's HiGHS interface, handing the model over in three calls (columns, integrality, rows) instead of one
     call per column and per row (pulp.HiGHS.buildSolverModel): the same columns, bounds, costs and rows, in the
-    same order, so HiGHS solves the same problem; ~4x faster to load a Llama-3-8B ILP (27k columns)."""
+    same order, so HiGHS solves the same problem; ~4x faster to load a Llama-3-8B ILP (27k columns).
+
+    The LP relaxation is solved first (`callSolver`): where its optimal vertex is integral it is the MIP's optimum
+    (no integral point is cheaper than the relaxation's optimum, and this one is integral), proven with no gap,
+    and branch and bound is skipped; otherwise the MIP runs as before. The sharding ILPs' relaxations are often
+    integral (u and y are defined by the x's; the memory row is what makes them fractional), and HiGHS's MIP
+    spends seconds in presolve, probing and heuristics before it sees that."""
+
+    relaxation_first = True
+
+    def callSolver(self, lp) -> None:
+        h = lp.solverModel
+        self.relaxation_integral = False
+        if self.mip and self.relaxation_first and self._integer:
+            h.setOptionValue("solve_relaxation", True)
+            h.run()
+            h.setOptionValue("solve_relaxation", False)
+            if h.getModelStatus() == highspy_status().kOptimal and _integral(h, self._integer):
+                self.relaxation_integral = True
+                return
+            if h.getModelStatus() == highspy_status().kInfeasible:  # no fractional point fits: no integral one
+                return
+        h.run()
 
     def buildSolverModel(self, lp) -> None:
         import highspy
@@ -482,6 +509,7 @@ class _BulkHiGHS(pulp.HiGHS):
         lp.solverModel.addCols(n, cost, lower, upper, 0, np.zeros(n, dtype=np.int32), np.zeros(0, dtype=np.int32),
                                np.zeros(0))
         integer = [v.index for v in columns if v.cat == pulp.LpInteger] if self.mip else []
+        self._integer = integer
         if integer:
             lp.solverModel.changeColsIntegrality(len(integer), np.array(integer, dtype=np.int32),
                                                  np.full(len(integer), highspy.HighsVarType.kInteger.value,
@@ -500,3 +528,16 @@ class _BulkHiGHS(pulp.HiGHS):
         lp.solverModel.addRows(len(lower), np.array(lower, dtype=np.float64), np.array(upper, dtype=np.float64),
                                len(index), np.array(starts, dtype=np.int32), np.array(index, dtype=np.int32),
                                np.array(value, dtype=np.float64))
+
+
+def highspy_status():
+    import highspy
+
+    return highspy.HighsModelStatus
+
+
+def _integral(h, integer: list[int], tol: float = 1e-6) -> bool:
+    """Every integer column of HiGHS's current solution within `tol` of an integer (HiGHS's own
+    mip_feasibility_tolerance is 1e-6)."""
+    values = h.getSolution().col_value
+    return all(abs(values[k] - round(values[k])) <= tol for k in integer)
