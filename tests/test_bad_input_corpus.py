@@ -130,7 +130,7 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
      "plan.json is malformed (JSONDecodeError"),
     ("plan-json-list", "train", lambda t: ["--plan", _plan_file(t, "[1, 2]")], "a JSON list, not an object"),
     ("plan-schema-version", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.update(schema_version=99))],
-     "plan schema_version 99 is not 2; re-create the plan"),
+     "plan schema_version 99 is not 3; re-create the plan"),
     ("plan-missing-field", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.pop("graph_fingerprint"))],
      "graph_fingerprint"),
     ("plan-file-missing", "train", lambda t: ["--plan", f"{t}/none.json"], "does not exist; create one with"),

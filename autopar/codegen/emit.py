@@ -12,7 +12,7 @@ the graph by a `grad_all_reduce` (Megatron's f).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx as fx
@@ -28,6 +28,7 @@ from autopar.strategies import Strategy, grad_partial_axes, packet_of, tensor_va
 class Emitted:
     graph: fx.Graph
     deferred_sync: dict[str, tuple[int, ...]]  # param placeholder -> axes whose gradient the runtime reduces
+    env: dict[str, fx.Node] = field(default_factory=dict)  # traced node name -> its value in the generated graph
 
 
 BLOCK_META = "autopar_block"  # node.meta key: the repeated-layer item ("blocks.3") a generated node belongs to
@@ -53,7 +54,7 @@ class Emitter:
                 if BLOCK_META in n.meta:
                     break
                 n.meta[BLOCK_META] = p.block
-        return Emitted(self.g, {k: v for k, v in self.deferred.items() if v})
+        return Emitted(self.g, {k: v for k, v in self.deferred.items() if v}, self.env)
 
     def emit_node(self, p: PNode) -> fx.Node:
         if p.kind == "input":
