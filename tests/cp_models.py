@@ -11,3 +11,11 @@ def tiny(name: str, seq: int = 64) -> torch.nn.Module:
     model, info = build_model(name, {"seq": seq}, seq=seq, device="cpu", dtype=torch.float32)
     model.vocab, model.seq = info.config.vocab, seq
     return model
+
+
+def eager_gpt() -> torch.nn.Module:
+    """gpt-tiny with attention as softmax(QK^T) under a torch.ones(s, s).triu() mask: context parallelism must
+    refuse it."""
+    from autopar.models.gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(layers=2, hidden=64, heads=4, vocab=128, seq=64, attention="eager"))

@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 4 tests/parity_worker.py CASES.json
 
-CASES.json is a list of cases: {"id", "factory": "module:function", "kwargs", "fix", "seed", "steps", "batch"}.
+CASES.json is a list of cases: {"id", "factory": "module:function", "kwargs", "fix", "seed", "steps", "batch"}
+(and "ignored": that many leading targets of the first sample set to ignore_index).
 Every rank builds the model from the seed, compiles it with autopar under the case's pins, trains `steps` SGD
 steps and trains an eager copy of the same model on the same batches in the same process (the single-process
 reference). Rank 0 prints one JSON line per case: the largest relative loss difference over the steps, the
@@ -78,6 +79,8 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
     model = build(case)
     ref, ref64 = copy.deepcopy(model), copy.deepcopy(model)
     data = batches(model.vocab, case.get("batch", 4), model.seq, case.get("steps", 2), case.get("seed", 0))
+    for _, y in data:  # "ignored": the first sample's first n targets are ignore_index (-100): uneven token counts
+        y[0, :case.get("ignored", 0)] = -100
     compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify)
     opt = compiled.optimizer(torch.optim.SGD, lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
@@ -99,12 +102,13 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
         ref_opt.step()
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
-    return {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.plan)}
+    return {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.planned)}
 
 
 def _plan_kind(plan) -> str:
     d = plan.degrees
-    return f"pp={d.get('pp', 1)},dp={d['dp']},tp={d['tp']},zero={plan.zero},ac={plan.ac}"
+    cp = f",cp={d['cp']}" if d.get("cp", 1) > 1 else ""
+    return f"pp={d.get('pp', 1)},dp={d['dp']}{cp},tp={d['tp']},zero={plan.zero},ac={plan.ac}"
 
 
 def main(path: str) -> int:
