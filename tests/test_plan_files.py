@@ -97,7 +97,7 @@ def test_a_schema_1_plan_that_cannot_be_migrated_says_why(tmp_path):
     path = tmp_path / "v1.json"
     path.write_text(json.dumps({"schema_version": 1, "degrees": {"dp": 2}, "micro_batch_size": 3}))
     with pytest.raises(PlanError, match=r"micro_batch_size 3 .* that dp=2 does not divide, so it cannot be "
-                                        r"migrated to schema 2 \(samples per data-parallel replica\)"):
+                                        r"migrated to schema 3 \(samples per data-parallel replica\)"):
         Plan.load(path)
 
 
