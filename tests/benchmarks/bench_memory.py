@@ -2,7 +2,8 @@
 
     python tests/benchmarks/bench_memory.py [--quick] [--mesh dp=2,cp=2] [--json OUT]
 
-For each configuration (model x mesh x ZeRO stage x checkpointing), `examples/train.py --measure` trains 3 steps
+For each configuration (model x mesh x ZeRO stage x checkpointing; the meshes include dp=2 x cp=2, context
+parallelism), `examples/train.py --measure` trains 3 steps
 on 4 ranks and measures the last one (autopar/runtime/measure.py: live tensor bytes at the step's start plus the highest
 running sum of the CPU allocator's events during it), taking the largest rank; beside it the plan's own
 prediction. The error is predicted / measured - 1. Published reference: Aceso (Liu et al., EuroSys 2024) reports
