@@ -94,8 +94,10 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
             progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
         try:
             plans[cp] = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None), cp)
-        except (MeshError, PlanError) as e:
-            failures[cp] = e
+        except (MeshError, PlanError) as e:  # a fold's numbers are not the user's: say which cp and how it folds
+            failures[cp] = e if cp == 1 else type(e)(
+                f"cp={cp} (planned as its fold: batch {req.batch} x {cp} = {req.batch * cp} at seq {req.seq // cp}, "
+                f"dp counting dp x cp): {e}")
     if not plans:
         raise failures[min(failures)]
     best = min(plans.values(), key=lambda p: p.predicted.step_time_s)
