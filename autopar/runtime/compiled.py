@@ -85,7 +85,7 @@ class CompiledModel(nn.Module):
         micro-batch per replica); pp = 1 only."""
         leaves = pytree.tree_leaves((args, kwargs))
         if self.fold_inputs is not None:  # one micro-step: dp groups, each cut into cp parts
-            leaves = self.fold_inputs(leaves, groups=self.plan.degrees["dp"] // self.planned.degrees["cp"])
+            leaves = self.fold_inputs(leaves, groups=self.planned.degrees["dp"])
         out = self._run(leaves)
         return pytree.tree_unflatten(list(out) if isinstance(out, (list, tuple)) else [out], self._out_spec)
 
@@ -101,14 +101,13 @@ class CompiledModel(nn.Module):
         plan's micro-batches; gradients are synchronised once, after the last. Returns the mean loss over the
         micro-batches, the same value on every rank. The forward must return the loss."""
         leaves = pytree.tree_leaves((args, kwargs))
-        if self.fold_inputs is not None:  # context parallelism: micro-batches x dp groups, each cut into cp parts
-            cp = self.planned.degrees["cp"]
-            leaves = self.fold_inputs(leaves, groups=self.plan.num_micro_batches * self.plan.degrees["dp"] // cp)
         m, batch = self.plan.num_micro_batches, leaves[0].shape[0] if leaves[0].dim() else 0
-        mbs, dp = self.plan.micro_batch_size, self.plan.degrees["dp"]
+        mbs, dp = self.planned.micro_batch_size, self.planned.degrees["dp"]
         if batch != mbs * dp * m:
             raise PlanError(f"train_step got a batch of {batch} samples but the plan runs {m} micro-batches of "
-                            f"{mbs} per replica x dp={dp}; pass the plan's global batch ({self.plan.batch})")
+                            f"{mbs} per replica x dp={dp}; pass the plan's global batch ({self.planned.batch})")
+        if self.fold_inputs is not None:  # context parallelism: micro-batches x dp groups, each cut into cp parts
+            leaves = self.fold_inputs(leaves, groups=m * dp)
         if self.pipeline is not None:
             # Each bucket's reduction starts as its gradients' last micro-batch lands, during the schedule's
             # last backward passes; the step waits for them after the schedule (_GradSync.pipelined).
