@@ -66,10 +66,12 @@ def ring_correction(hw: Hardware, cp_link: Link, pg: PlanGraph, ctx: CostContext
 
 
 def ring_buffer_bytes(kv_bytes: float, itemsize: int) -> float:
-    """Bytes the ring holds beyond the attention's saved tensors, at its peak (backward): the stacked K/V and the
-    copy arriving, plus the fp32 dK/dV accumulator and the one arriving (codegen/ring_attention.py). One attention
-    runs at a time, so this is per device, not per layer."""
-    return 2 * kv_bytes + 2 * kv_bytes * FP32 / itemsize
+    """Bytes the ring holds beyond the attention's saved tensors, at its peak (a backward ring step,
+    codegen/ring_attention.py): the stacked K/V and the copy arriving, the fp32 dK/dV accumulator and the one
+    arriving, the fp32 dQ accumulator (half of K/V's size) and the step's own dQ, dK, dV from the local kernel. One
+    attention runs at a time, so this is per device, not per layer."""
+    fp32 = kv_bytes * FP32 / itemsize
+    return 2 * kv_bytes + 2 * fp32 + fp32 / 2 + 1.5 * kv_bytes
 
 
 def is_attention(p) -> bool:
