@@ -20,6 +20,7 @@ from autopar.codegen import context
 from autopar.codegen.collectives import AxisComm
 from autopar.codegen.emit import emit
 from autopar.codegen.random_ops import check_random_ops
+from autopar.codegen.fuse import fuse as fuse_chains
 from autopar.cost_models import load_hardware
 from autopar.errors import MeshError, PlanError
 from autopar.runtime.pipeline import check_stages
@@ -37,7 +38,7 @@ from autopar.verify import verify_first_step
 
 def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: tuple, plan: str | Path | Plan | None = None,
             fix: dict | None = None, hardware: str | None = None, memory_budget_bytes: float | None = None,
-            verify: bool = False) -> CompiledModel:
+            verify: bool = False, fuse: bool | None = None) -> CompiledModel:
     """Parallelise `model` over the ranks of the current process group.
 
     sample_inputs: the forward's arguments at the training batch shape (the global batch; every rank passes the
@@ -47,7 +48,8 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     Plan to run instead of searching. fix: pins such as {"dp": 2, "tp": 2} (or {"pp": 2, "schedule": "1f1b"}).
     verify: run the parallel program's first step on the first micro-batch of sample_inputs beside `model` run
     eagerly, and raise VerifyError naming the first parameter whose gradient differs (autopar/verify.py).
-    Train with `compiled.train_step(*batch)`.
+    fuse: fused kernels (autopar/kernels) in the generated program; None follows the plan (searched plans fuse),
+    False turns them off (and plans without them). Train with `compiled.train_step(*batch)`.
     """
     if not dist.is_initialized():
         raise MeshError("torch.distributed is not initialised; run under torchrun (or call "
@@ -55,6 +57,8 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     world = dist.get_world_size()
     sample_inputs = tuple(sample_inputs)
     pins = dict(fix or {})
+    if fuse is not None:
+        pins["fuse"] = fuse
     if mesh is not None:
         pins.update(_mesh_degrees(mesh, world))
     traces = functools.lru_cache(maxsize=None)(lambda cp: _tracer(model, sample_inputs, cp))
@@ -92,6 +96,8 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
                  for name, d in plan.strategies.items()}
     fsdp_axes = (AXES.index("dp"),) if plan.zero >= 2 and plan.degrees["dp"] > 1 else None  # FSDP owns dp
     emitted = emit(pg, decisions, coords, fsdp_axes)
+    if pins.get("fuse", plan.fuse):  # codegen/fuse.py: the chains planner/fusion.py priced
+        fuse_chains(emitted.graph, pg, emitted.values)
     root, placements, aliases = _shard_parameters(model, captured, pg, decisions, mesh, coords)
     if cp > 1:
         why, sources = cp_analysis(trace(1), traces(1)(1))

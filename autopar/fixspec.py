@@ -16,7 +16,7 @@ from autopar.errors import AutoparError, MeshError, NotSupportedYet
 from autopar.runtime.zero import PRECISIONS, ZERO_STAGES
 
 MESH_AXES = ("dp", "tp", "pp", "cp")
-PLANNER_KEYS = ("pp", "dp", "tp", "cp", "mbs", "zero", "ac", "precision", "schedule", "v")  # what make_plan(fix=...) understands today
+PLANNER_KEYS = ("pp", "dp", "tp", "cp", "mbs", "zero", "ac", "precision", "schedule", "v", "fuse")  # what make_plan(fix=...) understands today
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
@@ -42,6 +42,13 @@ def _one_of(choices: tuple) -> Callable[[str], object]:
     return parse
 
 
+def _on_off(text: str) -> bool:
+    choice = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}.get(text.lower())
+    if choice is None:
+        raise _Bad("on or off")
+    return choice
+
+
 # key -> (parser, what the key means); the order is the order the help and errors list them in
 FIX_KEYS: dict[str, tuple[Callable[[str], object], str]] = {
     "dp": (_positive_int, "data-parallel degree"),
@@ -55,6 +62,7 @@ FIX_KEYS: dict[str, tuple[Callable[[str], object], str]] = {
                              "--micro-batch-size, DeepSpeed's train_micro_batch_size_per_gpu)"),
     "schedule": (_one_of(SCHEDULES), "pipeline schedule"),
     "v": (_positive_int, "virtual pipeline stages per device"),
+    "fuse": (_on_off, "fused Triton kernels (on/off)"),
 }
 
 # key -> (is the value supported today?, the capability, what to write instead); checked once the value is legal

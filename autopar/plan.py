@@ -80,6 +80,8 @@ class Plan:
     fallback_seconds: dict[str, float] = field(default_factory=dict)  # op without a rule -> its time per step
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # other degrees evaluated, with predictions
     notes: list[str] = field(default_factory=list)  # how the model was built (weights loaded, eager attention)
+    fuse: bool = True  # fused kernels in the generated program (planner/fusion.py, autopar/kernels)
+    fusions: list[dict[str, Any]] = field(default_factory=list)  # per kind: count, time_saved_s, memory_saved_bytes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -28,7 +28,7 @@ def run_jobs(jobs: list[dict], nproc: int, workdir: Path, timeout: int = 900, re
     each named job, stderr)."""
     spec = workdir / "jobs.json"
     spec.write_text(json.dumps(jobs))
-    rc, stdout, stderr = _run(torchrun(nproc, restarts) + [JOBS, str(spec)], timeout)
+    rc, stdout, stderr = run_isolated(torchrun(nproc, restarts) + [JOBS, str(spec)], timeout)
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"job"')]
     return rc, {d["job"]: d["losses"] for d in lines}, stderr
 
@@ -49,13 +49,14 @@ def _launch(args: list[str], nproc: int | None, dump: Path | None, timeout: int)
     cmd = [sys.executable, TRAIN, *args] if nproc is None else torchrun(nproc) + [TRAIN, *args]
     if dump is not None:
         cmd += ["--dump", str(dump)]
-    rc, stdout, stderr = _run(cmd, timeout)
+    rc, stdout, stderr = run_isolated(cmd, timeout)
     losses = [json.loads(line)["loss"] for line in stdout.splitlines() if line.startswith("{")]
     return rc, losses, stderr
 
 
-def _run(cmd: list[str], timeout: int) -> tuple[int, str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def run_isolated(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int, str, str]:
+    """Run cmd (`env` added to the environment); (returncode, stdout, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     # A session of its own: a run that hangs (ranks waiting on each other) is killed with every rank it started,
     # not just the launcher.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,

@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 4 tests/parity_worker.py CASES.json
 
-CASES.json is a list of cases: {"id", "factory": "module:function", "kwargs", "fix", "seed", "steps", "batch"}
-(and "ignored": that many leading targets of the first sample set to ignore_index).
+CASES.json is a list of cases: {"id", "factory": "module:function", "kwargs", "fix", "seed", "steps", "batch"},
+optionally "fuse" (autopar.compile's: fused kernels on or off; with it set, the result also counts the fused calls
+the programs hold, by kind) and "ignored" (that many leading targets of the first sample set to ignore_index).
 Every rank builds the model from the seed, compiles it with autopar under the case's pins, trains `steps` SGD
 steps and trains an eager copy of the same model on the same batches in the same process (the single-process
 reference). Rank 0 prints one JSON line per case: the largest relative loss difference over the steps, the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 import sys
 import time
 import traceback
@@ -81,7 +83,8 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
     data = batches(model.vocab, case.get("batch", 4), model.seq, case.get("steps", 2), case.get("seed", 0))
     for _, y in data:  # "ignored": the first sample's first n targets are ignore_index (-100): uneven token counts
         y[0, :case.get("ignored", 0)] = -100
-    compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify)
+    fuse = {"fuse": case["fuse"]} if "fuse" in case else {}
+    compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify, **fuse)
     opt = compiled.optimizer(torch.optim.SGD, lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     worst, bad = 0.0, {}
@@ -102,13 +105,32 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
         ref_opt.step()
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
-    return {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.planned)}
+    out = {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.planned)}
+    return {**out, "fused": fused_calls(compiled)} if fuse else out
 
 
 def _plan_kind(plan) -> str:
     d = plan.degrees
     cp = f",cp={d['cp']}" if d.get("cp", 1) > 1 else ""
-    return f"pp={d.get('pp', 1)},dp={d['dp']}{cp},tp={d['tp']},zero={plan.zero},ac={plan.ac}"
+    return (f"pp={d.get('pp', 1)},dp={d['dp']}{cp},tp={d['tp']},zero={plan.zero},ac={plan.ac},"
+            f"m={plan.num_micro_batches}")
+
+
+FUSED = re.compile(r"torch\.ops\.autopar\.(\w+)\.default\(|(fused_linear_cross_entropy)\(")
+
+
+def fused_calls(compiled) -> dict[str, int]:
+    """Fused calls by kind over one rank of each (pp, tp) position of the mesh (pp, dp, tp), row-major: every
+    stage's program once."""
+    codes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(codes, compiled.code)
+    d, fused = compiled.plan.degrees, {}
+    for rank, code in enumerate(codes):
+        if (rank // d["tp"]) % d["dp"] == 0 and rank % d["tp"] == 0:
+            for m in FUSED.finditer(code):
+                kind = m.group(1) or "linear_cross_entropy"
+                fused[kind] = fused.get(kind, 0) + 1
+    return fused
 
 
 def main(path: str) -> int:
@@ -133,27 +155,17 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
 
 
-def launch(cases: list[dict], nproc: int, tmp: Path, timeout: int = 900) -> dict[str, dict]:
-    """Run the cases under torchrun on `nproc` gloo ranks; results by case id (a case missing from the output
-    means a rank died, which fails the caller with the launcher's stderr)."""
-    import os
-    import signal
-    import subprocess
+def launch(cases: list[dict], nproc: int, tmp: Path, timeout: int = 900, env: dict | None = None) -> dict[str, dict]:
+    """Run the cases under torchrun on `nproc` gloo ranks (with `env` added to the environment); results by case id
+    (a case missing from the output means a rank died, which fails the caller with the launcher's stderr)."""
+    from tests.dist_utils import run_isolated
 
     spec = tmp / f"cases_{nproc}.json"
     spec.write_text(json.dumps(cases))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
            str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    rc, out, err = run_isolated(cmd, timeout, env)
     results = {r["id"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
     missing = [c["id"] for c in cases if c["id"] not in results]
-    assert not missing, f"no result for {missing} (rc {proc.returncode}):\n{err[-4000:]}"
+    assert not missing, f"no result for {missing} (rc {rc}):\n{err[-4000:]}"
     return results

@@ -12,7 +12,7 @@ import pytest
 from tests.fuzz_zoo import PATTERNS, PLAN_KINDS, allowed, covering_cases
 from tests.parity_worker import launch
 
-PER_MODEL = 12
+PER_MODEL = 16  # 24 models cover every pattern once per plan kind (12 took 32)
 CASES = covering_cases(PER_MODEL, seed=0)
 
 

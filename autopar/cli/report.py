@@ -183,8 +183,8 @@ def render(plan: Plan, console: Console, *, hardware: Hardware | None, verbose: 
     """Per-layer decisions, step time and memory with their parts, other meshes, fallbacks."""
     tables = list(map(_group_table, groups(plan)))
     tables += [_nodes_table(plan)] if verbose else []
-    tables += [step_table(plan, hardware), stages_table(plan), memory_table(plan), alternatives_table(plan),
-               fallback_table(plan)]
+    tables += [step_table(plan, hardware), stages_table(plan), memory_table(plan), fusions_table(plan),
+               alternatives_table(plan), fallback_table(plan)]
     for table in tables:
         if table is not None:
             console.print(table)
@@ -332,6 +332,24 @@ def alternatives_table(plan: Plan) -> Table | None:
                       str(alt["num_micro_batches"]),
                       seconds(alt["step_time_s"]), f"{delta:+.1%}", gib(alt["memory_bytes_per_device"]),
                       f"{alt['tokens_per_s']:,.0f}")
+    return table
+
+
+FUSED_OPS = {"add_norm": "residual add + norm", "norm": "RMSNorm", "swiglu": "SwiGLU", "bias_gelu": "bias + GELU",
+             "rotary": "rotary embedding", "cross_entropy": "head matmul + cross-entropy (chunked)"}
+
+
+def fusions_table(plan: Plan) -> Table:
+    """The fused kernels of the program and what the planner predicts each kind saves (`--fix fuse=off` to compare)."""
+    if not plan.fuse:
+        table = _table("fused kernels: off (--fix fuse=off)", "kind")
+        return table
+    table = _table("fused kernels (autopar/kernels; --fix fuse=off turns them off)", "chain", ">count",
+                   ">step time saved", ">activations saved / micro-batch")
+    for f in plan.fusions:
+        table.add_row(FUSED_OPS.get(f["kind"], f["kind"]), str(f["count"]), seconds(f["time_saved_s"]),
+                      gib(f["memory_saved_bytes"]) if f["memory_saved_bytes"] >= 0 else
+                      "-" + gib(-f["memory_saved_bytes"]))
     return table
 
 

@@ -71,7 +71,7 @@ class RingComm(nn.Module):
 def rewrite(emitted, captured, sources: list[str], seq: int, cp: int, rank: int) -> None:
     """Positions and attention of this rank's generated graph (`emitted`, from the folded trace `captured`), as the
     module docstring says; `sources`: the traced position sources (planner/context.py `cp_analysis`)."""
-    graph, env = emitted.graph, emitted.env
+    graph, env = emitted.graph, emitted.values
     for name in sources:
         n = env[name]
         if getattr(n.target, "overloadpacket", None) is aten.arange:

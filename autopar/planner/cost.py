@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
-from autopar.placement import R, Placement, local_shape
+from autopar.placement import P, R, Placement, local_shape
+from autopar.planner.fusion import Chain, chain_of
 from autopar.planner.graph import PNode
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
 from autopar.redistribute import steps
@@ -58,6 +59,7 @@ class NodeCost:
     state_bytes: float  # parameters + gradients + optimizer state
     out_bytes: float = 0.0  # the outputs, one micro-batch (kept by selective checkpointing for weight matmuls)
     step_s: float = 0.0  # once per optimizer step, whatever the micro-batches: a parameter's optimizer update
+    transient_bytes: float = 0.0  # held at the op's own peak besides what it saves (a loss's copies of the logits)
 
 
 def optimizer_s(ctx: CostContext, shape: Sequence[int]) -> float:
@@ -101,12 +103,27 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         act += out_bytes
     elif saves == "mask":  # a boolean per element (aten.dropout runs native_dropout, which returns it)
         act += float(math.prod(outs[-1]))
-    cost = NodeCost(fwd, bwd, act, 0.0, out_bytes)
+    transient = loss_copies_bytes(p, ins) if p.requires_grad else 0.0
+    cost = fused(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes, transient_bytes=transient))
     if ctx.cp > 1:  # attention is a ring over cp ranks: its true work and exposed send/recv (planner/context.py)
         from autopar.planner.context import ring_node_cost
 
         return ring_node_cost(ctx, p, s, cost)
     return cost
+
+
+# An unfused cross-entropy holds, at its peak, two fp32 [rows x classes] copies of the logits besides the one its
+# backward saves: the vocab-parallel lowering (codegen/collectives.py) holds the logits and logits - max while
+# exp() (saved) is written; aten's cross_entropy_loss (log_softmax + nll_loss) in backward holds the gradient of
+# log_softmax's output and of its input beside log_softmax's output (saved). Autocast runs both in fp32.
+LOSS_COPIES = 2
+
+
+def loss_copies_bytes(p: PNode, ins: Sequence[Sequence[int]]) -> float:
+    """Transient bytes of an unfused cross-entropy over local logits of shape ins[0] (0 for other ops)."""
+    if p.node.target is not torch.ops.aten.cross_entropy_loss.default or len(ins[0]) != 2:
+        return 0.0
+    return LOSS_COPIES * nbytes(ins[0], torch.float32)
 
 
 def recomputed(ctx: CostContext, p: PNode) -> bool:
@@ -219,3 +236,75 @@ def zero_sync(ctx: CostContext, sync: float) -> tuple[float, float]:
     if stage == 1:
         return sync, 0.5 * sync
     return sync, 0.0
+
+
+# ---- fused chains (planner/fusion.py finds them) ---------------------------------------------------------------
+# (external tensors the fused kernel reads + writes) in units of its output; saved tensors likewise
+_TRAFFIC = {"add_norm": 4, "norm": 2, "swiglu": 3, "bias_gelu": 2, "rotary": 2}
+_SAVED = {"add_norm": 1, "norm": 1, "swiglu": 2, "bias_gelu": 1, "rotary": 0}
+
+
+def fused(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost) -> NodeCost:
+    """The cost of node p at strategy s when its chain (planner/fusion.py) runs fused (ctx.memory.fuse): a fused
+    chain's tensors are read and written once at the memory bandwidth, with one launch (op_time_s' roofline and
+    launch floor), its backward at BACKWARD_FACTOR x forward; the members it absorbs cost nothing. Saved for
+    backward: add_norm/norm keep their input and two fp32 numbers per row, swiglu its two inputs, rotary nothing
+    (its tables are buffers), bias_gelu the pre-activation, cross_entropy the input's and weight's gradients
+    (computed in forward) instead of the [tokens x vocab/tp] logits."""
+    if not ctx.memory.fuse or p.kind != "op":
+        return cost
+    chain = chain_of(p.node)
+    if chain is None or (chain.kind in ("bias_gelu", "cross_entropy") and p.node.name == chain.members[0]):
+        return cost  # the Linear stays a matmul at its own price
+    if chain.kind == "add_norm" and p.node.name == chain.members[0] and P in s.outs[0]:
+        # a partial sum is all-reduced before any norm reads it (codegen/emit.py): the collective splits the chain
+        # there, codegen/fuse.py leaves it unfused, and the add runs on its own; the search sees the price and
+        # keeps the residual sum whole where the fused chain is cheaper (Megatron's order: reduce, then add)
+        return cost
+    if p.node.name != chain.anchor:
+        return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0, transient_bytes=0.0)
+    if chain.kind == "cross_entropy":
+        return _cross_entropy_cost(ctx, p, s, cost, chain)
+    return _pointwise_cost(ctx, p, s, cost, chain)
+
+
+def _local_out(ctx: CostContext, p: PNode, s: Strategy) -> tuple[tuple[int, ...], torch.dtype]:
+    return tuple(local_shape(p.info.out_shapes[0], s.outs[0], ctx.degrees)), p.info.out_dtypes[0]
+
+
+def _pointwise_cost(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost, chain: Chain) -> NodeCost:
+    shape, dtype = _local_out(ctx, p, s)
+    elements = float(math.prod(shape))
+    big = elements * dtype.itemsize
+    rows = elements / shape[-1] if shape else 1.0
+    stats = 8.0 * rows if chain.kind in ("add_norm", "norm") else 0.0  # fp32 mean and 1/std per row
+    special = elements if chain.kind in ("swiglu", "bias_gelu") else 0.0
+    family = p.rule.family(p.info) if chain.kind == "bias_gelu" and p.rule else "exp"
+    fwd = op_time_s(ctx.hw, 8.0 * elements, _TRAFFIC[chain.kind] * big + stats, dtype, "vector", special, family)
+    bwd = BACKWARD_FACTOR * fwd if p.requires_grad else 0.0
+    saved = (_SAVED[chain.kind] * big + stats) * _activation_scale(ctx, p) if p.requires_grad else 0.0
+    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved)
+
+
+def _cross_entropy_cost(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost, chain: Chain) -> NodeCost:
+    """Forward: the logits chunk is written by the matmul (the Linear's price), read for max/sum-exp and read and
+    written once more as softmax - onehot; the gradient matmuls move from backward into forward (the Linear's
+    price already has them). Backward scales the saved dx and dW. Saved: dx [tokens x hidden] and dW
+    [vocab/tp x hidden] instead of the logits. Transient, per chunk of tokens (kernels.ce_chunk_rows): the fp32
+    logits and exp(logits - max) beside them (the reference path; the Triton kernel reads the logits in place, so
+    on GPUs this is one chunk too many), and below fp32 the matmul's own output and dW's fp32 accumulator."""
+    from autopar.kernels import ce_chunk_rows  # the package's __init__: no triton, no kernels
+
+    logits = local_shape(p.info.in_shapes[0], s.ins[0], ctx.degrees)
+    dtype = p.info.in_dtypes[0]
+    tokens, vocab = logits
+    grads = float(tokens + vocab) * chain.hidden * dtype.itemsize
+    fwd = op_time_s(ctx.hw, 4.0 * tokens * vocab, 3.0 * tokens * vocab * dtype.itemsize, dtype, "transcendental",
+                    float(tokens * vocab), "exp")
+    bwd = op_time_s(ctx.hw, float(tokens + vocab) * chain.hidden, 2.0 * grads, dtype) if p.requires_grad else 0.0
+    saved = grads * _activation_scale(ctx, p) if p.requires_grad else 0.0
+    chunk = float(ce_chunk_rows(tokens, vocab, chain.hidden) * vocab)
+    transient = 2 * nbytes((chunk,), torch.float32)
+    if dtype != torch.float32:
+        transient += chunk * dtype.itemsize + vocab * chain.hidden * (dtype.itemsize + 4.0)
+    return replace(cost, fwd_s=fwd, bwd_s=bwd, activation_bytes=saved, transient_bytes=transient)

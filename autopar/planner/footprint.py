@@ -6,7 +6,8 @@ report never disagree about what a plan needs.
 
 The peak is the larger of two moments of a step (measured on CPU ranks; tests/benchmarks/bench_memory.py):
   backward start  model state + every saved activation + the block at work: its recomputed activations and its
-                  ZeRO transients (memory.py);
+                  ZeRO transients (memory.py); the loss, last of forward and first of backward, adds what it holds
+                  at its own peak (cost.py: an unfused cross-entropy's copies of the logits, the fused one's chunk);
   backward end    model state + every gradient + the gradient bucket being flattened (stages 0/1) or the block's
                   reduce-scatter buffers (stages 2/3) + the block at work, when checkpointing recomputes it: the
                   last block's backward runs with every other block's gradients.
@@ -171,8 +172,8 @@ def _bucket_share(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCos
 
 def _activation_terms(pg: PlanGraph, ctx: CostContext, p: PNode, n: int, cs: list[NodeCost]) -> list[Term]:
     name, ac = p.node.name, ctx.memory.ac
-    if ac == "none" or p.block is None:
-        return [Term(name, "activations", tuple(n * c.activation_bytes for c in cs))]
+    if ac == "none" or p.block is None:  # with what the op holds at its own peak (a loss's logits), then too
+        return [Term(name, "activations", tuple(n * (c.activation_bytes + c.transient_bytes) for c in cs))]
     # A checkpointed block keeps only its inputs (added by block_input_terms) and, under selective, the outputs of
     # its weight matmuls; the block being recomputed holds the rest of its activations once; recomputation costs
     # the forward again for every op not kept.

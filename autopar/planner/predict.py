@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 from autopar.cost_models import exposed_s, latency_s
 from autopar.placement import fmt, local_shape
@@ -14,6 +15,7 @@ from autopar.planner.candidate import Candidate, SearchRequest
 from autopar.planner.cost import edge_price, node_cost, zero_sync
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.context import is_attention
+from autopar.planner.fusion import FUSION_KINDS, chain_of
 from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import rank_sync, stage_time
 from autopar.planner.staging import pieces
@@ -200,7 +202,10 @@ def to_plan(req: SearchRequest, best: Candidate, budget: float, stats: dict, oth
                 ac=best.memory.ac, ac_layers=dict(ac_layers or {}), precision=best.memory.precision, memory_budget_bytes=budget, params=params,
                 strategies=decisions, predicted=_with_binding(best.prediction or predict(req, best), budget), solver=stats, fallback_ops=dict(fallbacks),
                 fallback_seconds=dict(fallback_s),
-                alternatives=others, **_pipeline_fields(best))
+                alternatives=others, fuse=best.memory.fuse,
+                fusions=fusion_summary(best.ctx, pg, lambda n: chosen(best, n), best.micro_batches)
+                if best.memory.fuse else [],
+                **_pipeline_fields(best))
 
 
 def _pipeline_fields(c: Candidate) -> dict:
@@ -223,3 +228,23 @@ def fingerprint(pg) -> str:
     for name, p in pg.nodes.items():
         h.update(f"{name}|{p.node.target}|{p.info.out_shapes}|{p.info.in_shapes}\n".encode())
     return h.hexdigest()[:16]
+
+
+def fusion_summary(ctx, pg, chosen, micro_batches: int) -> list[dict[str, Any]]:
+    """Per fusion kind in the chosen plan: how many, and the predicted step time and activation memory they save
+    (unfused minus fused cost of their members at the chosen strategies; memory per micro-batch in flight)."""
+    off = replace(ctx, memory=replace(ctx.memory, fuse=False))
+    on = replace(ctx, memory=replace(ctx.memory, fuse=True))
+    rows: dict[str, dict[str, Any]] = {}
+    for name, p in pg.nodes.items():
+        chain = chain_of(p.node) if p.kind == "op" else None
+        if chain is None:
+            continue
+        s = chosen(name)
+        a, b = node_cost(off, p, s), node_cost(on, p, s)
+        row = rows.setdefault(chain.kind, {"kind": chain.kind, "count": 0, "time_saved_s": 0.0,
+                                           "memory_saved_bytes": 0.0})
+        row["count"] += name == chain.anchor
+        row["time_saved_s"] += micro_batches * (a.fwd_s + a.bwd_s - b.fwd_s - b.bwd_s)
+        row["memory_saved_bytes"] += a.activation_bytes + a.transient_bytes - b.activation_bytes - b.transient_bytes
+    return [rows[k] for k in FUSION_KINDS if k in rows]

@@ -228,7 +228,8 @@ def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
     # ZeRO-2 (FSDP2, same traffic as DP, overlapped) is never slower and needs less memory.
     zeros = [int(req.fix["zero"])] if "zero" in req.fix else ([0, 2, 3] if dp > 1 else [0])
     acs = [str(req.fix["ac"])] if "ac" in req.fix else list(AC_MODES)
-    return [MemoryConfig(z, ac, precision) for ac in acs for z in zeros]
+    fuse = req.fix.get("fuse", True) is not False  # --fix fuse=off
+    return [MemoryConfig(z, ac, precision, fuse) for ac in acs for z in zeros]
 
 
 def _frontier(configs: list[MemoryConfig], fits) -> list[MemoryConfig]:
