@@ -37,3 +37,19 @@ def test_cp_matches_one_process(results, case):
     assert ",cp=" in r["plan"], r["plan"]  # the plan ran context-parallel
     assert r["loss_rel"] <= 1e-5, r
     assert r["grad_bad"] == {}, r
+
+
+def test_a_cp_plan_file_from_the_cli_trains_like_one_process(tmp_path):
+    """`autopar plan ... --fix cp=2 --json` then examples/train.py --plan on 2 ranks: the plan file carries cp."""
+    from autopar.cli.main import main
+    from tests.dist_utils import max_rel_diff, run_train
+
+    model = ["--model", "gpt-tiny", "--model-args", "seq=64", "--seq", "64", "--batch", "4", "--steps", "3"]
+    path = tmp_path / "cp.json"
+    assert main(["plan", "gpt-tiny", "--model-args", "seq=64", "--seq", "64", "--devices", "2", "--hardware", "cpu",
+                 "--batch", "4", "--fix", "cp=2", "--json", str(path)]) == 0
+    rc, ref, err = run_train([*model, "--reference"], None)
+    assert rc == 0, err[-2000:]
+    rc, got, err = run_train([*model, "--plan", str(path)], 2)
+    assert rc == 0, err[-2000:]
+    assert max_rel_diff(ref, got) <= 1e-5, (ref, got)
