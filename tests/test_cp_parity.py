@@ -1,8 +1,9 @@
 """Tier 3: context parallelism (cp) against one process. gpt-tiny and llama-tiny at sequence 64 (causal SDPA,
 load-balanced chunks, learned positions and rotary tables at each chunk's true positions), 10 SGD steps: losses
 and first-step gradients within 1e-5 relative (tests/parity_worker.py's rule) under cp=2, cp=4, cp=2 x tp=2,
-cp=2 x dp=2 with ZeRO-3 and cp=2 with pp=2; one case ignores a sample's leading targets (ignore_index), so the
-cp ranks count different numbers of tokens in the loss's mean. Two launches (world 4, world 2), every case of a
+cp=2 x dp=2 with ZeRO-3 and cp=2 with pp=2, and cp=2 under full and selective checkpointing (the ring runs again
+in the recomputation); one case ignores a sample's leading targets (ignore_index), so the cp ranks count different
+numbers of tokens in the loss's mean. Two launches (world 4, world 2), every case of a
 world in one."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 MODELS = ("gpt-tiny", "llama-tiny")
 WORLD4 = {"cp4": {"cp": 4, "dp": 1, "tp": 1}, "cp2xtp2": {"cp": 2, "dp": 1, "tp": 2},
           "cp2xdp2-zero3": {"cp": 2, "dp": 2, "tp": 1, "zero": 3}, "cp2-pp2": {"cp": 2, "pp": 2, "dp": 1, "tp": 1}}
-WORLD2 = {"cp2": {"cp": 2, "dp": 1, "tp": 1}, "cp2-ignored": {"cp": 2, "dp": 1, "tp": 1}}
+WORLD2 = {"cp2": {"cp": 2, "dp": 1, "tp": 1}, "cp2-full-ac": {"cp": 2, "dp": 1, "tp": 1, "ac": "full"},
+          "cp2-selective-ac-ignored": {"cp": 2, "dp": 1, "tp": 1, "ac": "selective"}}
 
 
 def _cases(configs: dict) -> list[dict]:
