@@ -8,10 +8,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from autopar.capture import capture
 from autopar.errors import MeshError, PlanError
 from autopar.explain import candidates, explain
 from autopar.plan import Plan
+from autopar.planner.context import cp_analysis
 from autopar.planning import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +91,33 @@ def test_8k_tokens_do_not_choose_cp():
     assert plan.degrees["cp"] == 1
     assert 2 in plan.solver["cp_searched"]  # cp=2 was priced and lost
     assert any(a["degrees"].get("cp", 1) == 2 for a in plan.alternatives)
+
+
+class _Attn(torch.nn.Module):
+    """One attention over embedded tokens, in the variant `kind`."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.emb, self.head = kind, torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
+
+    def forward(self, tokens):
+        x = self.emb(tokens).unsqueeze(1)  # [b, 1 head, s, 8]
+        s = tokens.shape[1]
+        if self.kind == "causal":
+            y = F.scaled_dot_product_attention(x, x, x, is_causal=True)
+        elif self.kind == "bidirectional":
+            y = F.scaled_dot_product_attention(x, x, x)
+        elif self.kind == "mask":
+            y = F.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(s, s, dtype=torch.bool).tril())
+        else:  # no attention at all
+            y = x
+        return self.head(y.squeeze(1)).sum()
+
+
+@pytest.mark.parametrize("kind, says", [("causal", None), ("bidirectional", "is not causal"),
+                                        ("mask", "(top level) builds a tensor of the sequence's length without the input"),
+                                        ("none", "no F.scaled_dot_product_attention")])
+def test_cp_analysis_accepts_only_causal_sdpa(kind, says):
+    model, tokens = _Attn(kind), torch.randint(0, 16, (2, 32))
+    why, _ = cp_analysis(capture(model, (tokens[:, :16],)), capture(model, (tokens,)))
+    assert why is None if says is None else says in why, why

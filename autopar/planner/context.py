@@ -162,7 +162,7 @@ def cp_analysis(folded, whole) -> tuple[str | None, list[str]]:
         if a.op != "call_function":
             continue
         stack = a.meta.get("nn_module_stack")
-        where = f"{a.name} ({list(stack.values())[-1][0] if stack else 'top level'})"
+        where = f"{a.name} ({(list(stack.values())[-1][0] if stack else '') or 'top level'})"
         if any(x in data for x in a.all_input_nodes):
             data.add(a)
         if getattr(a.target, "overloadpacket", None) is ATTENTION:
