@@ -43,18 +43,18 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
             return capture(module, sample_inputs(info, micro_batch, seq // cp, device="meta"))
         return trace
 
-    proxies = None
+    shallow = None
     depth = getattr(info.config, "layers", None)
     if isinstance(depth, int) and depth > 2 and (model_args or {}).get("layers", depth) == depth:
         shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, seq=seq, device="meta",
                                  dtype=DTYPES[dtype])
 
-        @functools.lru_cache(maxsize=None)
-        def proxies(cp: int):
-            proxy_trace = functools.lru_cache(maxsize=None)(
-                lambda b: capture(shallow, sample_inputs(info, b, seq // cp, device="meta")))
-            return proxy_trace, depth / 2
+    @functools.lru_cache(maxsize=None)
+    def proxy(cp: int):  # a two-block copy at seq / cp, planned at the model's depth (planner/proxy.py)
+        proxy_trace = functools.lru_cache(maxsize=None)(
+            lambda b: capture(shallow, sample_inputs(info, b, seq // cp, device="meta")))
+        return proxy_trace, depth / 2
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
                         fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)
-    plan = search_cp(req, traces, progress, proxies)
+    plan = search_cp(req, traces, progress, proxy if shallow is not None else None)
     return replace(plan, notes=list(info.notes)) if info.notes else plan

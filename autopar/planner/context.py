@@ -6,21 +6,22 @@ same parameter gradients (over dp x cp) as a rank of a (dp*cp, tp) mesh running 
 sequence: `folded` gives that batch and sequence, so every per-token cost and memory term of the existing model
 divides by cp without a new rule. Attention is where the two differ: a rank's causal share of a sequence of length
 S is S^2/(2 cp) query-key pairs (load-balanced chunks), while the folded model prices (S/cp)^2/2, cp times less;
-`ring_correction` adds the (cp - 1) x missing attention work and the ring's send/recv (cost_models.comm
-.ring_attention_s), and `ring_buffer_bytes` the ring's transient buffers.
+`ring_node_cost` (node_cost's hook when CostContext.cp > 1) prices attention at cp times the folded work plus the
+ring's exposed send/recv (cost_models.comm.ring_attention_s), and `ring_buffer_terms` adds the ring's transient
+buffers to the memory terms.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from autopar.cost_models import Hardware, Link, collective_time_s, exposed_s
+from autopar.cost_models import collective_time_s, exposed_s
 from autopar.cost_models.comm import ring_attention_s
 from autopar.placement import local_shape
-from autopar.planner.cost import CostContext, NodeCost, node_cost
+from autopar.planner.cost import CostContext, NodeCost
 from autopar.planner.graph import PlanGraph
 from autopar.planner.memory import FP32
 
@@ -32,37 +33,6 @@ def folded(batch: int, seq: int, cp: int) -> tuple[int, int]:
     if seq % (2 * cp):
         raise ValueError(f"seq {seq} is not divisible by 2*cp={2 * cp}")
     return batch * cp, seq // cp
-
-
-@dataclass(frozen=True)
-class RingCost:
-    attention_fwd_s: float  # forward attention the folded model leaves out, per micro-batch
-    attention_bwd_s: float
-    comm_s: float  # ring send/recv, forward and backward, per micro-batch
-    exposed_s: float  # of it, not hidden by the local attention
-    buffer_bytes: float  # transient: K/V in flight and the travelling dK/dV accumulators
-
-
-def ring_correction(hw: Hardware, cp_link: Link, pg: PlanGraph, ctx: CostContext, choice: dict[str, int],
-                    cp: int) -> RingCost:
-    """The ring's cost for every attention node of the folded graph `pg` at its chosen strategy (`choice`: owner
-    -> strategy index), summed over the repeated blocks."""
-    if cp <= 1:
-        return RingCost(0.0, 0.0, 0.0, 0.0, 0.0)
-    fwd = bwd = comm = exposed = buffers = 0.0
-    for p in pg.nodes.values():
-        if not is_attention(p):
-            continue
-        owner = pg.nodes[p.owner]
-        s = owner.strategies[choice[p.owner]]
-        cost = node_cost(ctx, owner, s)
-        # the rank's true attention is cp times the folded one (module docstring)
-        fwd, bwd = fwd + (cp - 1) * cost.fwd_s, bwd + (cp - 1) * cost.bwd_s
-        kv, itemsize = _kv_bytes(p, s, ctx)
-        c, e = ring_attention_s(hw, cp_link, kv, cp, cp * cost.fwd_s, cp * cost.bwd_s, kv * FP32 / itemsize)
-        comm, exposed = comm + c, exposed + e
-        buffers = max(buffers, ring_buffer_bytes(kv, itemsize))
-    return RingCost(fwd, bwd, comm, exposed, buffers)
 
 
 def ring_buffer_bytes(kv_bytes: float, itemsize: int) -> float:
