@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from autopar.capture import Captured, capture
+from autopar.codegen import context
 from autopar.codegen.collectives import AxisComm
 from autopar.codegen.emit import emit
 from autopar.codegen.random_ops import check_random_ops
@@ -27,7 +28,9 @@ from autopar.placement import parse
 from autopar.plan import Plan
 from autopar.planner.graph import build
 from autopar.planner.predict import fingerprint
-from autopar.planner.search import AXES, SearchRequest, search
+from autopar.planner.context import cp_analysis
+from autopar.planner.cp_search import search_cp
+from autopar.planner.search import AXES, SearchRequest
 from autopar.runtime.compiled import CompiledModel
 from autopar.strategies import Strategy
 from autopar.verify import verify_first_step
@@ -58,13 +61,20 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
         pins["fuse"] = fuse
     if mesh is not None:
         pins.update(_mesh_degrees(mesh, world))
-    trace = _tracer(model, sample_inputs)
+    traces = functools.lru_cache(maxsize=None)(lambda cp: _tracer(model, sample_inputs, cp))
     if plan is None:
-        plan = _search_on_rank0(model, trace, sample_inputs, world, pins, hardware, memory_budget_bytes)
+        plan = _search_on_rank0(model, traces, sample_inputs, world, pins, hardware, memory_budget_bytes)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     _check_pins(plan, pins)
     _check_tp_inside_a_node(plan)
+    planned, cp = plan, plan.degrees.get("cp", 1)
+    if cp > 1:  # run the fold: a data-parallel program over dp x cp (codegen/context.py)
+        if mesh is not None:
+            raise MeshError("a context-parallel plan (cp > 1) lays out its own (pp, dp, cp, tp) mesh; pass mesh=None")
+        plan = dataclasses.replace(plan, degrees={**plan.degrees, "dp": plan.degrees["dp"] * cp, "cp": 1},
+                                   batch=plan.batch * cp, seq=plan.seq // cp)
+    trace = traces(cp)
     pp = plan.degrees.get("pp", 1)
     degrees = tuple(plan.degrees[a] for a in AXES)
     if pp * math.prod(degrees) != world:
@@ -89,16 +99,32 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     if pins.get("fuse", plan.fuse):  # codegen/fuse.py: the chains planner/fusion.py priced
         fuse_chains(emitted.graph, pg, emitted.values)
     root, placements, aliases = _shard_parameters(model, captured, pg, decisions, mesh, coords)
+    if cp > 1:
+        why, sources = cp_analysis(trace(1), traces(1)(1))
+        if why:
+            raise PlanError(f"the plan has cp={cp}, but {why}; re-plan with cp=1")
+        context.rewrite(emitted, captured, sources, planned.seq, cp, coords[0] % cp)
+        root.comm.cp = context.RingComm(context.cp_groups(world, pp, planned.degrees["dp"], cp, degrees[1]))
     deferred = {captured.params[name]: axes for name, axes in emitted.deferred_sync.items()}
     compiled = CompiledModel(root, emitted.graph, plan, mesh, captured.program.call_spec.out_spec, placements,
                              deferred, aliases)
+    if cp > 1:  # the global batch as the fold's: each sample's sequence cut among its cp ranks
+        compiled.planned = planned
+        compiled.fold_inputs = functools.partial(context.fold_inputs, seq=planned.seq, cp=cp)
     if verify:
         verify_first_step(compiled, model, sample_inputs)
     return compiled
 
 
-def _tracer(model: nn.Module, sample_inputs: tuple) -> Callable[[int], Captured]:
-    """trace(micro_batch): the model captured on the first `micro_batch` samples of every input (batch-first)."""
+def _tracer(model: nn.Module, sample_inputs: tuple, cp: int = 1) -> Callable[[int], Captured]:
+    """trace(micro_batch): the model captured on the first `micro_batch` samples of every input (batch-first);
+    with cp > 1, of the folded inputs (batch x cp samples of seq / cp, codegen/context.py)."""
+    if cp > 1:
+        seq = sample_inputs[0].shape[1] if sample_inputs and sample_inputs[0].dim() > 1 else 1
+        if seq % (2 * cp):
+            raise PlanError(f"cp={cp} needs a sequence divisible by 2 x cp = {2 * cp}; the sample inputs have {seq}")
+        sample_inputs = tuple(context.fold_inputs(list(sample_inputs), seq, cp, 1))
+
     @functools.lru_cache(maxsize=None)
     def trace(micro_batch: int) -> Captured:
         batch = _batch_of(sample_inputs)
@@ -129,7 +155,7 @@ def _search_on_rank0(*args) -> Plan:
     return box[0]
 
 
-def _search(model, trace, sample_inputs, world, pins, hardware, budget) -> Plan:
+def _search(model, traces, sample_inputs, world, pins, hardware, budget) -> Plan:
     batch = _batch_of(sample_inputs)
     seq = sample_inputs[0].shape[1] if sample_inputs and sample_inputs[0].dim() > 1 else 1
     hw = load_hardware(hardware or ("h100-80gb-sxm" if torch.cuda.is_available() else "cpu"))
@@ -141,7 +167,7 @@ def _search(model, trace, sample_inputs, world, pins, hardware, budget) -> Plan:
     req = SearchRequest(model=type(model).__name__, n_params=n, hardware=hw, devices=world, batch=batch, seq=seq,
                         fix=pins, memory_budget_bytes=budget,
                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-    return search(req, trace)
+    return search_cp(req, traces)
 
 
 def _mesh_degrees(mesh: DeviceMesh, world: int) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """`autopar plan --explain`: why this plan — the best alternative along each dimension, priced as a what-if.
 
 Each alternative is the chosen plan with one decision changed (tensor-parallel degree, ZeRO stage, checkpointing
-mode, micro-batch size) and everything else pinned, evaluated exactly as `--fix` would evaluate it; its delta is
+mode, micro-batch size) and everything else pinned, or the best plan at another context-parallel degree (cp), evaluated exactly as `--fix` would evaluate it; its delta is
 its predicted step time against the chosen plan's, and the reason is the step-time part that moved most.
 """
 
@@ -20,7 +20,7 @@ PARTS = {"compute_s": "compute", "exposed_comm_s": "exposed communication",
 
 @dataclass(frozen=True)
 class Alternative:
-    dimension: str  # "tp", "zero", "ac", "mbs"
+    dimension: str  # "tp", "zero", "ac", "mbs", "cp"
     fix: dict[str, object]  # the complete pins that evaluate it
     step_time_s: float | None  # None: it does not fit
     delta: float | None  # step time / chosen - 1
@@ -29,18 +29,24 @@ class Alternative:
 
 def pins_of(plan: Plan) -> dict[str, object]:
     """The plan's own decisions as --fix pins."""
-    return {"dp": plan.degrees["dp"], "tp": plan.degrees["tp"], "mbs": plan.micro_batch_size, "zero": plan.zero,
-            "ac": plan.ac}
+    cp = {"cp": plan.degrees["cp"]} if plan.degrees.get("cp", 1) > 1 else {}
+    return {"dp": plan.degrees["dp"], **cp, "tp": plan.degrees["tp"], "mbs": plan.micro_batch_size,
+            "zero": plan.zero, "ac": plan.ac}
 
 
 def candidates(plan: Plan) -> dict[str, list[dict[str, object]]]:
     """One-decision changes of the plan, per dimension."""
     base, devices = pins_of(plan), plan.devices
-    dp = plan.degrees["dp"]
-    out: dict[str, list[dict[str, object]]] = {"tp": [], "zero": [], "ac": [], "mbs": []}
-    for tp in (t for t in range(1, devices + 1) if devices % t == 0 and t != base["tp"]):
-        out["tp"].append({**base, "tp": tp, "dp": devices // tp, "zero": base["zero"] if devices // tp > 1 else 0})
-    if dp > 1:
+    dp, cp = plan.degrees["dp"], plan.degrees.get("cp", 1)
+    out: dict[str, list[dict[str, object]]] = {"tp": [], "zero": [], "ac": [], "mbs": [], "cp": []}
+    for tp in (t for t in range(1, devices // cp + 1) if devices % (t * cp) == 0 and t != base["tp"]):
+        d = devices // (tp * cp)
+        out["tp"].append({**base, "tp": tp, "dp": d, "zero": base["zero"] if d * cp > 1 else 0})
+    # context parallelism: a cp plan against the best cp = 1 plan, a cp = 1 plan against the best cp = 2 plan (each
+    # searched freely: cp changes what the other degrees can be)
+    if cp > 1 or plan.seq % 4 == 0 and devices % 2 == 0:
+        out["cp"] = [{"cp": 1 if cp > 1 else 2}]
+    if dp * cp > 1:  # ZeRO shards over dp x cp
         out["zero"] = [{**base, "zero": z} for z in (0, 1, 2, 3) if z != base["zero"]]
     out["ac"] = [{**base, "ac": a} for a in ("none", "selective", "full") if a != base["ac"]]
     mbs = base["mbs"]

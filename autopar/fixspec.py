@@ -16,7 +16,7 @@ from autopar.errors import AutoparError, MeshError, NotSupportedYet
 from autopar.runtime.zero import PRECISIONS, ZERO_STAGES
 
 MESH_AXES = ("dp", "tp", "pp", "cp")
-PLANNER_KEYS = ("pp", "dp", "tp", "mbs", "zero", "ac", "precision", "schedule", "v", "fuse")  # what make_plan(fix=...) understands today
+PLANNER_KEYS = ("pp", "dp", "tp", "cp", "mbs", "zero", "ac", "precision", "schedule", "v", "fuse")  # what make_plan(fix=...) understands today
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
@@ -66,9 +66,7 @@ FIX_KEYS: dict[str, tuple[Callable[[str], object], str]] = {
 }
 
 # key -> (is the value supported today?, the capability, what to write instead); checked once the value is legal
-_NOT_YET: dict[str, tuple[Callable[[object], bool], str, str]] = {
-    "cp": (lambda v: v == 1, "context parallelism (cp>1)", "use cp=1 or leave cp out"),
-}
+_NOT_YET: dict[str, tuple[Callable[[object], bool], str, str]] = {}
 
 
 def _items(flag: str, text: str, allowed: tuple[str, ...]) -> dict[str, str]:

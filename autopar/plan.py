@@ -13,7 +13,8 @@ from typing import Any
 
 from autopar.errors import PlanError
 
-SCHEMA_VERSION = 2  # 2: micro_batch_size is per data-parallel replica (1: global per micro-step)
+SCHEMA_VERSION = 3  # 3: degrees["cp"] may exceed 1 (context parallelism; 2 had cp = 1 always, so it loads as is);
+# 2: micro_batch_size is per data-parallel replica (1: global per micro-step)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +54,8 @@ class Plan:
     hardware: str
     devices: int
     axis_names: list[str]  # mesh axes in order, outermost first
-    degrees: dict[str, int]  # dp, tp (pp, cp = 1 until those land)
+    degrees: dict[str, int]  # pp, dp, cp, tp. With cp > 1 the placements' "dp" axis is dp x cp: the plan runs
+    # as its fold (planner/cp_search.py), each cp rank a data-parallel rank of cp x the batch at seq / cp
     batch: int  # global batch per optimizer step
     seq: int
     micro_batch_size: int  # samples per micro-batch per data-parallel replica (Megatron's --micro-batch-size)
@@ -91,6 +93,8 @@ class Plan:
     def from_dict(d: dict[str, Any]) -> "Plan":
         if d.get("schema_version") == 1:
             d = _from_schema_1(d)
+        if d.get("schema_version") == 2:  # the same fields; cp was always 1
+            d = {**d, "schema_version": SCHEMA_VERSION}
         if d.get("schema_version") != SCHEMA_VERSION:
             raise PlanError(f"plan schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
                             "re-create the plan with this version of `autopar plan`")

@@ -14,7 +14,8 @@ from autopar.cost_models import Hardware, load_hardware
 from autopar.errors import MeshError
 from autopar.models import build_model, n_params, sample_inputs
 from autopar.plan import Plan
-from autopar.planner.search import SearchRequest, search
+from autopar.planner.cp_search import search_cp
+from autopar.planner.search import SearchRequest
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -34,20 +35,26 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
         raise MeshError(f"--devices ({devices}) and --batch ({batch}) must be positive integers")
 
     @functools.lru_cache(maxsize=None)
-    def trace(micro_batch: int) -> Captured:
-        if progress:
-            progress(f"tracing {model} at batch {micro_batch} x seq {seq}")
-        return capture(module, sample_inputs(info, micro_batch, seq, device="meta"))
+    def traces(cp: int):  # the model at seq / cp: a cp plan is planned as its fold (planner/cp_search.py)
+        @functools.lru_cache(maxsize=None)
+        def trace(micro_batch: int) -> Captured:
+            if progress:
+                progress(f"tracing {model} at batch {micro_batch} x seq {seq // cp}")
+            return capture(module, sample_inputs(info, micro_batch, seq // cp, device="meta"))
+        return trace
 
-    proxy = None
+    shallow = None
     depth = getattr(info.config, "layers", None)
     if isinstance(depth, int) and depth > 2 and (model_args or {}).get("layers", depth) == depth:
         shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, seq=seq, device="meta",
                                  dtype=DTYPES[dtype])
+
+    @functools.lru_cache(maxsize=None)
+    def proxy(cp: int):  # a two-block copy at seq / cp, planned at the model's depth (planner/proxy.py)
         proxy_trace = functools.lru_cache(maxsize=None)(
-            lambda b: capture(shallow, sample_inputs(info, b, seq, device="meta")))
-        proxy = (proxy_trace, depth / 2)
+            lambda b: capture(shallow, sample_inputs(info, b, seq // cp, device="meta")))
+        return proxy_trace, depth / 2
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
                         fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)
-    plan = search(req, trace, progress, proxy)
+    plan = search_cp(req, traces, progress, proxy if shallow is not None else None)
     return replace(plan, notes=list(info.notes)) if info.notes else plan

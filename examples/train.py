@@ -83,7 +83,7 @@ def train(args: argparse.Namespace) -> list[float]:
     model, info = build_model(args.model, parse_model_args(args.model_args), seq=args.seq)
     seq = sequence_length(args.seq, info)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    source = model
+    source = model if args.export else None  # held only to export into: the whole model on every rank
     if not args.reference:
         example = sample_inputs(info, args.batch, seq)
         model = autopar.compile(model, sample_inputs=example, fix=_fix(args), plan=plan,

@@ -4,7 +4,7 @@
 
 CASES.json is a list of cases: {"id", "factory": "module:function", "kwargs", "fix", "seed", "steps", "batch"},
 optionally "fuse" (autopar.compile's: fused kernels on or off; with it set, the result also counts the fused calls
-the programs hold, by kind).
+the programs hold, by kind) and "ignored" (that many leading targets of the first sample set to ignore_index).
 Every rank builds the model from the seed, compiles it with autopar under the case's pins, trains `steps` SGD
 steps and trains an eager copy of the same model on the same batches in the same process (the single-process
 reference). Rank 0 prints one JSON line per case: the largest relative loss difference over the steps, the
@@ -81,6 +81,8 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
     model = build(case)
     ref, ref64 = copy.deepcopy(model), copy.deepcopy(model)
     data = batches(model.vocab, case.get("batch", 4), model.seq, case.get("steps", 2), case.get("seed", 0))
+    for _, y in data:  # "ignored": the first sample's first n targets are ignore_index (-100): uneven token counts
+        y[0, :case.get("ignored", 0)] = -100
     fuse = {"fuse": case["fuse"]} if "fuse" in case else {}
     compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify, **fuse)
     opt = compiled.optimizer(torch.optim.SGD, lr=LR)
@@ -103,13 +105,15 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
         ref_opt.step()
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
-    out = {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.plan)}
+    out = {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.planned)}
     return {**out, "fused": fused_calls(compiled)} if fuse else out
 
 
 def _plan_kind(plan) -> str:
     d = plan.degrees
-    return f"pp={d.get('pp', 1)},dp={d['dp']},tp={d['tp']},zero={plan.zero},ac={plan.ac},m={plan.num_micro_batches}"
+    cp = f",cp={d['cp']}" if d.get("cp", 1) > 1 else ""
+    return (f"pp={d.get('pp', 1)},dp={d['dp']}{cp},tp={d['tp']},zero={plan.zero},ac={plan.ac},"
+            f"m={plan.num_micro_batches}")
 
 
 FUSED = re.compile(r"torch\.ops\.autopar\.(\w+)\.default\(|(fused_linear_cross_entropy)\(")

@@ -106,7 +106,7 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
     ("batch-not-divisible", "plan", lambda t: ["gpt-tiny", "--hardware", "cpu", "--mesh", "dp=4", "--batch", "6"],
      "batch 6 is not divisible by dp=4; use --batch 4"),
     # issue 20: one long sample on 64 devices; dp=1 divides the batch, but only pipelines fill the rest
-    ("long-seq-batch-1", "plan", lambda t: [*LONG, "--batch", "1"],
+    ("long-seq-batch-1", "plan", lambda t: [*LONG, "--batch", "1", "--fix", "cp=1"],  # unpinned, cp plans it
      "batch 1 cannot fill 64 devices: tp stops at one h100-80gb-sxm node (8 devices)"),
     # issue 20: eight long samples; the size stated is finite and the advice is the sequence, not the batch
     ("long-seq-memory", "plan", lambda t: [*LONG, "--batch", "8", "--mesh", "dp=8,tp=8"],
@@ -130,7 +130,7 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
      "plan.json is malformed (JSONDecodeError"),
     ("plan-json-list", "train", lambda t: ["--plan", _plan_file(t, "[1, 2]")], "a JSON list, not an object"),
     ("plan-schema-version", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.update(schema_version=99))],
-     "plan schema_version 99 is not 2; re-create the plan"),
+     "plan schema_version 99 is not 3; re-create the plan"),
     ("plan-missing-field", "train", lambda t: ["--plan", _plan_file(t, edit=lambda d: d.pop("graph_fingerprint"))],
      "graph_fingerprint"),
     ("plan-file-missing", "train", lambda t: ["--plan", f"{t}/none.json"], "does not exist; create one with"),

@@ -8,7 +8,7 @@ import pytest
 
 from autopar.cli.main import main
 from autopar.cli.report import groups, reading, seconds
-from autopar.errors import AutoparError, NotSupportedYet
+from autopar.errors import AutoparError
 from autopar.fixspec import parse_fix, parse_memory, parse_mesh, planner_fix
 from autopar.plan import NodeDecision, Plan, Prediction
 
@@ -55,7 +55,7 @@ def test_mesh_pins_the_degrees_and_implies_the_device_count(tmp_path, capsys):
     (["--devices", "4", "--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
     (["--devices", "4", "--model-args", "foo=1"], "no field foo"),
     (["--devices", "4", "--mesh", "dp=3,tp=2"], "multiplies to 6 devices but --devices is 4"),
-    (["--devices", "4", "--fix", "cp=2"], "context parallelism (cp>1) is not supported yet"),
+    (["--devices", "4", "--fix", "cp=4", "--seq", "12"], "seq 12 is not divisible by 2 x cp = 8"),
     (["--devices", "4", "--fix", "pp=4"], "pp=4 cuts the model into more stages than its 2 blocks"),
     (["--devices", "4", "--fix", "pp=1,schedule=1f1b"], "a pipeline schedule needs pp > 1"),
     (["--devices", "4", "--fix", "zero=7"], "zero (ZeRO stage) must be one of 0, 1, 2, 3"),
@@ -123,7 +123,7 @@ def test_console_script_exit_codes_and_stderr(tmp_path):
 def test_fix_values_are_typed_and_neutral_keys_accepted():
     fix = parse_fix("dp=2, tp=4,mbs=8,pp=1,cp=1,zero=0,ac=none,v=1")
     assert fix == {"dp": 2, "tp": 4, "mbs": 8, "pp": 1, "cp": 1, "zero": 0, "ac": "none", "v": 1}
-    assert planner_fix(fix) == {"dp": 2, "tp": 4, "mbs": 8, "pp": 1, "zero": 0, "ac": "none", "v": 1}
+    assert planner_fix(fix) == {"dp": 2, "tp": 4, "cp": 1, "mbs": 8, "pp": 1, "zero": 0, "ac": "none", "v": 1}
     assert planner_fix(parse_fix("zero=3,ac=selective,precision=bf16")) == {"zero": 3, "ac": "selective",
                                                                             "precision": "bf16"}
     assert parse_fix("") == {}
@@ -131,9 +131,8 @@ def test_fix_values_are_typed_and_neutral_keys_accepted():
 
 
 @pytest.mark.parametrize("text", ["cp=2", "cp=4"])
-def test_fix_refuses_capabilities_not_built_yet(text):
-    with pytest.raises(NotSupportedYet, match="not supported yet"):
-        parse_fix(text)
+def test_fix_cp_reaches_the_planner(text):
+    assert planner_fix(parse_fix(text)) == {"cp": int(text[3:])}
 
 
 @pytest.mark.parametrize("text, says", [("tp=0", "positive integer"), ("ac=some", "none, selective, full"),

@@ -1,5 +1,5 @@
 """Tier 0: context parallelism's prices (cost_models.comm.ring_attention_s, planner/context.py): the ring's send/recv
-and how much local attention hides, the folded model's activations at 1/cp, the attention the fold leaves out."""
+and how much local attention hides, the folded model's activations at 1/cp, attention at its true work under cp."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from autopar.cost_models import Link, collective_time_s, load_hardware
 from autopar.cost_models.comm import ring_attention_s
-from autopar.planner.context import folded, ring_buffer_bytes, ring_correction
+from autopar.planner.context import folded, ring_buffer_bytes
 from autopar.planning import make_plan
 
 H100 = load_hardware("h100-80gb-sxm")
@@ -69,23 +69,30 @@ def test_folded_plan_holds_activations_divided_by_cp():
     assert act[1] == pytest.approx(act[0] / 2, rel=0.02), act
 
 
-def test_ring_correction_adds_the_attention_the_fold_leaves_out():
-    from autopar.planner.search import SearchRequest, _graph
+def test_cp_prices_attention_at_its_true_work_plus_the_exposed_ring():
+    from dataclasses import replace
+
     from autopar.capture import capture
     from autopar.models import build_model, sample_inputs
+    from autopar.planner.context import is_attention, ring_buffer_terms
+    from autopar.planner.cost import node_cost
+    from autopar.planner.search import SearchRequest, _graph
 
     model, info = build_model("gpt-tiny", {}, device="meta")
     b, s = folded(4, 32, 2)
     captured = capture(model, sample_inputs(info, b, s, device="meta"))
     cpu = load_hardware("cpu")
-    req = SearchRequest(model="gpt-tiny", n_params=0, hardware=cpu, devices=2, batch=b, seq=s)
+    req = SearchRequest(model="gpt-tiny", n_params=0, hardware=cpu, devices=2, batch=b, seq=s, cp=2)
     pg, ctx = _graph(req, captured, {"pp": 1, "dp": 2, "tp": 1})
-    choice = {p.node.name: 0 for p in pg.owners()}
-    one = ring_correction(cpu, cpu.intra_node, pg, ctx, choice, 1)
-    two = ring_correction(cpu, cpu.intra_node, pg, ctx, choice, 2)
-    assert one.comm_s == 0 and one.attention_fwd_s == 0
-    assert two.attention_fwd_s > 0 and two.attention_bwd_s > two.attention_fwd_s
-    assert two.comm_s > 0 and 0 < two.exposed_s <= two.comm_s
+    assert ctx.cp == 2 and ctx.cp_link is not None
+    attn = next(p for p in pg.owners() if is_attention(p))
+    strategy = attn.strategies[0]
+    one, two = node_cost(replace(ctx, cp=1), attn, strategy), node_cost(ctx, attn, strategy)
+    assert two.fwd_s > 2 * one.fwd_s and two.bwd_s > 2 * one.bwd_s  # cp x the work, plus exposed hops
+    assert two.activation_bytes == one.activation_bytes  # the ring saves what the local kernel saves
+    other = next(p for p in pg.owners() if p.kind == "op" and not is_attention(p))
+    assert node_cost(ctx, other, other.strategies[0]) == node_cost(replace(ctx, cp=1), other, other.strategies[0])
     # gpt-tiny: 4 heads x 8 dims; replicated strategy: the folded micro-batch of 8 samples x 16 tokens
     kv = 2 * 8 * 4 * 16 * 8 * 4
-    assert two.buffer_bytes == ring_buffer_bytes(kv, 4) == 4 * kv  # fp32: K/V twice, dK/dV twice
+    (term,) = ring_buffer_terms(pg, ctx)
+    assert term.values[0] == ring_buffer_bytes(kv, 4) == 6 * kv  # fp32: K/V, dK/dV, each with its copy; dQ; grads

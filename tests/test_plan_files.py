@@ -97,14 +97,14 @@ def test_a_schema_1_plan_that_cannot_be_migrated_says_why(tmp_path):
     path = tmp_path / "v1.json"
     path.write_text(json.dumps({"schema_version": 1, "degrees": {"dp": 2}, "micro_batch_size": 3}))
     with pytest.raises(PlanError, match=r"micro_batch_size 3 .* that dp=2 does not divide, so it cannot be "
-                                        r"migrated to schema 2 \(samples per data-parallel replica\)"):
+                                        r"migrated to schema 3 \(samples per data-parallel replica\)"):
         Plan.load(path)
 
 
 def test_mismatched_plans_are_refused_with_what_they_were_made_for(programs):
     assert "made for another model or input shape (gpt-tiny, batch 8 x seq 32" in programs["other_model"]
     assert "the plan's mesh dp=2 x tp=1 has 2 devices but the world size is 4" in programs["other_world"]
-    assert "schema_version 0 is not 2" in programs["old_schema"]
+    assert "schema_version 0 is not 3" in programs["old_schema"]
     assert "the plan's mesh dp=2 x tp=2 contradicts tp=4" in programs["contradicting_fix"]
     assert all("\n" not in programs[k] for k in ("other_model", "other_world", "old_schema", "contradicting_fix"))
 

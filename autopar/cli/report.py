@@ -153,6 +153,8 @@ def reading(plan: Plan, module: str, decisions: list[NodeDecision], weights: dic
         if _on(batch, plan, "dp") == "S0":
             words.append("data-parallel")
         words += _tp_words(plan, module, d, name, weights)
+    if plan.degrees.get("cp", 1) > 1 and any(short(d.op) == "sdpa" for d in decisions):
+        words.append(f"ring attention (cp={plan.degrees['cp']})")
     if any(_on(pl, plan, "dp") not in (None, "R") for pl in weights.values()):
         words.append("ZeRO-3-like (dp)")  # stored sharded on dp, gathered for use
     placements = [*weights.values(), *(o for d in decisions for o in d.outs)]
@@ -237,7 +239,10 @@ def gib(n: float) -> str:
 
 def mesh(degrees: dict[str, int], axes: list[str]) -> str:
     pipeline = [f"pp={degrees['pp']}"] if degrees.get("pp", 1) > 1 else []
-    return " ".join(pipeline + [f"{axis}={degrees.get(axis, 1)}" for axis in axes])
+    shown = [f"{axis}={degrees.get(axis, 1)}" for axis in axes]
+    if degrees.get("cp", 1) > 1:  # the mesh is (pp, dp, cp, tp): cp between dp and tp
+        shown.insert(1 if axes and axes[0] == "dp" else 0, f"cp={degrees['cp']}")
+    return " ".join(pipeline + shown)
 
 
 def pipeline_summary(plan: Plan) -> str:
@@ -269,8 +274,10 @@ def stages_table(plan: Plan) -> Table | None:
 def micro_batching(plan: Plan) -> str:
     """Megatron's terms: global batch = micro-batch per replica x dp x micro-batches (gradient accumulation)."""
     m, dp = plan.num_micro_batches, plan.degrees.get("dp", 1)
+    cp = plan.degrees.get("cp", 1)
+    split = f"; each sample's sequence split over cp {cp} ranks ({plan.seq // cp} tokens each)" if cp > 1 else ""
     return (f"global batch {plan.batch} = mbs {plan.micro_batch_size} per replica × dp {dp} × {m} "
-            f"micro-batch{'es' if m > 1 else ''} (gradient accumulation)")
+            f"micro-batch{'es' if m > 1 else ''} (gradient accumulation){split}")
 
 
 def step_table(plan: Plan, hardware: Hardware | None) -> Table:

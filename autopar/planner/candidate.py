@@ -27,6 +27,7 @@ class SearchRequest:
     memory_budget_bytes: float | None = None  # default: capacity minus reserve
     time_limit_s: float = 30.0  # per ILP; the best incumbent is used when reached
     dtype: str = "float32"
+    cp: int = 1  # > 1: the folded request of a cp plan (planner/cp_search.py): batch x cp at seq / cp, dp is dp x cp
 
 
 @dataclass(frozen=True)

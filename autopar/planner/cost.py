@@ -36,7 +36,9 @@ class CostContext:
     degrees: tuple[int, ...]
     links: tuple[Link, ...]  # one per axis
     memory: MemoryConfig = MemoryConfig()  # ZeRO stage, checkpointing, precision of this candidate
-    dp: int = 1  # the data-parallel degree ZeRO partitions over
+    dp: int = 1  # the data-parallel degree ZeRO partitions over (dp x cp under context parallelism: the fold)
+    cp: int = 1  # context-parallel degree: attention runs as a ring over cp ranks (planner/context.py)
+    cp_link: Link | None = None  # the link the cp ring's send/recv crosses
 
     @property
     def state_bytes_per_element(self) -> float:
@@ -102,7 +104,12 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     elif saves == "mask":  # a boolean per element (aten.dropout runs native_dropout, which returns it)
         act += float(math.prod(outs[-1]))
     transient = loss_copies_bytes(p, ins) if p.requires_grad else 0.0
-    return fused(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes, transient_bytes=transient))
+    cost = fused(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes, transient_bytes=transient))
+    if ctx.cp > 1:  # attention is a ring over cp ranks: its true work and exposed send/recv (planner/context.py)
+        from autopar.planner.context import ring_node_cost
+
+        return ring_node_cost(ctx, p, s, cost)
+    return cost
 
 
 # An unfused cross-entropy holds, at its peak, two fp32 [rows x classes] copies of the logits besides the one its

@@ -61,6 +61,10 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
         elif p.kind != "param":
             out.append(Term(name, "inputs", tuple(n * c.activation_bytes for c in cs)))
     out += block_input_terms(pg, ctx)
+    if ctx.cp > 1:
+        from autopar.planner.context import ring_buffer_terms
+
+        out += ring_buffer_terms(pg, ctx)
     out += gradient_terms(pg, costs, "activations" if ctx.memory.ac == "none" else "recompute")
     feeds = {prod for p in pg.nodes.values() if p.block is not None for prod, _ in p.inputs
              if pg.nodes[prod].block is None}  # top-level nodes whose outputs enter a block

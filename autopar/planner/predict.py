@@ -14,6 +14,7 @@ from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.candidate import Candidate, SearchRequest
 from autopar.planner.cost import edge_price, node_cost, zero_sync
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
+from autopar.planner.context import is_attention
 from autopar.planner.fusion import FUSION_KINDS, chain_of
 from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import rank_sync, stage_time
@@ -109,9 +110,10 @@ def _used_params(pg) -> list:
 
 
 def model_flops(c: Candidate) -> float:
-    """Model FLOPs of one step: forward + backward (2x) of every micro-batch; recomputation is not model FLOPs."""
-    flops = sum(p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) for p in c.graph.nodes.values()
-                if p.kind == "op" and p.rule is not None and p.info.out_shapes)
+    """Model FLOPs of one step: forward + backward (2x) of every micro-batch; recomputation is not model FLOPs.
+    Under cp the folded graph's attention is 1/cp of the true one (planner/context.py)."""
+    flops = sum(p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) * (c.ctx.cp if is_attention(p) else 1)
+                for p in c.graph.nodes.values() if p.kind == "op" and p.rule is not None and p.info.out_shapes)
     return 3.0 * flops * c.micro_batches
 
 

@@ -61,6 +61,8 @@ def mesh_candidates(req: SearchRequest, blocks: int = 1) -> list[dict[str, int]]
                 continue
             if any(k in req.fix and req.fix[k] != v for k, v in (("pp", pp), ("dp", dp), ("tp", tp))):
                 continue
+            if dp % req.cp:  # a folded cp request (cp_search.py): its dp is dp x cp
+                continue
             out.append({"pp": pp, "dp": dp, "tp": tp})
     if not out:
         raise MeshError(_no_mesh_message(req))
@@ -528,8 +530,10 @@ def _graph(req: SearchRequest, captured: Captured, degrees: dict[str, int],
     if deg not in graphs:
         depth = captured.__dict__.get("_deepen_to")
         graphs[deg] = deepen(build(captured, deg, AXES), depth) if depth else build(captured, deg, AXES)
+    cp_link = axis_links(req.hardware, [("dp", deg[0] // req.cp), ("cp", req.cp), ("tp", deg[1])])["cp"] \
+        if req.cp > 1 else None  # cp ranks inside the dp x cp block, tp innermost (planner/cp_search.py)
     return graphs[deg], CostContext(req.hardware, deg, tuple(links[a] for a in AXES), cfg,
-                                                   degrees.get("dp", 1))
+                                    degrees.get("dp", 1), req.cp, cp_link)
 
 
 def _candidate(req, trace, degrees, m, solution, cfg: MemoryConfig, budget: float) -> Candidate:

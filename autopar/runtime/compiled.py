@@ -67,6 +67,8 @@ class CompiledModel(nn.Module):
         deferred = {f: axes for f, axes in deferred.items() if f in self.param_paths}  # this rank's stages
         self._sync = _GradSync(self, deferred) if deferred and self.zero < 2 else None
         self.pipeline = None
+        self.planned = plan  # the plan as made; a cp plan runs as its fold, `plan` (autopar/codegen/context.py)
+        self.fold_inputs = None  # cp > 1: (leaves, groups) -> the leaves cut into each rank's sequence chunks
         if self.pp > 1:
             held = {f: (ranks, self.local_parameter(f) if f in self.param_paths else None)
                     for f, ranks in shared.items() if f in param_placements}
@@ -81,7 +83,10 @@ class CompiledModel(nn.Module):
     def forward(self, *args, **kwargs):
         """The model's forward on one micro-step (micro_batch_size x dp samples, the global batch of one
         micro-batch per replica); pp = 1 only."""
-        out = self._run(pytree.tree_leaves((args, kwargs)))
+        leaves = pytree.tree_leaves((args, kwargs))
+        if self.fold_inputs is not None:  # one micro-step: dp groups, each cut into cp parts
+            leaves = self.fold_inputs(leaves, groups=self.planned.degrees["dp"])
+        out = self._run(leaves)
         return pytree.tree_unflatten(list(out) if isinstance(out, (list, tuple)) else [out], self._out_spec)
 
     def _run(self, leaves: list):
@@ -97,10 +102,12 @@ class CompiledModel(nn.Module):
         micro-batches, the same value on every rank. The forward must return the loss."""
         leaves = pytree.tree_leaves((args, kwargs))
         m, batch = self.plan.num_micro_batches, leaves[0].shape[0] if leaves[0].dim() else 0
-        mbs, dp = self.plan.micro_batch_size, self.plan.degrees["dp"]
+        mbs, dp = self.planned.micro_batch_size, self.planned.degrees["dp"]
         if batch != mbs * dp * m:
             raise PlanError(f"train_step got a batch of {batch} samples but the plan runs {m} micro-batches of "
-                            f"{mbs} per replica x dp={dp}; pass the plan's global batch ({self.plan.batch})")
+                            f"{mbs} per replica x dp={dp}; pass the plan's global batch ({self.planned.batch})")
+        if self.fold_inputs is not None:  # context parallelism: micro-batches x dp groups, each cut into cp parts
+            leaves = self.fold_inputs(leaves, groups=m * dp)
         if self.pipeline is not None:
             # Each bucket's reduction starts as its gradients' last micro-batch lands, during the schedule's
             # last backward passes; the step waits for them after the schedule (_GradSync.pipelined).

@@ -1,8 +1,9 @@
 """Memory fidelity: the planner's predicted peak bytes per rank against the peak measured on real gloo ranks.
 
-    python tests/benchmarks/bench_memory.py [--quick] [--json OUT]
+    python tests/benchmarks/bench_memory.py [--quick] [--mesh dp=2,cp=2] [--json OUT]
 
-For each configuration (model x mesh x ZeRO stage x checkpointing), `examples/train.py --measure` trains 3 steps
+For each configuration (model x mesh x ZeRO stage x checkpointing; the meshes include dp=2 x cp=2, context
+parallelism), `examples/train.py --measure` trains 3 steps
 on 4 ranks and measures the last one (autopar/runtime/measure.py: live tensor bytes at the step's start plus the highest
 running sum of the CPU allocator's events during it), taking the largest rank; beside it the plan's own
 prediction. The error is predicted / measured - 1. Published reference: Aceso (Liu et al., EuroSys 2024) reports
@@ -28,7 +29,7 @@ from tests.dist_utils import ROOT, TRAIN  # noqa: E402
 from _machine import describe  # noqa: E402  tests/benchmarks/_machine.py, on sys.path as this script's folder
 
 MODELS = {"gpt": ("gpt-tiny", "hidden=256,layers=4,seq=128"), "llama": ("llama-tiny", "hidden=256,layers=4,seq=128")}
-MESHES = ("dp=4", "dp=2,tp=2")
+MESHES = ("dp=4", "dp=2,tp=2", "dp=2,cp=2")  # cp: each sample's 128 tokens split over 2 ranks (ring attention)
 GRID = [(z, ac) for z in (0, 1, 2, 3) for ac in ("none", "selective", "full")]
 QUICK = [(0, "none"), (1, "selective"), (2, "full"), (3, "none"), (3, "full")]
 
@@ -38,12 +39,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="5 ZeRO/checkpointing pairs instead of all 12")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--mesh", choices=MESHES, default=None, help="only this mesh")
     args = ap.parse_args()
     rows = []
     console = Console()
     console.print(describe())
     for name, (model, margs) in MODELS.items():
-        for mesh in MESHES:
+        for mesh in [args.mesh] if args.mesh else MESHES:
             for zero, ac in (QUICK if args.quick else GRID):
                 fix = f"{mesh},zero={zero},ac={ac}"
                 got = run_measure(model, margs, fix, args.batch)

@@ -1,6 +1,6 @@
 """Runtime overhead of a compiled model against what a user would otherwise run, measured in one invocation.
 
-    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--only dp2,zero3,tp2,pp2,world1] [--json OUT]
+    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--only dp2,zero3,tp2,pp2,world1,cp2] [--json OUT]
 
 Each comparison runs on gloo ranks this script spawns (OMP_NUM_THREADS=1 each), same model and seed, same global
 batch; the compiled model gets the global batch and slices it itself (that is its API). Target: ratio <= 1.05.
@@ -16,6 +16,9 @@ batch; the compiled model gets the global batch and slices it itself (that is it
             reducing after the schedule (as before issue 19). 4 ranks share the cores, so this shows the cost of the
             overlap machinery here more than its gain; on GPUs the reduction runs beside the backward.
 (e) world1: fix={"dp": 1, "tp": 1} against the eager model, same batch, in one process.
+(f) cp2:    fix={"cp": 2} (each sample's sequence split over 2 ranks, ring attention) against autopar's dp=2 on the
+            same ranks (the batch split instead); beside the ratio, each one's measured step against its plan's
+            predicted step (CPU hardware file; target within +-25%).
 
 A step is forward + backward + AdamW step + zero_grad (pp2: train_step, its forward and backward together). After
 warm-up the two variants run in alternating rounds (A B B A A B ...) of --steps steps each, so drift on the machine
@@ -77,6 +80,7 @@ COMPARISONS = {
     "tp2": (2, {"dp": 1, "tp": 2}, "torch parallelize_module", {"tie_embeddings": False}),
     "pp2": (4, {"pp": 2, "dp": 2, "tp": 1}, "reduce after the schedule", {}),
     "world1": (1, {"dp": 1, "tp": 1}, "eager", {}),
+    "cp2": (2, {"cp": 2, "dp": 1, "tp": 1}, "autopar dp=2", {}),
 }
 
 
@@ -112,6 +116,9 @@ def measure(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
     elif name == "pp2":
         baseline, data = _reduce_after_schedule(autopar.compile(baseline, sample_inputs=sample_inputs(
             info, batch, seq), plan=compiled.plan)), batches
+    elif name == "cp2":  # the same 2 ranks splitting the batch instead of each sample's sequence
+        baseline, data = autopar.compile(baseline, sample_inputs=sample_inputs(info, batch, seq),
+                                         fix={"dp": 2, "tp": 1, "zero": 0}), batches
     else:
         data = batches
     variants = {"autopar": (compiled, batches), "baseline": (baseline, data)}
@@ -131,7 +138,9 @@ def measure(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
     # A step lasts as long as its slowest rank: keep that rank's row (step and its phases).
     slowest = {v: [max((per_rank[v][i] for per_rank in gathered), key=lambda row: row[0])
                    for i in range(len(times[v]))] for v in times}
+    predicted = {v: m.planned.predicted.step_time_s for v, (m, _) in variants.items() if hasattr(m, "planned")}
     return {"world": world, "batch": batch, "seq": seq, "threads": torch.get_num_threads(), "losses": losses,
+            "predicted_step_s": predicted,
             "plan": plan_summary(compiled), "times": slowest,
             "n_params": sum(p.numel() for p in model.parameters())}
 
@@ -242,7 +251,7 @@ def plan_summary(compiled) -> dict:
     code = compiled.code
     comms = Counter(c for c in ("all_reduce", "all_gather", "reduce_scatter", "grad_all_reduce", "slice")
                     for _ in range(code.count(f".{c}(")))
-    return {"degrees": plan.degrees, "linear_inputs_on_dp": dict(inputs), "n_linear": len(linear),
+    return {"degrees": compiled.planned.degrees, "linear_inputs_on_dp": dict(inputs), "n_linear": len(linear),
             "example": {n: f"{d.op} ins={d.ins} outs={d.outs}" for n, d in list(linear.items())[:3]},
             "collectives_in_forward": dict(comms), "grad_buckets": _buckets(compiled)}
 
@@ -324,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{results[name]['threads']} thread(s)/rank{extra}", label, results[name], 1.05,
                             args.steps))
         summary[name] = statistics.median(round_ratios(results[name], args.steps))
+        if name == "cp2":
+            console.print(predictor_line(results[name]))
     console.print("median step ratio per round pair (autopar / baseline; target <= 1.05): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     console.print(f"after: {describe()}")
@@ -332,6 +343,18 @@ def main(argv: list[str] | None = None) -> int:
                                                "args": vars(args), "results": results}, indent=1))
         console.print(f"wrote {args.json}")
     return 0
+
+
+def predictor_line(result: dict) -> str:
+    """cp2: each variant's measured median step against the plan's predicted step (cost_models/hardware/cpu.toml;
+    target within +-25%), and the cp / dp ratio measured against predicted (both measured in this run)."""
+    med, pred = medians(result), result["predicted_step_s"]
+    err = {v: pred[v] / med[v]["step"] - 1 for v in pred}
+    return (f"cp2 predictor: cp=2 measured {1e3 * med['autopar']['step']:.1f} ms, predicted "
+            f"{1e3 * pred['autopar']:.1f} ms ({err['autopar']:+.1%}; target +-25%); dp=2 measured "
+            f"{1e3 * med['baseline']['step']:.1f} ms, predicted {1e3 * pred['baseline']:.1f} ms "
+            f"({err['baseline']:+.1%}); cp/dp measured {med['autopar']['step'] / med['baseline']['step']:.3f}, "
+            f"predicted {pred['autopar'] / pred['baseline']:.3f}")
 
 
 def show_plan(console: Console, plan: dict) -> None:

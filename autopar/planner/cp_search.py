@@ -1,0 +1,115 @@
+"""The context-parallel (cp) axis of the outer search: each cp degree is planned as its fold, then priced whole.
+
+A (dp, cp, tp) plan is searched as the (dp x cp, tp) plan of the folded request (planner/context.py): batch x cp
+samples at seq / cp, so every per-token cost, activation and the gradient reduction over dp x cp (ZeRO shards over
+dp x cp too) come from the existing model unchanged; attention nodes are priced at their true cp-fold work plus
+the ring's exposed send/recv, and the ring's buffers join the memory terms (CostContext.cp, context.py), so the
+ILP sees them too. The best plan over the cp degrees wins; the others are its alternatives.
+
+Topology: the mesh is (pp, dp, cp, tp), tp innermost, then cp (torchtitan's order): cp's ring runs inside a node
+while cp x tp fits in one and crosses nodes otherwise (axis_links prices either), and the dp x cp gradient
+reduction spans both. Unpinned, cp > 1 is searched where each rank keeps at least MIN_LOCAL_SEQ tokens (a
+shorter shard has too little attention to hide the ring's hops: tests/test_cp_cost.py) and where the model's
+attention can run as a ring (context.cp_analysis); `--fix cp=N` asks for one degree and says why it cannot be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+from autopar.capture import Captured
+from autopar.errors import MeshError, PlanError
+from autopar.plan import Plan
+from autopar.planner.candidate import SearchRequest
+from autopar.planner.context import cp_analysis
+from autopar.planner.search import search
+
+MIN_LOCAL_SEQ = 4096  # tokens per cp rank below which cp is not searched unless pinned
+
+
+def fold(req: SearchRequest, cp: int) -> SearchRequest:
+    """The folded request of cp: batch x cp at seq / cp, the dp pin as dp x cp."""
+    if cp == 1:
+        return req
+    fix = {k: v for k, v in req.fix.items() if k != "cp"}
+    if "dp" in fix:
+        fix["dp"] = int(fix["dp"]) * cp
+    return replace(req, batch=req.batch * cp, seq=req.seq // cp, cp=cp, fix=fix)
+
+
+def unfold(plan: Plan, cp: int) -> Plan:
+    """The plan of a folded search as the cp plan it is: dp, cp, the global batch and sequence."""
+    if cp == 1:
+        return plan
+    alternatives = [{**a, "degrees": _unfold_degrees(a["degrees"], cp)} for a in plan.alternatives]
+    return replace(plan, degrees=_unfold_degrees(plan.degrees, cp), batch=plan.batch // cp, seq=plan.seq * cp,
+                   alternatives=alternatives)
+
+
+def _unfold_degrees(degrees: dict, cp: int) -> dict:
+    return {**degrees, "dp": degrees["dp"] // cp, "cp": cp}
+
+
+def cp_degrees(req: SearchRequest, refusal: Callable[[int], str | None]) -> list[int]:
+    """The cp degrees to plan: the pinned one (checked), else 1 and every power of two the devices, the pins and
+    the sequence allow with at least MIN_LOCAL_SEQ tokens per rank, where the model can run cp."""
+    pinned = 1
+    for axis in ("pp", "dp", "tp"):
+        pinned *= int(req.fix.get(axis, 1))
+    if "cp" in req.fix:
+        cp = int(req.fix["cp"])
+        if cp > 1:
+            if req.seq % (2 * cp):
+                raise MeshError(f"--fix cp={cp}: seq {req.seq} is not divisible by 2 x cp = {2 * cp} (each cp rank "
+                                "holds two equal chunks of the sequence, load-balanced for the causal mask); use a "
+                                "seq that is a multiple of 2 x cp or another cp")
+            if req.devices % (cp * pinned):
+                raise MeshError(f"--fix cp={cp} does not divide {req.devices} devices with the other pinned degrees "
+                                f"({pinned}); make pp x dp x cp x tp equal --devices")
+            why = refusal(cp)
+            if why:
+                raise PlanError(f"--fix cp={cp}: {why}; use cp=1")
+        return [cp]
+    out, cp = [1], 2
+    while cp * pinned <= req.devices and req.seq // cp >= MIN_LOCAL_SEQ:
+        if req.devices % (cp * pinned) == 0 and req.seq % (2 * cp) == 0 and refusal(cp) is None:
+            out.append(cp)
+        cp *= 2
+    return out
+
+
+def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captured]], progress=None,
+              proxies: Callable[[int], object] | None = None) -> Plan:
+    """The best plan over the cp degrees. traces(cp): the trace function (micro-step batch -> Captured) of the
+    model at seq / cp; proxies(cp): its shallow proxy (search.search's `proxy`) or None."""
+    def refusal(cp: int) -> str | None:  # on one sample (the shallow copy where there is one)
+        at = (lambda c: proxies(c)[0]) if proxies and proxies(cp) is not None else traces
+        return cp_analysis(at(cp)(1), at(1)(1))[0]
+
+    plans: dict[int, Plan] = {}
+    failures: dict[int, Exception] = {}
+    for cp in cp_degrees(req, refusal):
+        if progress and cp > 1:
+            progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
+        try:
+            plans[cp] = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None), cp)
+        except (MeshError, PlanError) as e:  # a fold's numbers are not the user's: say which cp and how it folds
+            failures[cp] = e if cp == 1 else type(e)(
+                f"cp={cp} (planned as its fold: batch {req.batch} x {cp} = {req.batch * cp} at seq {req.seq // cp}, "
+                f"dp counting dp x cp): {e}")
+    if not plans:
+        raise failures[min(failures)]
+    best = min(plans.values(), key=lambda p: p.predicted.step_time_s)
+    cp = best.degrees.get("cp", 1)
+    others = [_as_alternative(p) for c, p in plans.items() if c != cp]
+    solver = {**best.solver, "cp_searched": sorted(set(plans) | set(failures))}
+    if failures:
+        solver["cp_refused"] = {str(c): str(e) for c, e in failures.items()}
+    return replace(best, alternatives=best.alternatives + others, solver=solver)
+
+
+def _as_alternative(p: Plan) -> dict:
+    return {"degrees": p.degrees, "num_micro_batches": p.num_micro_batches, "zero": p.zero, "ac": p.ac,
+            "schedule": p.schedule, "step_time_s": p.predicted.step_time_s,
+            "memory_bytes_per_device": p.predicted.memory_bytes_per_device, "tokens_per_s": p.predicted.tokens_per_s}

@@ -1,0 +1,123 @@
+"""Context parallelism (cp) in the planner: `--fix cp=N`, the plan JSON, the search choosing cp for one long
+sample and not at 8k tokens, `--explain`'s cp alternative, and the refusal of models cp cannot run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autopar.capture import capture
+from autopar.errors import MeshError, PlanError
+from autopar.explain import candidates, explain
+from autopar.plan import Plan
+from autopar.planner.context import cp_analysis
+from autopar.planning import make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(devices=2, hardware="cpu", batch=4, seq=64, model_args={"seq": 64})
+
+
+@pytest.fixture(scope="module")
+def cp2():
+    return make_plan("gpt-tiny", **TINY, fix={"cp": 2})
+
+
+def test_fix_cp_plans_the_sequence_split_and_the_json_records_it(cp2):
+    assert cp2.degrees == {"dp": 1, "tp": 1, "pp": 1, "cp": 2}
+    assert (cp2.batch, cp2.seq, cp2.micro_batch_size) == (4, 64, 4)  # cp does not multiply the batch
+    assert cp2.predicted.memory_parts["ring_buffers"] > 0
+    again = Plan.from_dict(json.loads(cp2.to_json()))
+    assert again.degrees["cp"] == 2 and again.schema_version == 3
+
+
+def test_cp_halves_the_activations_and_prices_the_ring():
+    """dp=2 against cp=2 on the same 2 ranks: cp holds each sample's half sequence (activations about the same
+    as dp's half batch), but pays for the ring: more time, plus ring buffers."""
+    dp2 = make_plan("gpt-tiny", **TINY, fix={"dp": 2, "zero": 0, "ac": "none"})
+    cp2 = make_plan("gpt-tiny", **TINY, fix={"cp": 2, "zero": 0, "ac": "none"})
+    act = [p.predicted.memory_parts["activations"] for p in (dp2, cp2)]
+    assert act[1] == pytest.approx(act[0], rel=0.05)
+    assert cp2.predicted.compute_s > dp2.predicted.compute_s
+
+
+def test_schema_2_plans_still_load(cp2):
+    old = json.loads(make_plan("gpt-tiny", **TINY, fix={"dp": 2}).to_json())
+    old["schema_version"] = 2
+    assert Plan.from_dict(old).degrees.get("cp", 1) == 1
+
+
+def test_explain_prices_the_best_cp_1_plan(cp2):
+    assert {"cp": 1} in candidates(cp2)["cp"]
+    rows = explain(cp2, lambda fix: make_plan("gpt-tiny", **TINY, fix=fix))
+    (row,) = [r for r in rows if r.dimension == "cp"]
+    assert row.step_time_s is not None and row.delta < 0  # at 64 tokens the ring does not pay: cp=1 is faster
+
+
+@pytest.mark.parametrize("fix, error, says", [
+    ({"cp": 4}, MeshError, "seq 60 is not divisible by 2 x cp = 8"),
+    ({"cp": 2, "dp": 2}, MeshError, "does not divide 2 devices"),
+], ids=["seq", "devices"])
+def test_fix_cp_that_cannot_be(fix, error, says):
+    with pytest.raises(error, match=re.escape(says)):
+        make_plan("gpt-tiny", **{**TINY, "seq": 60 if fix["cp"] == 4 else 64}, fix=fix)
+
+
+def test_manual_attention_is_refused():
+    """softmax(QK^T) with a mask built from torch.ones(s, s): a ring cannot replace it; never a wrong program."""
+    with pytest.raises(PlanError, match="sequence x sequence tensor from the input"):
+        make_plan(f"{ROOT}/tests/cp_models.py:eager_gpt", **{**TINY, "model_args": {}}, fix={"cp": 2})
+
+
+@pytest.mark.slow
+def test_one_long_sample_on_64_gpus_chooses_cp():
+    """Llama-3-70B, 1 x 524288 tokens on 64 H100: dp must be 1 and tp stops at a node, so without cp only a
+    pipeline could fill the devices, which one sample cannot (no cp=1 mesh exists)."""
+    plan = make_plan("llama3-70b", devices=64, hardware="h100-80gb-sxm", batch=1, seq=524288,
+                     model_args={"seq": 524288})
+    assert plan.degrees["cp"] > 1 and plan.degrees["dp"] == 1
+    assert plan.degrees["cp"] * plan.degrees["tp"] * plan.degrees.get("pp", 1) == 64
+    assert "batch 1 cannot fill 64 devices" in plan.solver["cp_refused"]["1"]
+    assert plan.predicted.memory_bytes_per_device <= plan.memory_budget_bytes
+
+
+@pytest.mark.slow
+def test_8k_tokens_do_not_choose_cp():
+    plan = make_plan("llama3-8b", devices=64, hardware="h100-80gb-sxm", batch=64, seq=8192)
+    assert plan.degrees["cp"] == 1
+    assert 2 in plan.solver["cp_searched"]  # cp=2 was priced and lost
+    assert any(a["degrees"].get("cp", 1) == 2 for a in plan.alternatives)
+
+
+class _Attn(torch.nn.Module):
+    """One attention over embedded tokens, in the variant `kind`."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.emb, self.head = kind, torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
+
+    def forward(self, tokens):
+        x = self.emb(tokens).unsqueeze(1)  # [b, 1 head, s, 8]
+        s = tokens.shape[1]
+        if self.kind == "causal":
+            y = F.scaled_dot_product_attention(x, x, x, is_causal=True)
+        elif self.kind == "bidirectional":
+            y = F.scaled_dot_product_attention(x, x, x)
+        elif self.kind == "mask":
+            y = F.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(s, s, dtype=torch.bool).tril())
+        else:  # no attention at all
+            y = x
+        return self.head(y.squeeze(1)).sum()
+
+
+@pytest.mark.parametrize("kind, says", [("causal", None), ("bidirectional", "is not causal"),
+                                        ("mask", "(top level) builds a tensor of the sequence's length without the input"),
+                                        ("none", "no F.scaled_dot_product_attention")])
+def test_cp_analysis_accepts_only_causal_sdpa(kind, says):
+    model, tokens = _Attn(kind), torch.randint(0, 16, (2, 32))
+    why, _ = cp_analysis(capture(model, (tokens[:, :16],)), capture(model, (tokens,)))
+    assert why is None if says is None else says in why, why
