@@ -7,7 +7,8 @@ import pytest
 
 from autopar.cost_models import Link, collective_time_s, load_hardware
 from autopar.cost_models.comm import ring_attention_s
-from autopar.planner.context import folded, ring_buffer_bytes
+from autopar.planner.context import folded
+from autopar.planner.ring import ring_buffer_bytes
 from autopar.planning import make_plan
 
 H100 = load_hardware("h100-80gb-sxm")
@@ -74,7 +75,8 @@ def test_cp_prices_attention_at_its_true_work_plus_the_exposed_ring():
 
     from autopar.capture import capture
     from autopar.models import build_model, sample_inputs
-    from autopar.planner.context import is_attention, ring_buffer_terms
+    from autopar.planner.footprint import ring_buffer_terms
+    from autopar.planner.ring import is_attention
     from autopar.planner.cost import node_cost
     from autopar.planner.search import SearchRequest, _graph
 

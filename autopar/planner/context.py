@@ -6,26 +6,16 @@ same parameter gradients (over dp x cp) as a rank of a (dp*cp, tp) mesh running 
 sequence: `folded` gives that batch and sequence, so every per-token cost and memory term of the existing model
 divides by cp without a new rule. Attention is where the two differ: a rank's causal share of a sequence of length
 S is S^2/(2 cp) query-key pairs (load-balanced chunks), while the folded model prices (S/cp)^2/2, cp times less;
-`ring_node_cost` (node_cost's hook when CostContext.cp > 1) prices attention at cp times the folded work plus the
-ring's exposed send/recv (cost_models.comm.ring_attention_s), and `ring_buffer_terms` adds the ring's transient
-buffers to the memory terms.
+ring.py's `ring_node_cost` (node_cost's hook when CostContext.cp > 1) prices attention at cp times the folded work
+plus the ring's exposed send/recv (cost_models.comm.ring_attention_s), and footprint.py's `ring_buffer_terms` adds
+the ring's transient buffers to the memory terms. This module keeps the fold and which models cp can run.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
-
 import torch
 
-from autopar.cost_models import collective_time_s, exposed_s
-from autopar.cost_models.comm import ring_attention_s
-from autopar.placement import local_shape
-from autopar.planner.cost import CostContext, NodeCost
-from autopar.planner.graph import PlanGraph
-from autopar.planner.memory import FP32
-
-ATTENTION = torch.ops.aten.scaled_dot_product_attention  # what the ring replaces (models call F.sdpa)
+from autopar.planner.ring import ATTENTION
 
 
 def folded(batch: int, seq: int, cp: int) -> tuple[int, int]:
@@ -33,52 +23,6 @@ def folded(batch: int, seq: int, cp: int) -> tuple[int, int]:
     if seq % (2 * cp):
         raise ValueError(f"seq {seq} is not divisible by 2*cp={2 * cp}")
     return batch * cp, seq // cp
-
-
-def ring_buffer_bytes(kv_bytes: float, itemsize: int) -> float:
-    """Bytes the ring holds beyond the attention's saved tensors, at its peak (a backward ring step,
-    codegen/ring_attention.py): the stacked K/V and the copy arriving, the fp32 dK/dV accumulator and the one
-    arriving, the fp32 dQ accumulator (half of K/V's size) and the step's own dQ, dK, dV from the local kernel. One
-    attention runs at a time, so this is per device, not per layer."""
-    fp32 = kv_bytes * FP32 / itemsize
-    return 2 * kv_bytes + 2 * fp32 + fp32 / 2 + 1.5 * kv_bytes
-
-
-def is_attention(p) -> bool:
-    return p.kind == "op" and getattr(p.node.target, "overloadpacket", None) is ATTENTION
-
-
-def _kv_bytes(p, s, ctx: CostContext) -> tuple[float, int]:
-    """(bytes of this rank's K and V at strategy s, their itemsize)."""
-    k, v = (local_shape(p.info.in_shapes[j], s.ins[j], ctx.degrees) for j in (1, 2))
-    itemsize = p.info.in_dtypes[1].itemsize
-    return (math.prod(k) + math.prod(v)) * itemsize, itemsize
-
-
-def ring_node_cost(ctx: CostContext, p, s, folded_cost: NodeCost) -> NodeCost:
-    """An attention node's cost on a cp rank (ctx.cp > 1, ctx on the folded graph): cp times the folded attention
-    (the rank's causal share, module docstring) plus the ring's send/recv that the local attention does not hide
-    (forward's exposed hops in forward, the rest in backward). Other nodes cost what the fold prices."""
-    if not is_attention(p):
-        return folded_cost
-    kv, itemsize = _kv_bytes(p, s, ctx)
-    fwd, bwd = ctx.cp * folded_cost.fwd_s, ctx.cp * folded_cost.bwd_s
-    _, exposed = ring_attention_s(ctx.hw, ctx.cp_link, kv, ctx.cp, fwd, bwd, kv * FP32 / itemsize)
-    hop = collective_time_s("send_recv", kv, 2, ctx.cp_link)
-    exposed_fwd = min(exposed, (ctx.cp - 1) * exposed_s(ctx.hw, hop, fwd / ctx.cp))  # as ring_attention_s splits it
-    return replace(folded_cost, fwd_s=fwd + exposed_fwd, bwd_s=bwd + exposed - exposed_fwd)
-
-
-def ring_buffer_terms(pg: PlanGraph, ctx: CostContext) -> list:
-    """The ring's transient buffers (ring_buffer_bytes) as a memory term of the first attention node: one ring
-    runs at a time, so it is counted once per device, not per block."""
-    from autopar.planner.footprint import Term
-
-    for p in pg.owners():
-        if is_attention(p):
-            values = tuple(ring_buffer_bytes(*_kv_bytes(p, s, ctx)) for s in p.strategies)
-            return [Term(p.node.name, "ring_buffers", values)]
-    return []
 
 
 # -- which models cp can run ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
 from autopar.placement import P, R, Placement, local_shape
 from autopar.planner.fusion import Chain, chain_of
 from autopar.planner.graph import PNode
+from autopar.planner.ring import ring_node_cost
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
 from autopar.redistribute import steps
 from autopar.strategies import Strategy
@@ -105,9 +106,7 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         act += float(math.prod(outs[-1]))
     transient = loss_copies_bytes(p, ins) if p.requires_grad else 0.0
     cost = fused(ctx, p, s, NodeCost(fwd, bwd, act, 0.0, out_bytes, transient_bytes=transient))
-    if ctx.cp > 1:  # attention is a ring over cp ranks: its true work and exposed send/recv (planner/context.py)
-        from autopar.planner.context import ring_node_cost
-
+    if ctx.cp > 1:  # attention is a ring over cp ranks: its true work and exposed send/recv (planner/ring.py)
         return ring_node_cost(ctx, p, s, cost)
     return cost
 

@@ -25,6 +25,7 @@ from autopar.placement import local_shape
 from autopar.planner.cost import CostContext, NodeCost, nbytes, saved_input_bytes
 from autopar.planner.graph import PlanGraph, PNode, storage_root
 from autopar.planner.memory import state_bytes_per_element, transient_bytes_per_element
+from autopar.planner.ring import is_attention, kv_bytes, ring_buffer_bytes
 from autopar.runtime.compiled import BUCKET_BYTES
 
 # part -> the moments it is present at ("start", "end" of backward)
@@ -33,7 +34,7 @@ PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gath
           "activations": ("start",), "inputs": ("start",), "recompute": ("start", "end"), "autocast": ("start",),
           "grads": ("end",), "buckets": ("end",),
           "p2p_buffers": ("start", "end"), "p2p_grads": ("end",),  # pipelines only (planner/pipeline.py)
-          "ring_buffers": ("start", "end")}  # context parallelism only (planner/context.py)
+          "ring_buffers": ("start", "end")}  # context parallelism only (planner/ring.py)
 PARTS = tuple(k for k in PHASES if not k.startswith(("p2p_", "ring_")))  # every plan's; pp and cp add theirs
 ONE_BLOCK_PARTS = ("gathered", "recompute")  # concern the block at work, not every block
 
@@ -43,6 +44,16 @@ class Term:
     owner: str
     part: str  # one of PARTS, or "recompute_s" (seconds per micro-batch)
     values: tuple[float, ...]  # per strategy of the owner
+
+
+def ring_buffer_terms(pg: PlanGraph, ctx: CostContext) -> list[Term]:
+    """Context parallelism's ring buffers (ring.py `ring_buffer_bytes`) as a memory term of the first attention
+    node: one ring runs at a time, so it is counted once per device, not per block."""
+    for p in pg.owners():
+        if is_attention(p):
+            values = tuple(ring_buffer_bytes(*kv_bytes(p, s, ctx)) for s in p.strategies)
+            return [Term(p.node.name, "ring_buffers", values)]
+    return []
 
 
 def phases(part: str, micro_batches: int) -> tuple[str, ...]:
@@ -62,8 +73,6 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
             out.append(Term(name, "inputs", tuple(n * c.activation_bytes for c in cs)))
     out += block_input_terms(pg, ctx)
     if ctx.cp > 1:
-        from autopar.planner.context import ring_buffer_terms
-
         out += ring_buffer_terms(pg, ctx)
     out += gradient_terms(pg, costs, "activations" if ctx.memory.ac == "none" else "recompute")
     feeds = {prod for p in pg.nodes.values() if p.block is not None for prod, _ in p.inputs

@@ -14,10 +14,10 @@ from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.candidate import Candidate, SearchRequest
 from autopar.planner.cost import edge_price, node_cost, zero_sync
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
-from autopar.planner.context import is_attention
 from autopar.planner.fusion import FUSION_KINDS, chain_of
 from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import rank_sync, stage_time
+from autopar.planner.ring import is_attention
 from autopar.planner.staging import pieces
 from autopar.runtime.compiled import BUCKET_BYTES
 
