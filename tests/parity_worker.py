@@ -4,8 +4,8 @@
 
 CASES.json is a list of cases: {"id", "factory": "module:function", "kwargs", "fix", "seed", "steps", "batch"},
 optionally "fuse" (autopar.compile's: fused kernels on or off; with it set, the result also counts the fused calls
-the programs hold, by kind) and "ignored" (that many leading targets of the first sample set to ignore_index).
-Every rank builds the model from the seed, compiles it with autopar under the case's pins, trains `steps` SGD
+the programs hold, by kind), "optimizer" ("sgd" or "adamw") and "ignored" (that many leading targets of the first sample set to ignore_index).
+Every rank builds the model from the seed, compiles it with autopar under the case's pins, trains `steps` SGD (or AdamW)
 steps and trains an eager copy of the same model on the same batches in the same process (the single-process
 reference). Rank 0 prints one JSON line per case: the largest relative loss difference over the steps, the
 parameters whose first-step gradients differ (tests/dist_utils.py's rule), or the error the case raised.
@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autopar  # noqa: E402
 
 LR = 0.05  # plain SGD: a gradient rounding difference moves the weights by lr * 1e-7, not by lr as Adam's may
+# "optimizer": "adamw" trains as examples/train.py does (AdamW, lr 1e-3): ZeRO-1/2 shard optimizer state, which
+# plain SGD has none of
+OPTIMIZERS = {"sgd": (torch.optim.SGD, LR), "adamw": (torch.optim.AdamW, 1e-3)}
 
 
 def batches(vocab: int, batch: int, seq: int, steps: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,8 +88,9 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
         y[0, :case.get("ignored", 0)] = -100
     fuse = {"fuse": case["fuse"]} if "fuse" in case else {}
     compiled = autopar.compile(model, sample_inputs=data[0], fix=case["fix"], verify=verify, **fuse)
-    opt = compiled.optimizer(torch.optim.SGD, lr=LR)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    opt_cls, lr = OPTIMIZERS[case.get("optimizer", "sgd")]
+    opt = compiled.optimizer(opt_cls, lr=lr)
+    ref_opt = opt_cls(ref.parameters(), lr=lr)
     worst, bad = 0.0, {}
     for step, (x, y) in enumerate(data):
         rng = torch.get_rng_state()  # the reference draws the same random numbers as the compiled step

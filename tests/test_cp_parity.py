@@ -21,7 +21,7 @@ WORLD2 = {"cp2": {"cp": 2, "dp": 1, "tp": 1}, "cp2-full-ac": {"cp": 2, "dp": 1, 
 
 
 def _cases(configs: dict) -> list[dict]:
-    return [{"id": f"{m}-{name}", "factory": "tests.cp_models:tiny", "kwargs": {"name": m}, "fix": fix, "steps": 10,
+    return [{"id": f"{m}-{name}", "factory": "tests.tiny_models:tiny", "kwargs": {"name": m}, "fix": fix, "steps": 10,
              "batch": 4, "ignored": 40 if name.endswith("ignored") else 0} for m in MODELS
             for name, fix in configs.items()]
 

@@ -70,7 +70,7 @@ def test_fix_cp_that_cannot_be(fix, error, says):
 def test_manual_attention_is_refused():
     """softmax(QK^T) with a mask built from torch.ones(s, s): a ring cannot replace it; never a wrong program."""
     with pytest.raises(PlanError, match="sequence x sequence tensor from the input"):
-        make_plan(f"{ROOT}/tests/cp_models.py:eager_gpt", **{**TINY, "model_args": {}}, fix={"cp": 2})
+        make_plan(f"{ROOT}/tests/tiny_models.py:eager_gpt", **{**TINY, "model_args": {}}, fix={"cp": 2})
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 from tests.parity_worker import launch
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-MODELS = "tests.fusion_models"
+MODELS = "tests.tiny_models"
 # fused calls the programs must hold (one program per pipeline stage): every chain kind the model has
 GPT = {"add_norm": 2, "bias_gelu": 2, "linear_cross_entropy": 1}
 LLAMA = {"add_norm": 5, "rotary": 4, "swiglu": 2, "linear_cross_entropy": 1}
