@@ -121,3 +121,37 @@ def test_cp_analysis_accepts_only_causal_sdpa(kind, says):
     model, tokens = _Attn(kind), torch.randint(0, 16, (2, 32))
     why, _ = cp_analysis(capture(model, (tokens[:, :16],)), capture(model, (tokens,)))
     assert why is None if says is None else says in why, why
+
+
+def test_pruned_cp_search_finds_the_best_of_cp_1_and_the_pinned_cp(monkeypatch):
+    """Unpinned, cp = 1 is planned first and a cp fold is cut short (micro-batches a cp = 1 plan matches token for
+    token, and a best candidate that cannot beat cp = 1: search.py `Outpriced`); the plan is still the better of the
+    two full searches, cp pinned to 1 and to 2."""
+    import autopar.planner.cp_search as cp_search
+
+    monkeypatch.setattr(cp_search, "MIN_LOCAL_SEQ", 16)  # search cp at 64 tokens, as it would at 8k
+    for hw in ("cpu", "h100-80gb-sxm"):
+        args = {**TINY, "hardware": hw}
+        auto = make_plan("gpt-tiny", **args)
+        assert auto.solver["cp_searched"] == [1, 2]
+        pinned = [make_plan("gpt-tiny", **args, fix={"cp": cp}) for cp in (1, 2)]
+        best = min(pinned, key=lambda p: p.predicted.step_time_s)
+        assert auto.predicted.step_time_s == pytest.approx(best.predicted.step_time_s, rel=1e-9)
+        assert auto.degrees == best.degrees
+
+
+def test_a_fold_leaves_the_micro_batches_a_cp_1_plan_matches():
+    from dataclasses import replace
+
+    from autopar.cost_models import load_hardware
+    from autopar.planner.candidate import SearchRequest
+    from autopar.planner.cp_search import fold
+    from autopar.planner.search import micro_batch_counts
+
+    req = SearchRequest(model="m", n_params=1, hardware=load_hardware("cpu"), devices=2, batch=8, seq=64)
+    folded = fold(req, 2)  # batch 16 at seq 32, dp counting dp x cp = 2
+    assert folded.cp_searched
+    # a replica's micro-batch of k samples (16 // (m * 2)): k = 8, 4, 2 have cp = 1 twins; k = 1 does not
+    assert micro_batch_counts(folded, 2) == [8]
+    assert micro_batch_counts(replace(folded, cp_searched=False), 2) == [1, 2, 4, 8]
+    assert not fold(replace(req, fix={"cp": 2}), 2).cp_searched  # pinned: every micro-batching is searched

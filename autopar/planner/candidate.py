@@ -28,6 +28,7 @@ class SearchRequest:
     time_limit_s: float = 30.0  # per ILP; the best incumbent is used when reached
     dtype: str = "float32"
     cp: int = 1  # > 1: the folded request of a cp plan (planner/cp_search.py): batch x cp at seq / cp, dp is dp x cp
+    cp_searched: bool = False  # the fold of a cp degree searched beside cp = 1 (not pinned): see micro_batch_counts
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ A (dp, cp, tp) plan is searched as the (dp x cp, tp) plan of the folded request 
 samples at seq / cp, so every per-token cost, activation and the gradient reduction over dp x cp (ZeRO shards over
 dp x cp too) come from the existing model unchanged; attention nodes are priced at their true cp-fold work plus
 the ring's exposed send/recv, and the ring's buffers join the memory terms (CostContext.cp, context.py), so the
-ILP sees them too. The best plan over the cp degrees wins; the others are its alternatives.
+ILP sees them too. The best plan over the cp degrees wins; the others are its alternatives. cp = 1 is planned
+first; a fold whose best candidate cannot beat it is dropped before its full-depth trace (search.py `Outpriced`),
+and a fold's micro-batches that a cp = 1 plan matches token for token are not searched (search.py
+`micro_batch_counts`, where the argument is).
 
 Topology: the mesh is (pp, dp, cp, tp), tp innermost, then cp (torchtitan's order): cp's ring runs inside a node
 while cp x tp fits in one and crosses nodes otherwise (axis_links prices either), and the dp x cp gradient
@@ -23,7 +26,7 @@ from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan
 from autopar.planner.candidate import SearchRequest
 from autopar.planner.context import cp_analysis
-from autopar.planner.search import search
+from autopar.planner.search import Outpriced, search
 
 MIN_LOCAL_SEQ = 4096  # tokens per cp rank below which cp is not searched unless pinned
 
@@ -35,7 +38,7 @@ def fold(req: SearchRequest, cp: int) -> SearchRequest:
     fix = {k: v for k, v in req.fix.items() if k != "cp"}
     if "dp" in fix:
         fix["dp"] = int(fix["dp"]) * cp
-    return replace(req, batch=req.batch * cp, seq=req.seq // cp, cp=cp, fix=fix)
+    return replace(req, batch=req.batch * cp, seq=req.seq // cp, cp=cp, fix=fix, cp_searched="cp" not in req.fix)
 
 
 def unfold(plan: Plan, cp: int) -> Plan:
@@ -89,11 +92,18 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
 
     plans: dict[int, Plan] = {}
     failures: dict[int, Exception] = {}
+    outpriced: list[dict] = []
+    dominated: list[int] = []
     for cp in cp_degrees(req, refusal):
         if progress and cp > 1:
             progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
         try:
-            plans[cp] = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None), cp)
+            beat = plans[1].predicted.step_time_s if cp > 1 and 1 in plans else None
+            plans[cp] = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None, beat), cp)
+        except Outpriced as e:  # no faster than cp = 1 already on the proxy: not traced at full depth
+            dominated.append(cp)
+            if e.alternative is not None:
+                outpriced.append({**e.alternative, "degrees": _unfold_degrees(e.alternative["degrees"], cp)})
         except (MeshError, PlanError) as e:  # a fold's numbers are not the user's: say which cp and how it folds
             failures[cp] = e if cp == 1 else type(e)(
                 f"cp={cp} (planned as its fold: batch {req.batch} x {cp} = {req.batch * cp} at seq {req.seq // cp}, "
@@ -102,8 +112,9 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
         raise failures[min(failures)]
     best = min(plans.values(), key=lambda p: p.predicted.step_time_s)
     cp = best.degrees.get("cp", 1)
-    others = [_as_alternative(p) for c, p in plans.items() if c != cp]
-    solver = {**best.solver, "cp_searched": sorted(set(plans) | set(failures))}
+    others = [_as_alternative(p) for c, p in plans.items() if c != cp] + outpriced
+    searched = set(plans) | set(failures) | set(dominated)
+    solver = {**best.solver, "cp_searched": sorted(searched)}
     if failures:
         solver["cp_refused"] = {str(c): str(e) for c, e in failures.items()}
     return replace(best, alternatives=best.alternatives + others, solver=solver)

@@ -80,7 +80,14 @@ def micro_batch_counts(req: SearchRequest, dp: int, pp: int = 1) -> list[int]:
     """Micro-batch counts m whose micro-step batch divides by dp. With pipeline parallelism, m >= pp (fewer leave
     ranks idle) and the micro-batch per data-parallel replica is 2 or 1 samples: more micro-batches shrink the
     bubble, and a larger micro-batch needs more memory while the cost model gains little from it once matmuls
-    are large (Narayanan et al. 2021 Fig. 18 finds the best micro-batch at 1-2 for the 91B model)."""
+    are large (Narayanan et al. 2021 Fig. 18 finds the best micro-batch at 1-2 for the 91B model).
+
+    In the fold of a cp degree searched beside cp = 1 (req.cp_searched), a replica's micro-batch of k samples
+    (req.batch // (m * dp), the fold's batch and dp being cp times the plan's) with k a multiple of cp is left out:
+    the cp = 1 plan with dp x cp replicas of k / cp samples, same tp, pp and m, gives every rank the same tokens, the
+    same matmuls, the same attention work (a rank's causal share S^2 / 2cp of k samples equals k / cp whole
+    samples' S^2 / 2), activations and dp x cp gradient reduction, without the ring's exposed hops and buffers, so
+    it is never slower and never larger, and the cp = 1 search has it among its candidates."""
     if "num_micro_batches" in req.fix:  # autopar.compile's default at pp = 1: the whole batch at once
         m = int(req.fix["num_micro_batches"])
         return [m] if req.batch % (m * dp) == 0 else []
@@ -91,6 +98,8 @@ def micro_batch_counts(req: SearchRequest, dp: int, pp: int = 1) -> list[int]:
                             f"mbs x dp = {mbs * dp}, not {req.batch}; change --batch, mbs or dp")
         return [] if req.batch % (mbs * dp) else [req.batch // (mbs * dp)]
     counts = [m for m in _divisors(req.batch) if (req.batch // m) % dp == 0]
+    if req.cp > 1 and req.cp_searched:  # a fold whose replicas hold a multiple of cp samples is dominated (below)
+        counts = [m for m in counts if (req.batch // (m * dp)) % req.cp]
     if pp > 1:
         counts = [m for m in counts if m >= pp and req.batch // (m * dp) in (2, 1)]
     return counts
@@ -100,10 +109,25 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None) -> Plan:
+class Outpriced(Exception):
+    """search(..., beat=t) found no candidate that could be faster than t seconds per step; `alternative` is its
+    best, as a plan records its alternatives (None: a cp fold whose every candidate a cp = 1 plan matches,
+    micro_batch_counts)."""
+
+    def __init__(self, alternative: dict | None) -> None:
+        best = "none" if alternative is None else f"{alternative['step_time_s']:.4g} s"
+        super().__init__(f"outpriced (best candidate: {best})")
+        self.alternative = alternative
+
+
+def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None,
+           beat: float | None = None) -> Plan:
     """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch; `proxy`,
     optional, is (trace of a copy with two blocks, depth ratio): candidates are then planned on that copy
-    deepened to the model's depth (proxy.py), and only the chosen one is traced and solved at full depth."""
+    deepened to the model's depth (proxy.py), and only the chosen one is traced and solved at full depth.
+    `beat`, optional, is another search's step time (cp_search.py): when the best candidate cannot beat it even
+    with every recomputation given back (`relax`, the only step after ranking that lowers a prediction), Outpriced
+    is raised before the full-depth trace, which is then never taken (nor taken ahead of time)."""
     t0 = time.perf_counter()
     budget = _budget(req)
     full_trace, blocks = trace, _depth(req, trace, proxy)
@@ -111,19 +135,21 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         trace = _deepened(proxy[0], blocks)
     _check_pipeline_pins(req, blocks)
     meshes = [d for d in mesh_candidates(req, blocks) if micro_batch_counts(req, d["dp"], d["pp"])]
+    if not meshes and req.cp_searched:  # every micro-batching of this fold is matched by a cp = 1 plan
+        raise Outpriced(None)
     if not meshes:
         raise MeshError(_no_batch_message(req, mesh_candidates(req, blocks)))
 
     def early(jobs):  # the full trace the flat front-runner will need, taken while workers solve the first ILPs:
         sizes = {req.batch // m for _, m, _ in jobs}  # when each job, once solved, settles its mesh at one size
-        if proxy is not None and len(sizes) == 1 and all(_settles(cfg) for _, _, cfg in jobs):
+        if proxy is not None and beat is None and len(sizes) == 1 and all(_settles(cfg) for _, _, cfg in jobs):
             full_trace(sizes.pop())
 
     flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy, early)
             if c.solution is not None]
 
     def ahead():  # the full trace the flat front-runner will need, taken while workers price pipelines
-        if proxy is not None and flat:
+        if proxy is not None and beat is None and flat:
             full_trace(req.batch // min(flat, key=lambda c: predicted(req, c).step_time_s).micro_batches)
 
     piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy, ahead)
@@ -135,6 +161,10 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     if not results:
         raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: predicted(req, c).step_time_s)  # rank by what the plan reports
+    if beat is not None:
+        p = predicted(req, results[0])
+        if p.step_time_s - (p.recompute_s if "ac" not in req.fix and results[0].degrees["pp"] == 1 else 0.0) >= beat:
+            raise Outpriced(_alternative(req, results[0]))
     best = _materialized(req, trace, results[0], budget)
     if proxy is not None:
         best = _at_full_depth(req, full_trace, budget, best)
