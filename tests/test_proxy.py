@@ -13,6 +13,7 @@ import math
 import pytest
 
 import autopar.planning as planning
+from autopar.planner import cp_search
 from autopar.planner import search as S
 
 MODEL_ARGS = {"layers": 4, "hidden": 64, "heads": 4, "vocab": 128, "seq": 32}
@@ -22,11 +23,11 @@ def _both(monkeypatch, fix: dict, devices: int = 4):
     """(plan found on the deepened two-block copy, plan found on the full trace alone)."""
     seen = {}
 
-    def spy(req, trace, progress=None, proxy=None):
+    def spy(req, trace, progress=None, proxy=None, beat=None):
         seen.update(req=req, trace=trace, proxy=proxy)
-        return S.search(req, trace, progress, proxy)
+        return S.search(req, trace, progress, proxy, beat)
 
-    monkeypatch.setattr(planning, "search", spy)
+    monkeypatch.setattr(cp_search, "search", spy)  # make_plan -> search_cp -> search, once per cp degree (cp=1 here)
     shallow = planning.make_plan("gpt", model_args=MODEL_ARGS, devices=devices, hardware="cpu", batch=8, fix=fix)
     assert seen["proxy"] is not None, "a 4-layer model must be planned on its two-block copy"
     full = S.search(seen["req"], seen["trace"], None, None)
