@@ -159,6 +159,14 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
 
 
+def assert_matches_one_process(result: dict, *context, rtol: float = 1e-5) -> None:
+    """A case's result (run_case's JSON line): it ran, its losses matched one process within rtol relative at every
+    step, and no first-step gradient differed (grad_mismatch). `context` goes into the failure messages."""
+    assert "error" not in result, (*context, result.get("trace", result))
+    assert result["loss_rel"] <= rtol, (*context, result)
+    assert result["grad_bad"] == {}, (*context, result)
+
+
 def launch(cases: list[dict], nproc: int, tmp: Path, timeout: int = 900, env: dict | None = None) -> dict[str, dict]:
     """Run the cases under torchrun on `nproc` gloo ranks (with `env` added to the environment); results by case id
     (a case missing from the output means a rank died, which fails the caller with the launcher's stderr)."""

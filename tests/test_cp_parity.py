@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parity_worker import launch
+from tests.parity_worker import assert_matches_one_process, launch
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 MODELS = ("gpt-tiny", "llama-tiny")
@@ -35,10 +35,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("case", [c["id"] for c in _cases(WORLD4) + _cases(WORLD2)])
 def test_cp_matches_one_process(results, case):
     r = results[case]
-    assert "error" not in r, r.get("trace", r.get("error"))
+    assert_matches_one_process(r, case)
     assert ",cp=" in r["plan"], r["plan"]  # the plan ran context-parallel
-    assert r["loss_rel"] <= 1e-5, r
-    assert r["grad_bad"] == {}, r
 
 
 def test_a_cp_plan_file_from_the_cli_trains_like_one_process(tmp_path):

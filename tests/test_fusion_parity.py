@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parity_worker import launch
+from tests.parity_worker import assert_matches_one_process, launch
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 MODELS = "tests.tiny_models"
@@ -37,9 +37,8 @@ def results(tmp_path_factory):
 
 
 def _check(r: dict, case: str) -> None:
-    assert "error" not in r, r.get("trace", r)
+    assert_matches_one_process(r, case)
     assert r["fused"] == (GPT if case.startswith("gpt") else LLAMA), r["fused"]
-    assert r["loss_rel"] <= 1e-5 and not r["grad_bad"], r
 
 
 @pytest.mark.parametrize("case", [c["id"] for c in WORLD2 + WORLD4])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dist_utils import grad_mismatches, max_rel_diff, run_train
-from tests.parity_worker import launch
+from tests.parity_worker import assert_matches_one_process, launch
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 COMMON = ["--steps", "10", "--seed", "0", "--batch", "8"]
@@ -59,10 +59,8 @@ def _fix(spec: str) -> dict:
 
 
 def _check(result: dict, fix: str) -> None:
-    assert "error" not in result, result.get("trace")
+    assert_matches_one_process(result, fix)
     assert all(f"{kv}," in result["plan"] for kv in fix.split(",")), (fix, result["plan"])  # the pins ran
-    assert result["loss_rel"] <= 1e-5, result
-    assert result["grad_bad"] == {}, result
 
 
 @pytest.fixture(scope="module")
