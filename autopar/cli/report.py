@@ -342,8 +342,7 @@ FUSED_OPS = {"add_norm": "residual add + norm", "norm": "RMSNorm", "swiglu": "Sw
 def fusions_table(plan: Plan) -> Table:
     """The fused kernels of the program and what the planner predicts each kind saves (`--fix fuse=off` to compare)."""
     if not plan.fuse:
-        table = _table("fused kernels: off (--fix fuse=off)", "kind")
-        return table
+        return _table("fused kernels: off (--fix fuse=off)", "kind")
     table = _table("fused kernels (autopar/kernels; --fix fuse=off turns them off)", "chain", ">count",
                    ">step time saved", ">activations saved / micro-batch")
     for f in plan.fusions:

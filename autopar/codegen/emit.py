@@ -12,7 +12,7 @@ the graph by a `grad_all_reduce` (Megatron's f).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx as fx
@@ -28,7 +28,7 @@ from autopar.strategies import Strategy, grad_partial_axes, packet_of, tensor_va
 class Emitted:
     graph: fx.Graph
     deferred_sync: dict[str, tuple[int, ...]]  # param placeholder -> axes whose gradient the runtime reduces
-    values: dict[str, fx.Node] | None = None  # traced node name -> its value here (codegen/fuse.py reads it)
+    values: dict[str, fx.Node] = field(default_factory=dict)  # traced node name -> its value here (fuse.py, context.py)
 
 
 BLOCK_META = "autopar_block"  # node.meta key: the repeated-layer item ("blocks.3") a generated node belongs to

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from autopar.codegen.emit import BLOCK_META
-from autopar.planner.fusion import _VIEWS, Chain, find_chains, flat_args
+from autopar.planner.fusion import VIEWS, Chain, find_chains, flat_args
 from autopar.planner.graph import PlanGraph
 
 aten = torch.ops.aten
@@ -50,7 +50,7 @@ def _intact(chain: Chain, pg: PlanGraph, values: dict[str, fx.Node]) -> bool:
             continue  # the loss is lowered (codegen/lower.py); _cross_entropy matches what it became
         if not isinstance(here, fx.Node) or here.op != "call_function":
             return False
-        if here.target != node.target and not (node.target in _VIEWS and here.target in _VIEWS):
+        if here.target != node.target and not (node.target in VIEWS and here.target in VIEWS):
             return False  # (a view's lowering may write it as another view: codegen/lower.py)
         for i, arg in enumerate(flat_args(node)):
             if isinstance(arg, fx.Node) and arg.name in chain.members and flat_args(here)[i] is not values[arg.name]:

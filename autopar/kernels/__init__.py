@@ -9,7 +9,6 @@ it is installed); `autopar plan` never imports it, so never triton.
 from __future__ import annotations
 
 
-
 def ce_chunk_rows(tokens: int, vocab_local: int, hidden: int) -> int:
     """Tokens per chunk of the fused head + cross-entropy: a chunk's logits hold about as many numbers as the head's
     input [tokens x hidden] (the chunking Liger-Kernel's fused linear cross-entropy uses), so the loss never holds

@@ -133,7 +133,7 @@ def _norm_chain(n: fx.Node) -> Chain | None:
     return Chain("norm", tuple(m.name for m in nodes), ((nodes[0].name, 0), None, weight, None), (eps, True))
 
 
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
 
 
 def _swiglu(n: fx.Node) -> Chain | None:
@@ -194,7 +194,7 @@ def _cross_entropy(n: fx.Node) -> Chain | None:
     if weight is not None or reduction not in (1, 2) or smoothing or n.kwargs or len(_shape(n.args[0]) or ()) != 2:
         return None
     mids, lin = [], n.args[0]  # views (and no-op casts) between the head and the loss
-    while (_is(lin, *_VIEWS) or _noop_to(lin)) and _only_user(lin, mids[-1] if mids else n):
+    while (_is(lin, *VIEWS) or _noop_to(lin)) and _only_user(lin, mids[-1] if mids else n):
         mids.append(lin)
         lin = lin.args[0]
     if not mids or not _is(lin, aten.linear.default) or (len(lin.args) > 2 and lin.args[2] is not None) or \

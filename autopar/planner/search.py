@@ -163,13 +163,13 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     results.sort(key=lambda c: predicted(req, c).step_time_s)  # rank by what the plan reports
     if beat is not None:
         p = predicted(req, results[0])
-        if p.step_time_s - (p.recompute_s if "ac" not in req.fix and results[0].degrees["pp"] == 1 else 0.0) >= beat:
+        if p.step_time_s - (p.recompute_s if _gives_back(req, results[0]) else 0.0) >= beat:
             raise Outpriced(_alternative(req, results[0]))
     best = _materialized(req, trace, results[0], budget)
     if proxy is not None:
         best = _at_full_depth(req, full_trace, budget, best)
     ac_layers: dict[str, str] = {}
-    if "ac" not in req.fix and best.degrees["pp"] == 1:  # a pinned mode is a what-if for every block; a searched one gives back what fits
+    if _gives_back(req, best):
         ac_layers, best.prediction = relax(best, predicted(req, best), budget, req)
     stats = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(results),
              "status": best.solution.status, "variables": best.solution.variables,
@@ -178,6 +178,12 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         stats["pins"] = dict(req.fix["pins"])  # module glob -> intent, as asked (the strategies show the result)
     others = [_alternative(req, c) for c in results[1:]]
     return to_plan(req, best, budget, stats, others, ac_layers)
+
+
+def _gives_back(req: SearchRequest, c: Candidate) -> bool:
+    """Whether the chosen candidate's checkpointing is relaxed after ranking (layers.relax gives back the blocks that
+    fit): a searched mode at pp = 1; a pinned mode is a what-if for every block."""
+    return "ac" not in req.fix and c.degrees["pp"] == 1
 
 
 def _check_pipeline_pins(req: SearchRequest, blocks: int) -> None:
