@@ -10,7 +10,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from autopar.runtime.checkpoint_io import MARKER, STEP_DIR, damaged, read_manifest
+
+def _io():
+    """autopar.runtime.checkpoint_io, imported when a checkpoint command runs: it imports torch's distributed
+    checkpointing (~0.5 s), which `autopar plan` never needs."""
+    from autopar.runtime import checkpoint_io
+
+    return checkpoint_io
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
-    m = read_manifest(args.dir)
+    m = _io().read_manifest(args.dir)
     path = Path(m["path"])
     plan = m.get("plan", {})
     console.print(f"checkpoint {path}", highlight=False)
@@ -35,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"  {len(m['tensors'])} parameters, {n:,} elements; optimizer state "
                   f"{'saved' if m.get('optimizer') else 'not saved'}; RNG states of {m['world_size']} ranks",
                   highlight=False)
-    bad = damaged(path, m)
+    bad = _io().damaged(path, m)
     size = sum(s for s, _ in m["files"].values())
     console.print(f"  {len(m['files'])} files, {size / 2**20:.1f} MiB: " +
                   ("; ".join(bad) if bad else "all match their CRC-32"), highlight=False)
-    others = _others(path.parent) if STEP_DIR.match(path.name) else ""
+    others = _others(path.parent) if _io().STEP_DIR.match(path.name) else ""
     if others:
         console.print(f"  in {path.parent}: {others}", highlight=False)
     if args.tensors:
@@ -65,7 +71,7 @@ def _plan_line(plan: dict) -> str:
 
 def _others(root: Path) -> str:
     """The other checkpoints beside this one: complete steps, and saves that never completed."""
-    steps = sorted((int(m.group(1)), (p / MARKER).exists()) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    steps = sorted((int(m.group(1)), (p / _io().MARKER).exists()) for p in root.iterdir() if (m := _io().STEP_DIR.match(p.name)))
     partial = sorted(p.name for p in root.iterdir() if re.match(r"^\.tmp-step_\d+$", p.name))
     out = [f"complete steps {', '.join(str(s) for s, ok in steps if ok)}"] if steps else []
     if partial:
