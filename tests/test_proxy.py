@@ -62,7 +62,7 @@ def test_choices_carry_over_by_position_without_a_new_solve(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(S, "_run_jobs",
-                        lambda req, trace, budget, jobs, **_: [real(req, trace, budget, *j) for j in jobs])
+                        lambda req, trace, budget, jobs, *_, **__: [real(req, trace, budget, *j) for j in jobs])
     monkeypatch.setattr(S, "_solve_one", counting)
     before = []
     monkeypatch.setattr(S, "_at_full_depth", _spy_full_depth(S._at_full_depth, solves, before))

@@ -52,6 +52,7 @@ from autopar.planner.graph import PlanGraph, PNode
 from autopar.planner.moves import EdgeGroup, Role, Target, edge_groups, role, takes_as_produced, target
 
 MIP_GAP = 1e-3  # stop within 0.1% of the optimum: far below the cost model's own accuracy
+OUTPRICED = "Outpriced"  # Solution.status of a solve its cutoff ended (ShardingILP.solve)
 
 
 class ShardingILP:
@@ -332,12 +333,21 @@ class ShardingILP:
         self.prob += _expr(self.time_terms) + self.z if self.objective == "time" else self.peak
 
     # -- solve ----------------------------------------------------------------------------------------------
-    def solve(self, time_limit_s: float = 30.0, threads: int = 1) -> Solution | None:
+    def solve(self, time_limit_s: float = 30.0, threads: int = 1, cutoff_s: float | None = None) -> Solution | None:
+        """The optimal strategies (None: nothing fits the budget). `cutoff_s`, optional, is the objective of a plan
+        already found (an incumbent, where this objective is the plan's predicted step time): when the LP relaxation
+        proves that no solution here is faster, branch and bound is skipped and the status is OUTPRICED, with the
+        relaxation's bound as objective_s. Exact: the bound is below every integral solution."""
         solver = _solver(time_limit_s, threads)
+        solver.cutoff = None if cutoff_s is None else cutoff_s - float(self.prob.objective.constant)
         t0 = time.perf_counter()
         with _quiet_stdout():
             self.prob.solve(solver)
         elapsed = time.perf_counter() - t0
+        bound = getattr(solver, "outpriced_at", None)
+        if bound is not None:
+            return Solution({}, OUTPRICED, bound + float(self.prob.objective.constant), elapsed,
+                            self.prob.numVariables(), self.prob.numConstraints())
         self.relaxation_integral = getattr(solver, "relaxation_integral", False)  # solved without branching
         status = pulp.LpStatus[self.prob.status]
         if status == "Optimal" and self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
@@ -479,6 +489,8 @@ class _BulkHiGHS(pulp.HiGHS):
     spends seconds in presolve, probing and heuristics before it sees that."""
 
     relaxation_first = True
+    cutoff: float | None = None  # ShardingILP.solve's cutoff_s, without the objective's constant
+    outpriced_at: float | None = None  # the relaxation's objective, when it proved the cutoff unbeatable
 
     def callSolver(self, lp) -> None:
         h = lp.solverModel
@@ -489,6 +501,11 @@ class _BulkHiGHS(pulp.HiGHS):
             h.setOptionValue("solve_relaxation", False)
             if h.getModelStatus() == highspy_status().kOptimal and _integral(h, self._integer):
                 self.relaxation_integral = True
+                return
+            bound = h.getInfo().objective_function_value
+            if h.getModelStatus() == highspy_status().kOptimal and self.cutoff is not None and \
+                    bound >= self.cutoff * (1 + 1e-9):  # no integral point beats the incumbent: no branching
+                self.outpriced_at = bound
                 return
             if h.getModelStatus() == highspy_status().kInfeasible:  # no fractional point fits: no integral one
                 return

@@ -2,10 +2,16 @@
 
 Candidates are factorisations devices = dp x tp with tp inside a node (tp divides the devices per node: tensor
 parallelism's per-layer collectives need the fastest links, Narayanan et al. 2021 Sec. 3.3), and micro-batch
-counts m (gradient accumulation) whose micro-step batch still divides by dp, tried from m = 1 upward until the
-ILP fits the memory budget (a larger micro-batch is never slower in the cost model, so the first feasible m per
-mesh is that mesh's best). Keys pinned with `--fix` restrict the candidates; a fully pinned configuration is
-evaluated, not searched.
+counts m (gradient accumulation) whose micro-step batch still divides by dp, tried from m = 1 upward in rounds
+until the ILP fits the memory budget without checkpointing or ZeRO-3, or two counts past the first fit. Keys
+pinned with `--fix` restrict the candidates; a fully pinned configuration is evaluated, not searched.
+
+Before the rounds, each flat mesh is probed at one sample per replica with the least recomputation that fits
+(`_probe`): an easy ILP, often near the best, and an incumbent for everything after it. A round's job whose lower
+bound cannot beat the incumbent is skipped: first a bound from node costs alone (`_time_bound`, before its ILP is
+built), then the ILP's LP relaxation (ShardingILP.solve's cutoff, before branching). Both bound every plan the job
+could return, so a skipped job could never have been ranked first: skipping changes the time the search takes,
+not its result. (The probes are candidates too, which the rounds alone could stop short of.)
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from autopar.planner.cost import CostContext, node_cost
 from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.candidate import Candidate, SearchRequest, Solution
-from autopar.planner.ilp import ShardingILP, memory_lower_bound
+from autopar.planner.ilp import OUTPRICED, ShardingILP, memory_lower_bound
 from autopar.planner.layers import relax
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.pins import pinned_strategies
@@ -300,12 +306,19 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
     best: dict[int, Candidate] = {}
     extra: dict[int, int] = {}
     refused: set[tuple[int, int, MemoryConfig]] = set()
+    probes = _probe(req, trace, meshes, pending, budget, proxy, progress)
     while pending:
         jobs, owners = [], []
+        cutoff = _incumbent(req, [*best.values(), *probes.values()])
+        fitted: dict[int, MemoryConfig] = {}  # meshes with a job that fits but cannot beat the incumbent
         for i, (counts, cfgs) in pending.items():
             m = counts[0]
             fits = _fits_fn(req, trace, meshes[i], m, budget, proxy, refused, i)
             for cfg in _frontier(cfgs, fits):
+                if cutoff is not None and meshes[i]["pp"] == 1 and \
+                        _time_bound(req, trace, meshes[i], m, cfg, proxy) >= cutoff * (1 + 1e-9):
+                    fitted[i] = cfg  # compute alone is slower than the incumbent: not even built
+                    continue
                 jobs.append((meshes[i], m, cfg))
                 owners.append(i)
         for d, m, cfg in jobs:  # here, so that forked workers inherit the traces and planning graphs
@@ -313,15 +326,24 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
         if progress and jobs:
             progress(f"solving {len(jobs)} candidate(s): " + ", ".join(
                 f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
-        solved_here: dict[int, bool] = {}
+        solved_here: dict[int, bool] = {i: True for i in fitted}
         first = {"meanwhile": functools.partial(meanwhile, jobs)} if meanwhile is not None else {}
-        solutions, meanwhile = _run_jobs(req, trace, budget, jobs, **first), None
+        known = {(i, job[1], job[2]): probes[i] for i, job in zip(owners, jobs) if i in probes and
+                 (probes[i].micro_batches, probes[i].memory) == job[1:]}  # solved by the probe already
+        solutions, meanwhile = _run_jobs(req, trace, budget, jobs, cutoff, set(known), owners, **first), None
+        if progress and any(s is not None and s.status == OUTPRICED for s in solutions):
+            progress(f"{sum(s is not None and s.status == OUTPRICED for s in solutions)} of them cannot beat "
+                     f"{cutoff:.4g} s (LP relaxation): not branched on")
         for i, job, sol in zip(owners, jobs, solutions):
+            if sol is not None and sol.status == OUTPRICED:
+                fitted[i] = job[2]
+                solved_here[i] = True
+                continue
             if sol is None:
                 refused.add((i, job[1], job[2]))
                 solved_here.setdefault(i, False)
                 continue
-            cand = _candidate(req, trace, job[0], job[1], sol, job[2], budget)
+            cand = known.get((i, job[1], job[2])) or _candidate(req, trace, job[0], job[1], sol, job[2], budget)
             if cand.solution is None:  # no pipeline schedule fits the budget
                 refused.add((i, job[1], job[2]))
                 solved_here.setdefault(i, False)
@@ -329,8 +351,51 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
             if i not in best or predicted(req, cand).step_time_s < predicted(req, best[i]).step_time_s:
                 best[i] = cand
             solved_here[i] = True
-        _advance(pending, best, extra, solved_here, refused, meshes)
+        _advance(pending, best, extra, solved_here, refused, meshes, fitted)
+    for i, c in probes.items():
+        if i not in best or predicted(req, c).step_time_s < predicted(req, best[i]).step_time_s:
+            best[i] = c
     return [best[i] for i in sorted(best)]
+
+
+def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Candidate]:
+    """Before the rounds: each flat mesh's most micro-batches (one sample per replica) with the least
+    recomputation that fits. These plans need little memory, so their ILPs are easy (the relaxation is usually
+    integral), they are often close to the best, and they give the rounds an incumbent: a round's ILP whose LP
+    relaxation cannot beat it is not branched on (ShardingILP.solve's cutoff). They are candidates like any other
+    (the rounds stop two micro-batch counts after a mesh first fits, which can stop short of these)."""
+    tries = {}  # mesh -> its configurations to try, in order: the least recomputation that fits, ZeRO upward
+    for i, (counts, cfgs) in pending.items():
+        if meshes[i]["pp"] > 1 or len(counts) < 2:
+            continue
+        frontier = _frontier(cfgs, _fits_fn(req, trace, meshes[i], counts[-1], budget, proxy, set(), i))
+        if frontier:
+            tries[i] = [c for c in cfgs if c.ac == frontier[0].ac and c.zero >= frontier[0].zero]
+    out = {}
+    while tries:
+        owners = list(tries)
+        jobs = [(meshes[i], pending[i][0][-1], tries[i][0]) for i in owners]
+        for d, m, cfg in jobs:
+            _graph(req, trace(req.batch // m), d, cfg)
+        if progress:
+            progress(f"probing {len(jobs)} mesh(es) at one sample per replica: " + ", ".join(
+                f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
+        for i, job, sol in zip(owners, jobs, _run_jobs(req, trace, budget, jobs)):
+            if sol is not None and sol.status == OUTPRICED:  # cannot beat another probe
+                tries[i] = []
+                continue
+            c = _candidate(req, trace, *job[:2], sol, job[2], budget) if sol is not None else None
+            if c is not None and c.solution is not None:
+                out[i] = c
+            tries[i] = [] if i in out else tries[i][1:]  # the ILP did not fit: the next ZeRO stage
+        tries = {i: t for i, t in tries.items() if t}
+    return out
+
+
+def _incumbent(req, candidates: list[Candidate]) -> float | None:
+    """The fastest flat candidate's predicted step time (at pp = 1 the ILP's objective is that prediction)."""
+    flat = [predicted(req, c).step_time_s for c in candidates if c.degrees["pp"] == 1]
+    return min(flat, default=None)
 
 
 def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy,
@@ -446,15 +511,17 @@ def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate 
     return None
 
 
-def _advance(pending, best, extra, solved_here, refused, meshes) -> None:
+def _advance(pending, best, extra, solved_here, refused, meshes, fitted) -> None:
     """Move each mesh on: retry the same micro-batch count if a frontier job failed the ILP (the frontier then
-    moves up), else the next count, until done. Pipelines try every count (more micro-batches, less bubble)."""
+    moves up), else the next count, until done. Pipelines try every count (more micro-batches, less bubble).
+    A job outpriced by the incumbent (`fitted`) fits: the mesh moves on as if it had been solved, no faster."""
     for i in list(pending):
         counts, cfgs = pending[i]
         if i in solved_here and not solved_here[i] and any((i, counts[0], c) not in refused for c in cfgs):
             continue  # same m, next frontier
-        done = i in best and _settles(best[i].memory) and meshes[i]["pp"] == 1
-        if i in best:
+        done = (i in best and _settles(best[i].memory) or i in fitted and _settles(fitted[i])) and \
+            meshes[i]["pp"] == 1
+        if i in best or i in fitted:
             extra[i] = extra.get(i, 0) + 1
         if done or extra.get(i, 0) > 2 or len(counts) == 1:
             del pending[i]
@@ -480,16 +547,36 @@ def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
     return fits
 
 
-def _run_jobs(req, trace, budget, jobs, *, meanwhile: Callable[[], object] | None = None) -> list[Solution | None]:
-    """Each job's solution; in forked workers where that is safe, while `meanwhile` runs here."""
-    workers = min(len(jobs), os.cpu_count() or 1, 4)
+def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, skip: set = frozenset(), owners=(), *,
+              meanwhile: Callable[[], object] | None = None) -> list[Solution | None]:
+    """Each job's solution; in forked workers where that is safe, while `meanwhile` runs here. `cutoff_s`: the
+    incumbent flat jobs must beat (their ILP's objective is their prediction); jobs (owner, m, config) in `skip`
+    are solved already and left out (their solution: a placeholder Solution). Without recomputation first: those
+    ILPs are easy and their plans the likely best, so the others then face a lower cutoff."""
+    keep = [k for k, job in enumerate(jobs) if not owners or (owners[k], *job[1:]) not in skip]
+    out: list[Solution | None] = [Solution({}, "known", 0.0, 0.0, 0, 0)] * len(jobs)
+    phases = [[k for k in keep if jobs[k][2].ac == "none"], [k for k in keep if jobs[k][2].ac != "none"]]
+    if not phases[0] or not any(jobs[k][0]["pp"] == 1 for k in phases[1]):
+        phases = [keep]
+    for phase in phases:
+        todo = [(*jobs[k], cutoff_s if jobs[k][0]["pp"] == 1 else None) for k in phase]
+        for k, sol in zip(phase, _solve_all(req, trace, budget, todo, meanwhile)):
+            out[k] = sol
+            if sol is not None and sol.status in ("Optimal", "Not Solved") and jobs[k][0]["pp"] == 1:
+                cutoff_s = sol.objective_s if cutoff_s is None else min(cutoff_s, sol.objective_s)
+        meanwhile = None
+    return out
+
+
+def _solve_all(req, trace, budget, todo, meanwhile) -> list[Solution | None]:
+    workers = min(len(todo), os.cpu_count() or 1, 4)
     if workers < 2 or _forbid_fork():
-        return [_solve_one(req, trace, budget, *job) for job in jobs]
+        return [_solve_one(req, trace, budget, *job) for job in todo]
     global _FORK_STATE
     _FORK_STATE = (req, trace, budget, None, None)
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            futures = [pool.submit(_job_worker, job) for job in jobs]  # the workers fork here, before meanwhile
+            futures = [pool.submit(_job_worker, job) for job in todo]  # the workers fork here, before meanwhile
             if meanwhile is not None:
                 meanwhile()
             return [f.result() for f in futures]
@@ -512,7 +599,8 @@ def _job_worker(job):
     return _solve_one(req, trace, budget, *job)
 
 
-def _solve_one(req, trace, budget, degrees, m, cfg: MemoryConfig, threads: int = 1) -> Solution | None:
+def _solve_one(req, trace, budget, degrees, m, cfg: MemoryConfig, cutoff_s: float | None = None,
+               threads: int = 1) -> Solution | None:
     pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
     pinned = pinned_strategies(pg, req.fix.get("pins") or {})
     if pinned is None:  # the per-module pins cannot hold on this mesh (e.g. a tp pin where tp=1)
@@ -520,7 +608,7 @@ def _solve_one(req, trace, budget, degrees, m, cfg: MemoryConfig, threads: int =
     ilp = ShardingILP(pg, ctx, budget, m, pinned, weight=rank_weight(req, pg, degrees, m))
     if ilp.memory_lower_bound() > budget:  # certainly infeasible: no need to ask the solver
         return None
-    return ilp.solve(req.time_limit_s, threads)
+    return ilp.solve(req.time_limit_s, threads, cutoff_s)
 
 
 def _likely_first(req, degrees, counts: list[int], budget: float, proxy, cfg: MemoryConfig) -> int | None:
@@ -537,19 +625,47 @@ def _proxy_bound(req, degrees, proxy, cfg: MemoryConfig, m: int) -> float:
     """Memory lower bound at m micro-batches, from the model traced at the whole batch (on its two-block copy,
     deepened; `proxy = (trace, depth ratio, cache)`): activations scale with the micro-batch, model state does
     not."""
-    proxy_trace, ratio, cache = proxy
-    key = (tuple(degrees.items()), cfg)
-    if key not in cache:
-        pg, ctx = _graph(req, _deepened(proxy_trace, round(2 * ratio))(req.batch), degrees, cfg)
-        costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
-        cache[key] = pg, ctx, terms(pg, ctx, costs)
-    pg, ctx, all_terms = cache[key]
+    pg, ctx, _, all_terms = _whole_batch(req, degrees, proxy, cfg)
     rank = rank_weight(req, pg, degrees, m)
 
     def weight(owner: str, part: str) -> float:
         return rank(owner, part) / (m if part in PER_MICRO_BATCH else 1)
 
     return memory_lower_bound(pg, ctx, all_terms, weight, m)
+
+
+def _time_bound(req, trace, degrees, m, cfg: MemoryConfig, proxy) -> float:
+    """A lower bound on the step time of any plan of (mesh, m micro-batches, cfg) at pp = 1: every node at its
+    fastest strategy, compute, optimizer step and recomputation only (moves and exposed synchronisation are >= 0).
+    On the shallow proxy it is taken at the whole batch, which bounds m micro-batches from below: an op's time is
+    a roofline plus a fixed launch cost (cost_models/compute.py), so m ops on 1/m of the data take at least as long
+    as one op on all of it."""
+    if proxy is not None:
+        pg, _, costs, all_terms = _whole_batch(req, degrees, proxy, cfg)
+        return _compute_bound(pg, costs, all_terms, 1)
+    pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+    costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+    return _compute_bound(pg, costs, terms(pg, ctx, costs), m)
+
+
+def _whole_batch(req, degrees, proxy, cfg: MemoryConfig):
+    """(graph, context, node costs, memory terms) of the proxy at the whole batch, deepened; cached in `proxy`."""
+    proxy_trace, ratio, cache = proxy
+    key = (tuple(degrees.items()), cfg)
+    if key not in cache:
+        pg, ctx = _graph(req, _deepened(proxy_trace, round(2 * ratio))(req.batch), degrees, cfg)
+        costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+        cache[key] = pg, ctx, costs, terms(pg, ctx, costs)
+    return cache[key]
+
+
+def _compute_bound(pg: PlanGraph, costs: dict, all_terms, m: int) -> float:
+    rerun = {t.owner: t.values for t in all_terms if t.part == "recompute_s"}
+    total = 0.0
+    for owner, cs in costs.items():
+        n, again = pg.counts[owner], rerun.get(owner, [0.0] * len(cs))
+        total += min(n * m * (c.fwd_s + c.bwd_s) + n * c.step_s + m * r for c, r in zip(cs, again))
+    return total
 
 
 def _distributed() -> bool:
