@@ -15,6 +15,7 @@ from autopar.errors import MeshError
 from autopar.models import build_model, n_params, sample_inputs
 from autopar.plan import Plan
 from autopar.planner.cp_search import search_cp
+from autopar.planner.rebatch import Rebatching
 from autopar.planner.search import SearchRequest
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -51,8 +52,7 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
 
     @functools.lru_cache(maxsize=None)
     def proxy(cp: int):  # a two-block copy at seq / cp, planned at the model's depth (planner/proxy.py)
-        proxy_trace = functools.lru_cache(maxsize=None)(
-            lambda b: capture(shallow, sample_inputs(info, b, seq // cp, device="meta")))
+        proxy_trace = Rebatching(lambda b: capture(shallow, sample_inputs(info, b, seq // cp, device="meta")))
         return proxy_trace, depth / 2
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
                         fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)

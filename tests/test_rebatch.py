@@ -1,0 +1,71 @@
+"""Planning traces derived at a new batch size (planner/rebatch.py) are the traces torch.export takes there.
+
+The planner traces its two-block proxy at two batch sizes and derives the others; a derived graph must equal a
+real trace op for op (names, targets, every argument) and value for value (shapes, strides, dtypes), and a model
+whose integers do not follow the batch must be traced for real.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autopar.capture import capture
+from autopar.models import build_model, sample_inputs
+from autopar.planner.rebatch import NotDerivable, Rebatching, rebatched
+
+SHAPES = {"gpt": {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 32},
+          "llama": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 128, "seq": 32}}
+
+
+def _values(v):
+    if isinstance(v, torch.Tensor):
+        return (tuple(v.shape), tuple(v.stride()), v.dtype)
+    if isinstance(v, (list, tuple)):
+        return tuple(_values(x) for x in v)
+    return v
+
+
+def _same_graph(a, b) -> None:
+    na, nb = list(a.graph.nodes), list(b.graph.nodes)
+    assert [(n.op, n.name, n.target) for n in na] == [(n.op, n.name, n.target) for n in nb]
+    for x, y in zip(na, nb):
+        assert str(x.args) == str(y.args) and str(x.kwargs) == str(y.kwargs), x.name
+        assert _values(x.meta.get("val")) == _values(y.meta.get("val")), x.name
+    assert (a.params, a.buffers, a.user_inputs) == (b.params, b.buffers, b.user_inputs)
+
+
+@pytest.mark.parametrize("family", list(SHAPES))
+def test_derived_traces_equal_real_ones(family):
+    model, info = build_model(family, SHAPES[family], seq=32, device="meta", dtype=torch.bfloat16)
+    real = lambda b: capture(model, sample_inputs(info, b, 32, device="meta"))  # noqa: E731
+    trace = Rebatching(real)
+    trace(1), trace(4)  # the two real traces
+    for b in (2, 3, 8, 12):
+        derived = trace(b)
+        assert derived.__dict__.get("_derived"), f"batch {b} was traced again"
+        _same_graph(derived, real(b))
+    assert trace.derived == 4
+
+
+class _HalfBatch(nn.Module):
+    """Uses the first half of the batch (plus one): an integer that is neither constant nor proportional."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x[: x.shape[0] // 2 + 1]).sum()
+
+
+def test_a_batch_dependent_integer_is_traced_for_real():
+    model = _HalfBatch()
+    real = lambda b: capture(model, (torch.randn(b, 8),))  # noqa: E731
+    with pytest.raises(NotDerivable):
+        rebatched(real(2), real(4), 2, 4, 8)
+    trace = Rebatching(real)
+    trace(2), trace(4)
+    _same_graph(trace(8), real(8))
+    assert trace.derived == 0
