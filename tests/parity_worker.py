@@ -109,7 +109,8 @@ def run_case(case: dict, rtol: float, verify: bool = False) -> dict:
         ref_opt.step()
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
-    out = {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.planned)}
+    out = {"loss_rel": worst, "grad_bad": bad, "plan": _plan_kind(compiled.planned),
+           "blocks": compiled.blocks}  # the program's layer segments: FSDP and checkpointing units
     return {**out, "fused": fused_calls(compiled)} if fuse else out
 
 

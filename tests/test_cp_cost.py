@@ -98,3 +98,17 @@ def test_cp_prices_attention_at_its_true_work_plus_the_exposed_ring():
     kv = 2 * 8 * 4 * 16 * 8 * 4
     (term,) = ring_buffer_terms(pg, ctx)
     assert term.values[0] == ring_buffer_bytes(kv, 4) == 6 * kv  # fp32: K/V, dK/dV, each with its copy; dQ; grads
+
+
+def test_the_ring_adds_nothing_to_a_peak_made_by_the_gradient_bucket():
+    """ZeRO-0 at a small batch: the peak is the end of backward, where the gradients are flattened into a bucket
+    after the last ring has run; cp=2 x dp=2 then needs what dp=4 needs at the same tokens per rank (measured so
+    by bench_memory). At a larger batch activations make the peak, and there the ring's buffers count."""
+    fix = {"tp": 1, "zero": 0, "ac": "none"}
+    kw = dict(devices=4, hardware="cpu", seq=64, model_args={"seq": 64})
+    cp = make_plan("gpt-tiny", **kw, batch=4, fix={**fix, "dp": 2, "cp": 2})
+    dp = make_plan("gpt-tiny", **kw, batch=4, fix={**fix, "dp": 4})
+    assert cp.predicted.memory_parts["buckets"] > 0  # the end of backward
+    assert cp.predicted.memory_bytes_per_device == pytest.approx(dp.predicted.memory_bytes_per_device, rel=1e-3)
+    large = make_plan("gpt-tiny", **kw, batch=8, fix={**fix, "dp": 2, "cp": 2})
+    assert large.predicted.memory_parts["activations"] > 0 and large.predicted.memory_parts["ring_buffers"] > 0

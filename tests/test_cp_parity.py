@@ -37,6 +37,9 @@ def test_cp_matches_one_process(results, case):
     r = results[case]
     assert_matches_one_process(r, case)
     assert ",cp=" in r["plan"], r["plan"]  # the plan ran context-parallel
+    # the ring attention stays inside its layer: one segment per layer of the 2-layer models, so each layer is one
+    # FSDP group and one checkpointed unit (a layer cut around the ring kept q, k, v, out, lse unrecomputed)
+    assert len(r["blocks"]) == 2, r["blocks"]
 
 
 def test_a_cp_plan_file_from_the_cli_trains_like_one_process(tmp_path):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
+from autopar.codegen.emit import BLOCK_META
 from autopar.codegen.ring_attention import ring_attention, sequence_positions, shard_sequence
 from autopar.errors import PlanError
 
@@ -78,7 +79,7 @@ def rewrite(emitted, captured, sources: list[str], seq: int, cp: int, rank: int)
             _follow(graph, n, true_positions, (seq, cp, rank))
         else:  # rows [0, s) of a table: the rows at the true positions instead
             with graph.inserting_after(n):
-                rows = graph.call_function(true_rows, (n.args[0], seq, cp, rank))
+                rows = _in_block_of(n, graph.call_function(true_rows, (n.args[0], seq, cp, rank)))
             n.replace_all_uses_with(rows)
             graph.erase_node(n)
     _local_position_gradients(graph, set(graph.find_nodes(op="call_function", target=true_positions)) |
@@ -89,7 +90,8 @@ def rewrite(emitted, captured, sources: list[str], seq: int, cp: int, rank: int)
         n = env[name]
         args = list(n.args) + [None] * (7 - len(n.args))
         with graph.inserting_after(n):
-            ring = graph.call_module("comm.cp", (args[0], args[1], args[2]), {"scale": n.kwargs.get("scale", args[6])})
+            ring = _in_block_of(n, graph.call_module("comm.cp", (args[0], args[1], args[2]),
+                                                     {"scale": n.kwargs.get("scale", args[6])}))
         n.replace_all_uses_with(ring)
         graph.erase_node(n)
     if not attention:
@@ -124,8 +126,18 @@ def _local_position_gradients(graph: fx.Graph, positions: set[fx.Node]) -> None:
         for a in n.all_input_nodes:
             if a not in region and a not in data and _has_param(a):
                 with graph.inserting_before(n):
-                    summed = graph.call_module("comm.dp.grad_all_reduce", (a,))
+                    summed = _in_block_of(n, graph.call_module("comm.dp.grad_all_reduce", (a,)))
                 n.replace_input_with(a, summed)
+
+
+def _in_block_of(anchor: fx.Node, new: fx.Node) -> fx.Node:
+    """`new`, in the repeated layer of the node it replaces or serves. Without the label a node splits its block in
+    two (codegen/blocks.py cuts blocks at unlabelled nodes): a ring attention would run outside both halves, i.e.
+    outside activation checkpointing, keeping q, k, v, its output and lse through the forward, and each half would
+    be its own FSDP group, gathered and prefetched apart -- neither what the planner priced."""
+    if BLOCK_META in anchor.meta:
+        new.meta[BLOCK_META] = anchor.meta[BLOCK_META]
+    return new
 
 
 def _has_param(n: fx.Node) -> bool:
@@ -135,7 +147,7 @@ def _has_param(n: fx.Node) -> bool:
 def _follow(graph: fx.Graph, n: fx.Node, fn, extra: tuple) -> None:
     """Insert fn(n, *extra) after n and make every user of n read it instead."""
     with graph.inserting_after(n):
-        new = graph.call_function(fn, (n, *extra))
+        new = _in_block_of(n, graph.call_function(fn, (n, *extra)))
     n.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
 
 

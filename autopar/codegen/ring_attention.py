@@ -128,7 +128,10 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group: dist.ProcessGroup, scale: float):
         ring = _Ring(group)
         kv = torch.stack([k, v]).contiguous()
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        # [b, h, s, d] in [b, s, h, d] memory, as torch's flash kernel lays out its output: the model's
+        # `transpose(1, 2).reshape(b, s, h * d)` after attention is then a view, not a copy the projection saves
+        b, h, sq, d = q.shape
+        out = torch.zeros(b, sq, h, d, dtype=torch.float32, device=q.device).transpose(1, 2)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         for step in range(ring.cp):
             wait = ring.shift(kv)[1] if step < ring.cp - 1 else None  # the next block travels meanwhile
@@ -163,6 +166,7 @@ class RingAttention(torch.autograd.Function):
             n = g[1].shape[2]  # a first-chunk-only block touches the first half of the source's keys
             dkv[0, :, :, :n] += g[1]
             dkv[1, :, :, :n] += g[2]
+            del g  # else this step's dq, dk, dv stay alive through the next step's kernel
             dkv, wait_dkv = ring.shift(dkv)
             if wait_kv is not None:
                 kv = wait_kv()

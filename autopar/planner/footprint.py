@@ -11,6 +11,8 @@ The peak is the larger of two moments of a step (measured on CPU ranks; tests/be
   backward end    model state + every gradient + the gradient bucket being flattened (stages 0/1) or the block's
                   reduce-scatter buffers (stages 2/3) + the block at work, when checkpointing recomputes it: the
                   last block's backward runs with every other block's gradients.
+Context parallelism's ring buffers live inside the attention's backward only, so each moment counts them by what
+they exceed the transients of that moment they never meet (`_ring_beyond`).
 Gradients grow as activations are freed, so between the two the sum stays below the larger. With gradient
 accumulation (more than one micro-batch) gradients also exist at the second micro-batch's backward start.
 """
@@ -34,7 +36,7 @@ PHASES = {"params": ("start", "end"), "optimizer_state": ("start", "end"), "gath
           "activations": ("start",), "inputs": ("start",), "recompute": ("start", "end"), "autocast": ("start",),
           "grads": ("end",), "buckets": ("end",),
           "p2p_buffers": ("start", "end"), "p2p_grads": ("end",),  # pipelines only (planner/pipeline.py)
-          "ring_buffers": ("start", "end")}  # context parallelism only (planner/ring.py)
+          "ring_buffers": ("start",), "ring_buffers_end": ("end",)}  # context parallelism only (planner/ring.py)
 PARTS = tuple(k for k in PHASES if not k.startswith(("p2p_", "ring_")))  # every plan's; pp and cp add theirs
 ONE_BLOCK_PARTS = ("gathered", "recompute")  # concern the block at work, not every block
 
@@ -72,9 +74,8 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
         elif p.kind != "param":
             out.append(Term(name, "inputs", tuple(n * c.activation_bytes for c in cs)))
     out += block_input_terms(pg, ctx)
-    if ctx.cp > 1:
-        out += ring_buffer_terms(pg, ctx)
-    out += gradient_terms(pg, costs, "activations" if ctx.memory.ac == "none" else "recompute")
+    grads = gradient_terms(pg, costs, "activations" if ctx.memory.ac == "none" else "recompute")
+    out += grads
     feeds = {prod for p in pg.nodes.values() if p.block is not None for prod, _ in p.inputs
              if pg.nodes[prod].block is None}  # top-level nodes whose outputs enter a block
     head = [t for t in out if t.part == "activations" and pg.nodes[t.owner].block is None and t.owner not in feeds]
@@ -87,7 +88,27 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
         out = [Term(t.owner, t.part, tuple(keep * v for v in t.values)) if t in head else t for t in out]
         per_elem = {**per_elem, "forward_end": keep * per_elem["forward_end"]}
     out += _param_terms(pg, ctx, costs, per_elem, _bucket_share(pg, ctx, costs, recompute))
+    if ctx.cp > 1:
+        out += _ring_beyond(ring_buffer_terms(pg, ctx), out, grads[0] if grads else None)
     return [t for t in out if any(t.values)]
+
+
+def _ring_beyond(ring: list[Term], out: list[Term], widest: Term | None) -> list[Term]:
+    """The ring's buffers by what they exceed the transients they never meet (a linear stand-in for the max, as
+    `_least`). They live inside the attention's backward only, so not beside the widest operation's two gradients
+    (`gradient_terms`, held in that operation's backward: present at backward start, and at its end when
+    checkpointing counts them in `recompute`), nor beside the gradient bucket stages 0/1 flatten once backward has
+    ended. (A block's post-backward reduce-scatter buffers, `block_grads`, also come after its ring, but part of
+    its unsharded gradient exists during the ring already, so they are not subtracted.) Measured (bench_memory,
+    dp=2 x cp=2 against dp=4, same tokens per rank): where a bucket makes the end moment, cp's peak equals dp's."""
+    if not ring:
+        return []
+    (t,) = ring
+    grad = min(widest.values) if widest is not None else 0.0
+    end = _least(out, lambda u: u.part == "buckets") + (
+        grad if widest is not None and "end" in PHASES[widest.part] else 0.0)
+    return [Term(t.owner, "ring_buffers", tuple(max(0.0, v - grad) for v in t.values)),
+            Term(t.owner, "ring_buffers_end", tuple(max(0.0, v - end) for v in t.values))]
 
 
 def _least(all_terms: list[Term], which) -> float:

@@ -1,6 +1,6 @@
 """Memory fidelity: the planner's predicted peak bytes per rank against the peak measured on real gloo ranks.
 
-    python tests/benchmarks/bench_memory.py [--quick] [--mesh dp=2,cp=2] [--json OUT]
+    python tests/benchmarks/bench_memory.py [--quick] [--mesh dp=2,cp=2 [--mesh dp=4]] [--json OUT]
 
 For each configuration (model x mesh x ZeRO stage x checkpointing; the meshes include dp=2 x cp=2, context
 parallelism), `examples/train.py --measure` trains 3 steps
@@ -39,13 +39,14 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="5 ZeRO/checkpointing pairs instead of all 12")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--mesh", choices=MESHES, default=None, help="only this mesh")
+    ap.add_argument("--mesh", choices=MESHES, action="append", default=None,
+                    help="only this mesh (repeat for several, e.g. cp's rows beside their dp=4 twins)")
     args = ap.parse_args()
     rows = []
     console = Console()
     console.print(describe())
     for name, (model, margs) in MODELS.items():
-        for mesh in [args.mesh] if args.mesh else MESHES:
+        for mesh in args.mesh or MESHES:
             for zero, ac in (QUICK if args.quick else GRID):
                 fix = f"{mesh},zero={zero},ac={ac}"
                 got = run_measure(model, margs, fix, args.batch)
