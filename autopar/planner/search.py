@@ -10,8 +10,10 @@ Before the rounds, each flat mesh is probed at one sample per replica with the l
 (`_probe`): an easy ILP, often near the best, and an incumbent for everything after it. A round's job whose lower
 bound cannot beat the incumbent is skipped: first a bound from node costs alone (`_time_bound`, before its ILP is
 built), then the ILP's LP relaxation (ShardingILP.solve's cutoff, before branching). Both bound every plan the job
-could return, so a skipped job could never have been ranked first: skipping changes the time the search takes,
-not its result. (The probes are candidates too, which the rounds alone could stop short of.)
+could return, so a skipped job could never have been ranked first among the flat candidates. Pipeline meshes take
+their sharding from the fastest flat candidate of their tp (`_pipelines`), which is now the fastest solved one;
+every flat mesh's probe is solved, so each tp that fits has one. (The probes are candidates too, which the rounds
+alone could stop short of.)
 """
 
 from __future__ import annotations
@@ -332,8 +334,8 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
                  (probes[i].micro_batches, probes[i].memory) == job[1:]}  # solved by the probe already
         solutions, meanwhile = _run_jobs(req, trace, budget, jobs, cutoff, set(known), owners, **first), None
         if progress and any(s is not None and s.status == OUTPRICED for s in solutions):
-            progress(f"{sum(s is not None and s.status == OUTPRICED for s in solutions)} of them cannot beat "
-                     f"{cutoff:.4g} s (LP relaxation): not branched on")
+            progress(f"{sum(s is not None and s.status == OUTPRICED for s in solutions)} of them cannot beat the "
+                     "best plan so far (LP relaxation): not branched on")
         for i, job, sol in zip(owners, jobs, solutions):
             if sol is not None and sol.status == OUTPRICED:
                 fitted[i] = job[2]
@@ -360,13 +362,16 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
 
 def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Candidate]:
     """Before the rounds: each flat mesh's most micro-batches (one sample per replica) with the least
-    recomputation that fits. These plans need little memory, so their ILPs are easy (the relaxation is usually
+    recomputation that fits, solved whatever it costs. These plans need little memory, so their ILPs are easy (the relaxation is usually
     integral), they are often close to the best, and they give the rounds an incumbent: a round's ILP whose LP
     relaxation cannot beat it is not branched on (ShardingILP.solve's cutoff). They are candidates like any other
     (the rounds stop two micro-batch counts after a mesh first fits, which can stop short of these)."""
     tries = {}  # mesh -> its configurations to try, in order: the least recomputation that fits, ZeRO upward
     for i, (counts, cfgs) in pending.items():
-        if meshes[i]["pp"] > 1 or len(counts) < 2:
+        if meshes[i]["pp"] > 1:
+            continue
+        first = _frontier(cfgs, _fits_fn(req, trace, meshes[i], counts[0], budget, proxy, set(), i))
+        if len(counts) > 1 and first and _settles(first[0]):  # its first round is such a job already
             continue
         frontier = _frontier(cfgs, _fits_fn(req, trace, meshes[i], counts[-1], budget, proxy, set(), i))
         if frontier:
@@ -380,10 +385,7 @@ def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Ca
         if progress:
             progress(f"probing {len(jobs)} mesh(es) at one sample per replica: " + ", ".join(
                 f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
-        for i, job, sol in zip(owners, jobs, _run_jobs(req, trace, budget, jobs)):
-            if sol is not None and sol.status == OUTPRICED:  # cannot beat another probe
-                tries[i] = []
-                continue
+        for i, job, sol in zip(owners, jobs, _run_jobs(req, trace, budget, jobs, prune=False)):
             c = _candidate(req, trace, *job[:2], sol, job[2], budget) if sol is not None else None
             if c is not None and c.solution is not None:
                 out[i] = c
@@ -441,7 +443,7 @@ def _price_all(req, trace, meshes, donor, budget, proxy, meanwhile) -> list[Cand
     try:
         with ProcessPoolExecutor(len(chunks), mp_context=mp.get_context("fork")) as pool:
             futures = [pool.submit(_price_worker, [meshes[i] for i in chunk]) for chunk in chunks]
-            if meanwhile is not None:
+            if meanwhile is not None and _spare_core(len(chunks)):
                 meanwhile()
             out: list[Candidate | None] = [None] * len(meshes)
             for chunk, f in zip(chunks, futures):
@@ -548,21 +550,22 @@ def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
 
 
 def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, skip: set = frozenset(), owners=(), *,
-              meanwhile: Callable[[], object] | None = None) -> list[Solution | None]:
+              meanwhile: Callable[[], object] | None = None, prune: bool = True) -> list[Solution | None]:
     """Each job's solution; in forked workers where that is safe, while `meanwhile` runs here. `cutoff_s`: the
     incumbent flat jobs must beat (their ILP's objective is their prediction); jobs (owner, m, config) in `skip`
     are solved already and left out (their solution: a placeholder Solution). Without recomputation first: those
-    ILPs are easy and their plans the likely best, so the others then face a lower cutoff."""
+    ILPs are easy and their plans the likely best, so the others then face a lower cutoff. `prune=False`: every
+    job solved (the probes, whose plans pipeline meshes take their sharding from)."""
     keep = [k for k, job in enumerate(jobs) if not owners or (owners[k], *job[1:]) not in skip]
     out: list[Solution | None] = [Solution({}, "known", 0.0, 0.0, 0, 0)] * len(jobs)
     phases = [[k for k in keep if jobs[k][2].ac == "none"], [k for k in keep if jobs[k][2].ac != "none"]]
-    if not phases[0] or not any(jobs[k][0]["pp"] == 1 for k in phases[1]):
+    if not prune or not phases[0] or not any(jobs[k][0]["pp"] == 1 for k in phases[1]):
         phases = [keep]
     for phase in phases:
         todo = [(*jobs[k], cutoff_s if jobs[k][0]["pp"] == 1 else None) for k in phase]
         for k, sol in zip(phase, _solve_all(req, trace, budget, todo, meanwhile)):
             out[k] = sol
-            if sol is not None and sol.status in ("Optimal", "Not Solved") and jobs[k][0]["pp"] == 1:
+            if prune and sol is not None and sol.status in ("Optimal", "Not Solved") and jobs[k][0]["pp"] == 1:
                 cutoff_s = sol.objective_s if cutoff_s is None else min(cutoff_s, sol.objective_s)
         meanwhile = None
     return out
@@ -577,7 +580,7 @@ def _solve_all(req, trace, budget, todo, meanwhile) -> list[Solution | None]:
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             futures = [pool.submit(_job_worker, job) for job in todo]  # the workers fork here, before meanwhile
-            if meanwhile is not None:
+            if meanwhile is not None and _spare_core(workers):
                 meanwhile()
             return [f.result() for f in futures]
     finally:
@@ -586,6 +589,13 @@ def _solve_all(req, trace, budget, todo, meanwhile) -> list[Solution | None]:
 
 _FORK_STATE = None  # (req, trace, budget, donors, proxy) for forked workers; the last two for pricing only
 _IN_WORKER = False  # set in forked workers
+
+
+def _spare_core(workers: int) -> bool:
+    """Whether work done here beside `workers` busy worker processes runs on a core of its own: the full trace
+    taken ahead (`meanwhile`) is a guess (the candidate it is for may lose), worth taking only where it costs no
+    worker its core."""
+    return (os.cpu_count() or 1) > workers
 
 
 def _forbid_fork() -> bool:
