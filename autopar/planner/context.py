@@ -59,7 +59,7 @@ def cp_analysis(folded, whole) -> tuple[str | None, list[str]]:
     `folded` is the model traced at seq / cp, `whole` at seq, both Captured at the same batch: aligned node by
     node, a dim that differs is a sequence dim. Context parallelism needs every mixing of positions to be a
     causal `F.scaled_dot_product_attention` without a mask (it becomes the ring) and everything else local to a
-    token. Refused: no SDPA; SDPA with a mask, dropout, is_causal=False or fewer K/V heads (repeat them first);
+    token. Refused: no SDPA; SDPA with a mask, dropout or is_causal=False;
     a tensor with two sequence dims computed from the input (attention written as softmax(QK^T)); a tensor with a
     sequence dim built without the input that does not come from a position source (a causal mask built with
     torch.ones(s, s).triu(), a position table indexed otherwise); a model that traces differently at the two
@@ -110,14 +110,11 @@ def _attention_refusal(n) -> str:
     args = list(n.args) + [None] * 8
     kw = n.kwargs
     mask, dropout = kw.get("attn_mask", args[3]), kw.get("dropout_p", args[4] or 0.0)
-    causal, gqa = kw.get("is_causal", args[5] or False), kw.get("enable_gqa", args[7] or False)
-    q, k = _shape(args[0]), _shape(args[1])
+    causal = kw.get("is_causal", args[5] or False)
     if mask is not None:
         return "has an attention mask"
     if dropout:
         return "has attention dropout"
     if not causal:
         return "is not causal (is_causal=False)"
-    if gqa or (q and k and q[-3] != k[-3]):
-        return "has fewer K/V heads than query heads (repeat K/V before attention)"
-    return ""
+    return ""  # fewer K/V heads (enable_gqa) travel the ring as they are (codegen/ring_attention.py)
