@@ -4,7 +4,9 @@ and first-step gradients within 1e-5 relative (tests/parity_worker.py's rule) un
 cp=2 x dp=2 with ZeRO-3 and cp=2 with pp=2, and cp=2 under full and selective checkpointing (the ring runs again
 in the recomputation); one case ignores a sample's leading targets (ignore_index), so the cp ranks count different
 numbers of tokens in the loss's mean. A transformers Llama (tests/tiny_models.py `hf_llama`: SDPA with grouped K/V
-heads, rotary positions from its position ids) at cp=2 and cp=2 x tp=2, the same. `autopar.compile(...,
+heads, rotary positions from its position ids) at cp=2 and cp=2 x tp=2, the same, and transformers' gpt2 (learned
+positions) and falcon (which views attention's output transposed, so the ring returns SDPA's memory layout) at cp=2
+for 3 steps. `autopar.compile(...,
 verify=True)` under cp=2 and cp=2 x dp=2 passes, and refuses a cp program whose ranks use their local offsets for
 positions, naming a parameter. Two launches (world 4, world 2), every case of a world in one."""
 
@@ -30,7 +32,9 @@ def _case(id: str, fix: dict, factory: str = HF_LLAMA, steps: int = 10, **extra)
 
 
 HF4 = [_case("hf_llama-cp2xtp2", {"cp": 2, "dp": 1, "tp": 2})]
-HF2 = [_case("hf_llama-cp2", {"cp": 2, "dp": 1, "tp": 1})]
+HF2 = [_case("hf_llama-cp2", {"cp": 2, "dp": 1, "tp": 1})] + [  # learned positions; SDPA's output layout, viewed
+    _case(f"hf-{t}-cp2", {"cp": 2, "dp": 1, "tp": 1}, "tests.tiny_models:hf_tiny", 3, kwargs={"model_type": t})
+    for t in ("gpt2", "falcon")]
 VERIFY4 = [_case("verify-llama-tiny-cp2xdp2", {"cp": 2, "dp": 2, "tp": 1}, "tests.tiny_models:tiny", 1,
                  kwargs={"name": "llama-tiny"}, verify=True)]
 VERIFY2 = [_case("verify-hf_llama-cp2", {"cp": 2, "dp": 1, "tp": 1}, steps=1, verify=True),

@@ -168,3 +168,11 @@ def test_a_transformers_llama_plans_cp_and_a_sliding_window_model_is_refused():
     assert plan.degrees["cp"] == 2
     with pytest.raises(PlanError, match="has an attention mask"):
         make_plan("hf:mistral", **{**TINY, "model_args": {**HF_ARGS, "sliding_window": 16}}, fix={"cp": 2})
+
+
+def test_a_mixture_of_experts_token_index_is_not_taken_for_positions():
+    """Mixtral's experts index tokens x top-k slots with an arange that grows with the sequence: not a position
+    (mapping it to true positions indexed past the local tokens); cp is refused naming it."""
+    moe = {**HF_ARGS, "num_local_experts": 4, "num_experts_per_tok": 2}
+    with pytest.raises(PlanError, match=r"\(lm\.model\.layers\.0\.mlp\.experts\) .*tokens x experts"):
+        make_plan("hf:mixtral", **{**TINY, "model_args": moe}, fix={"cp": 2})

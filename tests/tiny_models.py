@@ -60,3 +60,12 @@ def hf_llama_local_positions() -> torch.nn.Module:
 
     context.true_positions = local_positions
     return hf_llama()
+
+
+def hf_tiny(model_type: str) -> torch.nn.Module:
+    """A transformers model type built tiny as tests/test_hf_models.py builds it (sequence 8)."""
+    from tests.test_hf_models import model_args
+
+    model, info = build_model(f"hf:{model_type}", model_args(model_type))
+    model.vocab, model.seq = info.vocab, 8
+    return model

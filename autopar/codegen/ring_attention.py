@@ -144,7 +144,9 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group: dist.ProcessGroup, scale: float):
         ring = _Ring(group)
         kv = torch.stack([k, v]).contiguous()
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        # laid out [b, s, h, d] as SDPA's kernels return it: models view its transpose(1, 2) as [b, s, h * d]
+        b, h, s, d = q.shape
+        out = torch.zeros((b, s, h, d), dtype=torch.float32, device=q.device).transpose(1, 2)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         for step in range(ring.cp):
             wait = ring.shift(kv)[1] if step < ring.cp - 1 else None  # the next block travels meanwhile
