@@ -1,7 +1,9 @@
 """`autopar.compile(..., verify=True)`: the first step of the parallel program checked against one process.
 
 Before handing the compiled model over, every rank runs one forward and backward of the parallel program on the
-first micro-batch of the sample inputs (the whole batch under a pipeline, whose schedule runs whole steps) and the
+first micro-step of the sample inputs (micro_batch_size x dp samples: one micro-batch per data-parallel replica,
+each cut into its sequence chunks under context parallelism; the whole batch under a pipeline, whose schedule runs
+whole steps) and the
 user's own model eagerly on the same samples from the same random-generator state; losses and full gradients must
 agree to `rtol` (relative to the largest gradient of each parameter, floored at 1e-4 of the model's largest, as
 the parity tests do). A difference is a bug in autopar (an op rule, a lowering, a collective): the step is refused
@@ -22,9 +24,10 @@ RTOL = {"fp32": 1e-4, "bf16": 5e-2}  # float32 summation order moves ~1e-6; bf16
 
 def verify_first_step(compiled, model: nn.Module, sample_inputs: tuple) -> None:
     """Raise VerifyError naming the first parameter (in the model's order) whose gradient differs."""
-    plan = compiled.plan
+    plan = compiled.planned  # as made: a cp plan's compiled.plan is its fold, whose dp axis is dp x cp
+    step = plan.micro_batch_size * plan.degrees["dp"]  # what compiled(*batch) runs: one micro-step
     batch = sample_inputs if compiled.pipeline is not None else tuple(
-        x[: plan.micro_batch_size] if isinstance(x, torch.Tensor) and x.dim() else x for x in sample_inputs)
+        x[:step] if isinstance(x, torch.Tensor) and x.dim() else x for x in sample_inputs)
     rng = torch.get_rng_state()
     loss = _parallel_step(compiled, batch)
     torch.set_rng_state(rng)
@@ -81,4 +84,4 @@ def _clear(params) -> None:
 
 def _describe(plan) -> str:
     d = plan.degrees
-    return " x ".join(f"{a}={d[a]}" for a in ("pp", "dp", "tp") if d.get(a, 1) > 1) or "single device"
+    return " x ".join(f"{a}={d[a]}" for a in ("pp", "dp", "cp", "tp") if d.get(a, 1) > 1) or "single device"

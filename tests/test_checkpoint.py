@@ -4,8 +4,10 @@ Acceptance (issue 15): for every pair, B's losses of steps 6-10 are within 1e-5 
 steps 6-10: a world-size change (dp=2 x tp=2 on 4 ranks -> tp=2 on 2 ranks), ZeRO-3 -> ZeRO-1 (with tp's shards
 cut again by FSDP), pp=2 -> dp=2, tp=2 in bf16 -> the same with full activation checkpointing (bf16 rounds
 differently under another split of the work, so only a plan computing the same numbers can be held to 1e-5),
-dp=2 x tp=2 -> ZeRO-3 on 2 ranks; and resuming under the same
-plan with dropout p=0.1 ends on parameters bitwise equal to the uninterrupted run's (every rank's RNG restored).
+dp=2 x tp=2 -> ZeRO-3 on 2 ranks, context parallelism cp=2 -> dp=2 and dp=2 x tp=2 -> cp=2 with ZeRO-3 (optimizer
+state sharded over the dp x cp ranks); resuming under the same cp=2 plan gives the uninterrupted losses exactly; and
+resuming under the same plan with dropout p=0.1 ends on parameters bitwise equal to the uninterrupted run's (every
+rank's RNG restored).
 
 Two launches (4 ranks, then 2), each running several trainings of examples/train.py one after another
 (tests/checkpoint_jobs.py); every save in them is train.py's asynchronous one.
@@ -55,7 +57,10 @@ def runs(tmp_path_factory):
            *_resumed("pp2-to-dp2", "dp=2", "pp2", root),
            _uninterrupted("tp2-bf16", "tp=2,precision=bf16", root),
            *_resumed("tp2-bf16-to-ac-full", "tp=2,precision=bf16,ac=full", "tp2-bf16", root),
-           *_resumed("tp2-to-zero3", "dp=2,zero=3", "dp2tp2", root)]
+           *_resumed("tp2-to-zero3", "dp=2,zero=3", "dp2tp2", root),
+           _uninterrupted("cp2", "cp=2", root), *_resumed("cp2-resumed", "cp=2", "cp2", root),
+           *_resumed("cp2-to-dp2", "dp=2", "cp2", root),
+           *_resumed("dp2tp2-to-cp2-zero3", "cp=2,zero=3", "dp2tp2", root)]
     dropout = ["--model-args", "dropout=0.1"]
     two += [_uninterrupted("dropout", "tp=2", root, *dropout, "--dump", str(root / "dropout.pt")),
             *_resumed("dropout-resumed", "tp=2", "dropout", root, *dropout, "--dump", str(root / "resumed.pt"))]
@@ -70,11 +75,18 @@ def runs(tmp_path_factory):
     ("pp2", "pp2-to-dp2"),
     ("tp2-bf16", "tp2-bf16-to-ac-full"),
     ("dp2tp2", "tp2-to-zero3"),
+    ("cp2", "cp2-to-dp2"),  # context-parallel shards of the sequence -> data parallel
+    ("dp2tp2", "dp2tp2-to-cp2-zero3"),  # 4 ranks -> cp=2 with ZeRO-3 over the dp x cp ranks
 ])
 def test_resume_under_another_plan(runs, source, resumed):
     losses, _ = runs
     assert len(losses[source]) == 10 and len(losses[resumed]) == 10 - SAVE_AT, losses
     assert max_rel_diff(losses[source][SAVE_AT:], losses[resumed]) <= 1e-5, (losses[source], losses[resumed])
+
+
+def test_same_plan_resume_under_cp_gives_the_same_losses(runs):
+    losses, _ = runs
+    assert len(losses["cp2"]) == 10 and losses["cp2"][SAVE_AT:] == losses["cp2-resumed"], losses
 
 
 def test_same_plan_resume_is_bitwise_with_dropout(runs):

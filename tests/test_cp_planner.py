@@ -155,3 +155,24 @@ def test_a_fold_leaves_the_micro_batches_a_cp_1_plan_matches():
     assert micro_batch_counts(folded, 2) == [8]
     assert micro_batch_counts(replace(folded, cp_searched=False), 2) == [1, 2, 4, 8]
     assert not fold(replace(req, fix={"cp": 2}), 2).cp_searched  # pinned: every micro-batching is searched
+
+
+HF_ARGS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64}
+
+
+def test_a_transformers_llama_plans_cp_and_a_sliding_window_model_is_refused():
+    """transformers traces a causal mask tensor under torch.export; a plain-causal model is built without one
+    (models/hf_attention.py), so it plans cp; Mistral's sliding window needs its mask, which cp cannot shard."""
+    plan = make_plan("hf:llama", **{**TINY, "model_args": HF_ARGS}, fix={"cp": 2})
+    assert plan.degrees["cp"] == 2
+    with pytest.raises(PlanError, match="has an attention mask"):
+        make_plan("hf:mistral", **{**TINY, "model_args": {**HF_ARGS, "sliding_window": 16}}, fix={"cp": 2})
+
+
+def test_a_mixture_of_experts_token_index_is_not_taken_for_positions():
+    """Mixtral's experts index tokens x top-k slots with an arange that grows with the sequence: not a position
+    (mapping it to true positions indexed past the local tokens); cp is refused naming it."""
+    moe = {**HF_ARGS, "num_local_experts": 4, "num_experts_per_tok": 2}
+    with pytest.raises(PlanError, match=r"\(lm\.model\.layers\.0\.mlp\.experts\) .*tokens x experts"):
+        make_plan("hf:mixtral", **{**TINY, "model_args": moe}, fix={"cp": 2})

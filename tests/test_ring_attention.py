@@ -1,5 +1,6 @@
 """Ring attention (codegen/ring_attention.py): the load-balanced layout, and real gloo ranks (cp=2 and cp=4 in one
-launch of 4) against full causal attention in one process, forward and q/k/v gradients."""
+launch of 4) against full causal attention in one process, forward and q/k/v gradients, with as many K/V heads as
+query heads and with one K/V head for all of them (GQA/MQA, SDPA's enable_gqa)."""
 
 from __future__ import annotations
 
@@ -40,16 +41,16 @@ def test_a_sequence_that_does_not_split_into_2cp_chunks_is_refused():
         shard_sequence(torch.zeros(1, 12), 1, 4, 0)
 
 
-def _inputs():
+def _inputs(kv_heads: int = H):
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(B, H, S, D, generator=g) for _ in range(4))
-    return q, k, v, dout
+    return q, k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous(), dout
 
 
-def _reference():
-    q, k, v, dout = _inputs()
+def _reference(kv_heads: int = H):
+    q, k, v, dout = _inputs(kv_heads)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != H)
     out.backward(dout)
     return out.detach(), q.grad, k.grad, v.grad
 
@@ -63,18 +64,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
-    ref = _reference()
     errors = {}
-    for cp, group in ((4, None), (2, halves[rank // 2])):
+    for (cp, group), kv_heads in [(c, h) for c in ((4, None), (2, halves[rank // 2])) for h in (H, 1)]:
+        ref = _reference(kv_heads)
         group = group or dist.group.WORLD
         r = dist.get_rank(group)
-        q, k, v, dout = (shard_sequence(t, 2, cp, r) for t in _inputs())
+        q, k, v, dout = (shard_sequence(t, 2, cp, r) for t in _inputs(kv_heads))
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
         out = ring_attention(q, k, v, group)
         out.backward(dout)
         got = [out.detach(), q.grad, k.grad, v.grad]
         want = [shard_sequence(t, 2, cp, r) for t in ref]
-        errors[f"cp{cp}"] = [_rel(a, b) for a, b in zip(got, want)]
+        errors[f"cp{cp}-kv_heads{kv_heads}"] = [_rel(a, b) for a, b in zip(got, want)]
     Path(out_dir, f"{rank}.json").write_text(json.dumps(errors))
     dist.destroy_process_group()
 

@@ -9,7 +9,8 @@ process (losses and first-step gradients within 1e-5 relative), on real gloo ran
 - random ops (dropout) run whole on every rank and draw what one process draws; a plan that would draw them in
   another order (micro-batches) or ranks whose generators differ are refused at compile time;
 - Python builtins as call targets (`operator.getitem` before a saved reshape, `operator.add/mul/neg`): the
-  planning graph read `.overloadpacket` from every target.
+  planning graph read `.overloadpacket` from every target;
+- verify=True under dp=2: the check ran one replica's micro-batch through a program that runs every replica's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ WORLD2 = [_case("rotation-tp2", "ComplexRotation", {"tp": 2}), _case("rfft-tp2",
           _case("dropout-microbatches", "TwoDropouts", {"dp": 2, "mbs": 1}),
           _case("dropout-seeds-differ", "rank_seeded_dropouts", {"dp": 2}),
           {**_case("verify-passes", "SoftmaxMix", {"tp": 2}), "verify": True},
+          {**_case("verify-passes-dp2", "SoftmaxMix", {"dp": 2}), "verify": True},
           {**_case("verify-catches-broken-rule", "broken_softmax_rule", {"tp": 2}), "verify": True}]
 WORLD4 = [_case("rotation-dp2xtp2", "ComplexRotation", {"dp": 2, "tp": 2}),
           _case("rfft-dp2xtp2", "RfftMix", {"dp": 2, "tp": 2})]
@@ -116,6 +118,14 @@ def test_random_ops_with_unlike_generators_are_refused(results):
 @pytest.mark.slow
 def test_verify_passes_a_correct_program(results):
     _exact(results["verify-passes"])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_verify_runs_one_micro_step_under_data_parallelism(results):
+    """verify once gave the program one micro-batch of one replica where it runs one per replica (dp of them): every
+    dp > 1 plan failed to compile with verify=True, on a shape error."""
+    _exact(results["verify-passes-dp2"])
 
 
 @pytest.mark.dist

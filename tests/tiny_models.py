@@ -46,3 +46,26 @@ def hf_llama() -> torch.nn.Module:
     model, info = build_model("hf:llama", parse_model_args(args))
     model.vocab, model.seq = info.vocab, 16
     return model
+
+
+def hf_llama_local_positions() -> torch.nn.Module:
+    """hf_llama, with context parallelism made wrong on purpose in this process: every cp rank takes its local
+    offsets 0..seq/cp-1 for its tokens' positions (rotary angles) instead of its chunks' true positions, as a cp
+    implementation that forgot the load-balanced layout would. It trains silently wrong; verify=True must refuse it.
+    The patch stays for the rest of the process: run it last in a launch."""
+    from autopar.codegen import context
+
+    def local_positions(local: torch.Tensor, seq: int, cp: int, rank: int) -> torch.Tensor:
+        return local
+
+    context.true_positions = local_positions
+    return hf_llama()
+
+
+def hf_tiny(model_type: str) -> torch.nn.Module:
+    """A transformers model type built tiny as tests/test_hf_models.py builds it (sequence 8)."""
+    from tests.test_hf_models import model_args
+
+    model, info = build_model(f"hf:{model_type}", model_args(model_type))
+    model.vocab, model.seq = info.vocab, 8
+    return model

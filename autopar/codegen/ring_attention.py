@@ -16,6 +16,10 @@ block's share of dQ, dK, dV (it recomputes P = exp(S - lse) and D = rowsum(dO * 
 arXiv 2307.08691 Alg. 2), so the same ring runs again with dK/dV accumulators travelling beside K/V and arriving
 home after cp hops.
 
+Grouped K/V heads (GQA, Ainslie et al. 2023, arXiv 2305.13245; SDPA's `enable_gqa`): K and V travel with their own
+h_kv heads, h / h_kv times fewer bytes than repeated ones, and each block repeats them locally (query head j reads
+K/V head j // (h / h_kv), `repeat_interleave` as SDPA does); a block's dK/dV sums back over each head's group.
+
 Local attention is torch's: `_scaled_dot_product_flash_attention_for_cpu` (and its backward) on CPU, the
 memory-efficient kernel with `compute_log_sumexp` on CUDA (untested here: this machine has no GPU).
 """
@@ -110,15 +114,27 @@ class _Ring:
 
 def _block(step: int, rank: int, cp: int, q: torch.Tensor, kv: torch.Tensor):
     """What rank `rank` computes at ring step `step` (its module-docstring case): (query rows, k, v, causal) where
-    the query rows are a slice of the local rows (all, or the later half)."""
+    the query rows are a slice of the local rows (all, or the later half); k and v with q's heads."""
     src = (rank - step) % cp
-    k, v = kv[0], kv[1]
+    k, v = _repeat_heads(kv[0], q), _repeat_heads(kv[1], q)
     half = q.shape[2] // 2
     if step == 0:
         return slice(None), k, v, True
     if src < rank:  # every local query row sees the source's first (earlier) chunk only
         return slice(None), k[:, :, :half], v[:, :, :half], False
     return slice(half, None), k, v, False  # the later local chunk sees both of the source's chunks
+
+
+def _repeat_heads(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """K or V [b, h_kv, s, d] with q's h heads: each K/V head serves h / h_kv consecutive query heads."""
+    groups = q.shape[1] // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _sum_heads(g: torch.Tensor, heads: int) -> torch.Tensor:
+    """A block's dK or dV over q's heads, summed back onto the `heads` K/V heads they were repeated from."""
+    b, h, s, d = g.shape
+    return g if h == heads else g.view(b, heads, h // heads, s, d).sum(2)
 
 
 class RingAttention(torch.autograd.Function):
@@ -164,8 +180,8 @@ class RingAttention(torch.autograd.Function):
             if wait_dkv is not None:
                 dkv = wait_dkv()
             n = g[1].shape[2]  # a first-chunk-only block touches the first half of the source's keys
-            dkv[0, :, :, :n] += g[1]
-            dkv[1, :, :, :n] += g[2]
+            dkv[0, :, :, :n] += _sum_heads(g[1], k.shape[1])
+            dkv[1, :, :, :n] += _sum_heads(g[2], v.shape[1])
             del g  # else this step's dq, dk, dv stay alive through the next step's kernel
             dkv, wait_dkv = ring.shift(dkv)
             if wait_kv is not None:
@@ -176,9 +192,13 @@ class RingAttention(torch.autograd.Function):
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
                    scale: float | None = None) -> torch.Tensor:
-    """Causal attention of this cp rank's load-balanced q, k, v ([b, heads, s/cp, head_dim], same heads for all
-    three: repeat GQA's k/v heads first) over the whole sequence; the result is this rank's rows."""
+    """Causal attention of this cp rank's load-balanced q [b, heads, s/cp, head_dim] and k, v [b, kv_heads, s/cp,
+    head_dim] over the whole sequence (kv_heads divides heads: GQA as SDPA's enable_gqa); the result is this
+    rank's rows."""
     if q.shape[2] % 2:
         raise ValueError(f"local sequence {q.shape[2]} is odd: each cp rank holds two equal chunks")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"ring attention: {q.shape[1]} query heads cannot share {k.shape[1]} key and {v.shape[1]} "
+                         "value heads (GQA needs equal K/V heads that divide the query heads)")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return RingAttention.apply(q, k, v, group, scale)

@@ -9,8 +9,10 @@ nothing is downloaded. --model-args are checked against the config's keys, then 
 (its strict config dataclasses); a refusal is one line naming the key. Training settings are forced where the user
 did not set them: no KV cache (it is inference state and does not trace), dropout 0 (random masks would differ
 between ranks and the single-process reference), SDPA attention (one `scaled_dot_product_attention` node per layer,
-which the planner shards by batch or heads), or the eager implementation for architectures transformers does not
-run through SDPA (soft-capped or alibi attention: gemma2, bloom), which the model's notes say.
+which the planner shards by batch or heads; `is_causal=True` without a mask tensor where every layer is plain
+causal, models/hf_attention.py, so that context parallelism can run it as a ring), or the eager implementation for
+architectures transformers does not run through SDPA (soft-capped or alibi attention: gemma2, bloom), which the
+model's notes say.
 
 The traced forward is `CausalLMLoss`: (input_ids, labels) -> mean cross-entropy over every position, labels
 unshifted (the data pipeline gives next-token targets, as examples/train.py draws them). HF's own `labels=` loss
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopar.errors import ModelError
+from autopar.models.hf_attention import use_causal_sdpa
 from autopar.models.hf_source import PREFIX, Source, resolve
 ATTENTION = "sdpa"
 _INSTALL = "pip install 'autopar[hf]' (or pip install transformers)"
@@ -62,6 +65,7 @@ def build_hf(spec: str, args: dict[str, Any], dtype: torch.dtype,
         try:
             try:
                 lm = _construct(transformers, source, config, dtype, ATTENTION, load)
+                use_causal_sdpa(transformers, lm)  # SDPA is_causal=True without a mask tensor, also when traced
             except ValueError as err:
                 if "scaled_dot_product_attention" not in str(err):
                     raise

@@ -39,10 +39,15 @@ def _seq_dims(a, b) -> int:
     return sum(x != y for x, y in zip(sa, sb)) if len(sa) == len(sb) else max(len(sa), 1)
 
 
-def position_source(n) -> bool:
+def position_source(n, seq: int | None = None) -> bool:
     """A node that makes positions: `arange(s)` from 0 step 1 (learned position embeddings, rotary angles
-    computed in forward), or rows [0, s) of a placeholder table (a precomputed rotary cos/sin, `table[:s]`)."""
+    computed in forward), or rows [0, s) of a placeholder table (a precomputed rotary cos/sin, `table[:s]`), with
+    s the (local) sequence length `seq` where given: an arange over another count that grows with the sequence
+    (a mixture of experts' token x top-k slots) indexes tokens, not positions."""
     target = getattr(n.target, "overloadpacket", None)
+    shape = _shape(n)
+    if seq is not None and (not shape or shape[0] != seq):
+        return False
     if target is torch.ops.aten.arange:
         start = n.args[0] if len(n.args) > 1 else 0
         step = n.args[2] if len(n.args) > 2 else 1
@@ -59,7 +64,7 @@ def cp_analysis(folded, whole) -> tuple[str | None, list[str]]:
     `folded` is the model traced at seq / cp, `whole` at seq, both Captured at the same batch: aligned node by
     node, a dim that differs is a sequence dim. Context parallelism needs every mixing of positions to be a
     causal `F.scaled_dot_product_attention` without a mask (it becomes the ring) and everything else local to a
-    token. Refused: no SDPA; SDPA with a mask, dropout, is_causal=False or fewer K/V heads (repeat them first);
+    token. Refused: no SDPA; SDPA with a mask, dropout or is_causal=False;
     a tensor with two sequence dims computed from the input (attention written as softmax(QK^T)); a tensor with a
     sequence dim built without the input that does not come from a position source (a causal mask built with
     torch.ones(s, s).triu(), a position table indexed otherwise); a model that traces differently at the two
@@ -68,6 +73,8 @@ def cp_analysis(folded, whole) -> tuple[str | None, list[str]]:
     if len(a_nodes) != len(b_nodes) or any(a.target != b.target for a, b in zip(a_nodes, b_nodes)):
         return "the model traces to different graphs at seq and seq / cp (shape-dependent Python)", []
     inputs, data, positions, sources, attention = set(folded.user_inputs), set(), set(), [], 0
+    seq = next((_shape(a)[1] for a in a_nodes if a.op == "placeholder" and a.name in inputs
+                and len(_shape(a) or ()) >= 2), None)  # the folded trace's sequence: [batch, seq / cp, ...]
     for a, b in zip(a_nodes, b_nodes):
         if a.op == "placeholder":
             if a.name in inputs:
@@ -94,13 +101,14 @@ def cp_analysis(folded, whole) -> tuple[str | None, list[str]]:
             continue
         if any(x in positions for x in a.all_input_nodes):
             positions.add(a)
-        elif dims and position_source(a):
+        elif dims and position_source(a, seq):
             positions.add(a)
             sources.append(a.name)
         elif dims:
-            return (f"{where} builds a tensor of the sequence's length without the input (a custom mask or "
-                    "position table) that context parallelism cannot shard; only arange(seq) positions and rows "
-                    "[0, seq) of a table are mapped to each rank's true positions"), []
+            return (f"{where} builds a tensor of the sequence's length without the input (a custom mask, "
+                    "position table, or an arange over tokens x experts) that context parallelism cannot shard; "
+                    "only arange(seq) positions and rows [0, seq) of a table are mapped to each rank's true "
+                    "positions"), []
     if not attention:
         return "the model has no F.scaled_dot_product_attention for context parallelism to run as ring attention", []
     return None, sources
@@ -110,14 +118,11 @@ def _attention_refusal(n) -> str:
     args = list(n.args) + [None] * 8
     kw = n.kwargs
     mask, dropout = kw.get("attn_mask", args[3]), kw.get("dropout_p", args[4] or 0.0)
-    causal, gqa = kw.get("is_causal", args[5] or False), kw.get("enable_gqa", args[7] or False)
-    q, k = _shape(args[0]), _shape(args[1])
+    causal = kw.get("is_causal", args[5] or False)
     if mask is not None:
         return "has an attention mask"
     if dropout:
         return "has attention dropout"
     if not causal:
         return "is not causal (is_causal=False)"
-    if gqa or (q and k and q[-3] != k[-3]):
-        return "has fewer K/V heads than query heads (repeat K/V before attention)"
-    return ""
+    return ""  # fewer K/V heads (enable_gqa) travel the ring as they are (codegen/ring_attention.py)
