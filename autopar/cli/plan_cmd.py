@@ -101,15 +101,21 @@ def run(args: argparse.Namespace) -> int:
                          model_args=model_args, fix=pins_, memory_budget_bytes=memory,
                          dtype=DTYPES.get(args.dtype), progress=progress)
 
-    with _progress(args.verbose) as progress, _planning_only():
-        plan = plan_with({**planner_fix(fix), **pins}, progress)
+    with _planning_only():  # to the end: re-enabled, the collector would first walk the planner's whole heap
+        with _progress(args.verbose) as progress:
+            plan = plan_with({**planner_fix(fix), **pins}, progress)
+        _report(args, plan, console, hardware, lambda f: plan_with({**f, **pins}))
+    return 0
+
+
+def _report(args: argparse.Namespace, plan: Plan, console, hardware, plan_with: Callable[[dict], Plan]) -> None:
     label = f"{args.model} ({args.model_args})" if args.model_args else args.model
     console.print(header(plan, label, hardware))
     render(plan, console, hardware=hardware, verbose=args.verbose)
     if args.explain:
-        with _progress(True) as progress, _planning_only():
+        with _progress(True) as progress:
             progress("pricing the alternatives (one what-if plan each)")
-            alternatives = explain(plan, lambda f: plan_with({**f, **pins}))
+            alternatives = explain(plan, plan_with)
         console.print(explain_table(alternatives))
     if args.plot:
         plot_memory(plan, args.plot)
@@ -119,7 +125,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.json:
         _save(plan, args.json)
         console.print(f"wrote the plan to {args.json}", highlight=False)
-    return 0
 
 
 def _settle(args: argparse.Namespace) -> tuple[dict[str, object], int, int | None]:
