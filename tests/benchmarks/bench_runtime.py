@@ -1,6 +1,7 @@
 """Runtime overhead of a compiled model against what a user would otherwise run, measured in one invocation.
 
-    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--only dp2,zero3,tp2,pp2,world1,cp2] [--json OUT]
+    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--only dp2,zero3,tp2,pp2,world1,cp2] [--no-fuse]
+        [--json OUT]
 
 Each comparison runs on gloo ranks this script spawns (OMP_NUM_THREADS=1 each), same model and seed, same global
 batch; the compiled model gets the global batch and slices it itself (that is its API). Target: ratio <= 1.05.
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=8, help="rounds per variant, alternating")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(COMPARISONS), help="comma-separated comparisons to run")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="compile without the fused kernels (on CPU their torch reference paths run, which cost "
+                         "forward time the Triton kernels are for saving on GPUs)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     return ap.parse_args(argv)
 
@@ -99,6 +103,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, threads: 
 
 def measure(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
     _, fix, _, overrides = COMPARISONS[name]
+    fix = {**fix, "fuse": False} if args.no_fuse else fix
     torch.manual_seed(args.seed)
     model, info = build_model(args.model, {**parse_model_args(args.model_args), **overrides})
     seq = args.seq or info.seq
@@ -118,7 +123,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
             info, batch, seq), plan=compiled.plan)), batches
     elif name == "cp2":  # the same 2 ranks splitting the batch instead of each sample's sequence
         baseline, data = autopar.compile(baseline, sample_inputs=sample_inputs(info, batch, seq),
-                                         fix={"dp": 2, "tp": 1, "zero": 0}), batches
+                                         fix={"dp": 2, "tp": 1, "zero": 0, "fuse": not args.no_fuse}), batches
     else:
         data = batches
     variants = {"autopar": (compiled, batches), "baseline": (baseline, data)}
