@@ -116,3 +116,36 @@ def test_the_relaxation_shortcut_finds_the_mips_optimum(tiny, monkeypatch):
                 assert shortcut.status == plain.status == "Optimal"
                 assert shortcut.objective_s == pytest.approx(plain.objective_s, rel=2e-3), (degrees, share)
     assert any(took) and not all(took), took  # both paths ran
+
+
+@pytest.mark.slow
+def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch):
+    """Llama-3-70B on 1024 H100 without a pipeline (tight memory: micro-batch counts, ZeRO stages and checkpointing
+    modes; the best plan comes from the rounds, not from a probe, so a bound that cut too much would show): the
+    search with its incumbent bounds (node-cost bound before an ILP is built, LP relaxation before branching)
+    returns the plan it returns without them, after building fewer ILPs."""
+    from autopar.planner import search as S
+    from autopar.planning import make_plan
+
+    monkeypatch.setattr(S, "_forbid_fork", lambda: True)  # in this process, so every ILP built is counted
+    built = []
+    real_init, real_solve = ShardingILP.__init__, ShardingILP.solve
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardingILP, "__init__", counting)
+    request = dict(devices=1024, hardware="h100-80gb-sxm", batch=1024, seq=8192, fix={"cp": 1, "pp": 1})
+    bounded = make_plan("llama3-70b", **request)
+    with_bounds = len(built)
+    built.clear()
+    monkeypatch.setattr(S, "_incumbent", lambda req, candidates: None)
+    monkeypatch.setattr(ShardingILP, "solve", lambda self, limit=30.0, threads=1, cutoff_s=None:
+                        real_solve(self, limit, threads, None))
+    exhaustive = make_plan("llama3-70b", **request)
+    assert (bounded.degrees, bounded.num_micro_batches, bounded.zero, bounded.ac, bounded.schedule) == \
+        (exhaustive.degrees, exhaustive.num_micro_batches, exhaustive.zero, exhaustive.ac, exhaustive.schedule)
+    assert bounded.strategies == exhaustive.strategies
+    assert bounded.predicted.step_time_s == pytest.approx(exhaustive.predicted.step_time_s, rel=1e-9)
+    assert with_bounds < len(built), (with_bounds, len(built))
