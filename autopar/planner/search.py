@@ -330,13 +330,14 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
                 f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
         solved_here: dict[int, bool] = {i: True for i in fitted}
         first = {"meanwhile": functools.partial(meanwhile, jobs)} if meanwhile is not None else {}
-        known = {(i, job[1], job[2]): probes[i] for i, job in zip(owners, jobs) if i in probes and
-                 (probes[i].micro_batches, probes[i].memory) == job[1:]}  # solved by the probe already
-        solutions, meanwhile = _run_jobs(req, trace, budget, jobs, cutoff, set(known), owners, **first), None
+        known = [i in probes and (probes[i].micro_batches, probes[i].memory) == job[1:]  # the probe solved it
+                 for i, job in zip(owners, jobs)]
+        solved = iter(_run_jobs(req, trace, budget, [j for j, k in zip(jobs, known) if not k], cutoff, **first))
+        solutions, meanwhile = [probes[i].solution if k else next(solved) for i, k in zip(owners, known)], None
         if progress and any(s is not None and s.status == OUTPRICED for s in solutions):
             progress(f"{sum(s is not None and s.status == OUTPRICED for s in solutions)} of them cannot beat the "
                      "best plan so far (LP relaxation): not branched on")
-        for i, job, sol in zip(owners, jobs, solutions):
+        for i, job, sol, k in zip(owners, jobs, solutions, known):
             if sol is not None and sol.status == OUTPRICED:
                 fitted[i] = job[2]
                 solved_here[i] = True
@@ -345,19 +346,22 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
                 refused.add((i, job[1], job[2]))
                 solved_here.setdefault(i, False)
                 continue
-            cand = known.get((i, job[1], job[2])) or _candidate(req, trace, job[0], job[1], sol, job[2], budget)
+            cand = probes[i] if k else _candidate(req, trace, job[0], job[1], sol, job[2], budget)
             if cand.solution is None:  # no pipeline schedule fits the budget
                 refused.add((i, job[1], job[2]))
                 solved_here.setdefault(i, False)
                 continue
-            if i not in best or predicted(req, cand).step_time_s < predicted(req, best[i]).step_time_s:
-                best[i] = cand
+            _keep_faster(req, best, i, cand)
             solved_here[i] = True
         _advance(pending, best, extra, solved_here, refused, meshes, fitted)
     for i, c in probes.items():
-        if i not in best or predicted(req, c).step_time_s < predicted(req, best[i]).step_time_s:
-            best[i] = c
+        _keep_faster(req, best, i, c)
     return [best[i] for i in sorted(best)]
+
+
+def _keep_faster(req, best: dict[int, Candidate], i: int, c: Candidate) -> None:
+    if i not in best or predicted(req, c).step_time_s < predicted(req, best[i]).step_time_s:
+        best[i] = c
 
 
 def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Candidate]:
@@ -544,23 +548,20 @@ def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
         if proxy is not None:
             return _proxy_bound(req, degrees, proxy, cfg, m) <= budget
         pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
-        costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
-        return memory_lower_bound(pg, ctx, terms(pg, ctx, costs), micro_batches=m) <= budget
+        return memory_lower_bound(pg, ctx, _priced(pg, ctx)[1], micro_batches=m) <= budget
     return fits
 
 
-def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, skip: set = frozenset(), owners=(), *,
+def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, *,
               meanwhile: Callable[[], object] | None = None, prune: bool = True) -> list[Solution | None]:
     """Each job's solution; in forked workers where that is safe, while `meanwhile` runs here. `cutoff_s`: the
-    incumbent flat jobs must beat (their ILP's objective is their prediction); jobs (owner, m, config) in `skip`
-    are solved already and left out (their solution: a placeholder Solution). Without recomputation first: those
+    incumbent flat jobs must beat (their ILP's objective is their prediction). Without recomputation first: those
     ILPs are easy and their plans the likely best, so the others then face a lower cutoff. `prune=False`: every
     job solved (the probes, whose plans pipeline meshes take their sharding from)."""
-    keep = [k for k, job in enumerate(jobs) if not owners or (owners[k], *job[1:]) not in skip]
-    out: list[Solution | None] = [Solution({}, "known", 0.0, 0.0, 0, 0)] * len(jobs)
-    phases = [[k for k in keep if jobs[k][2].ac == "none"], [k for k in keep if jobs[k][2].ac != "none"]]
+    out: list[Solution | None] = [None] * len(jobs)
+    phases = [[k for k, job in enumerate(jobs) if (job[2].ac == "none") == easy] for easy in (True, False)]
     if not prune or not phases[0] or not any(jobs[k][0]["pp"] == 1 for k in phases[1]):
-        phases = [keep]
+        phases = [list(range(len(jobs)))]
     for phase in phases:
         todo = [(*jobs[k], cutoff_s if jobs[k][0]["pp"] == 1 else None) for k in phase]
         for k, sol in zip(phase, _solve_all(req, trace, budget, todo, meanwhile)):
@@ -654,8 +655,7 @@ def _time_bound(req, trace, degrees, m, cfg: MemoryConfig, proxy) -> float:
         pg, _, costs, all_terms = _whole_batch(req, degrees, proxy, cfg)
         return _compute_bound(pg, costs, all_terms, 1)
     pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
-    costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
-    return _compute_bound(pg, costs, terms(pg, ctx, costs), m)
+    return _compute_bound(pg, *_priced(pg, ctx), m)
 
 
 def _whole_batch(req, degrees, proxy, cfg: MemoryConfig):
@@ -664,9 +664,14 @@ def _whole_batch(req, degrees, proxy, cfg: MemoryConfig):
     key = (tuple(degrees.items()), cfg)
     if key not in cache:
         pg, ctx = _graph(req, _deepened(proxy_trace, round(2 * ratio))(req.batch), degrees, cfg)
-        costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
-        cache[key] = pg, ctx, costs, terms(pg, ctx, costs)
+        cache[key] = pg, ctx, *_priced(pg, ctx)
     return cache[key]
+
+
+def _priced(pg: PlanGraph, ctx: CostContext) -> tuple[dict, list]:
+    """(every owner's cost per strategy, the memory terms) of a planning graph under a context."""
+    costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+    return costs, terms(pg, ctx, costs)
 
 
 def _compute_bound(pg: PlanGraph, costs: dict, all_terms, m: int) -> float:
