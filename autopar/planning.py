@@ -16,6 +16,7 @@ from autopar.models import build_model, n_params, sample_inputs
 from autopar.plan import Plan
 from autopar.planner.cp_search import search_cp
 from autopar.planner.rebatch import Rebatching
+from autopar.planner.redepth import Deepening
 from autopar.planner.search import SearchRequest
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -35,25 +36,36 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
     if devices < 1 or batch < 1:
         raise MeshError(f"--devices ({devices}) and --batch ({batch}) must be positive integers")
 
-    @functools.lru_cache(maxsize=None)
-    def traces(cp: int):  # the model at seq / cp: a cp plan is planned as its fold (planner/cp_search.py)
-        @functools.lru_cache(maxsize=None)
-        def trace(micro_batch: int) -> Captured:
-            if progress:
-                progress(f"tracing {model} at batch {micro_batch} x seq {seq // cp}")
-            return capture(module, sample_inputs(info, micro_batch, seq // cp, device="meta"))
-        return trace
-
     shallow = None
     depth = getattr(info.config, "layers", None)
     if isinstance(depth, int) and depth > 2 and (model_args or {}).get("layers", depth) == depth:
-        shallow, _ = build_model(model, {**(model_args or {}), "layers": 2}, seq=seq, device="meta",
-                                 dtype=DTYPES[dtype])
+        shallow = functools.lru_cache(maxsize=None)(lambda blocks: build_model(
+            model, {**(model_args or {}), "layers": blocks}, seq=seq, device="meta", dtype=DTYPES[dtype])[0])
 
     @functools.lru_cache(maxsize=None)
     def proxy(cp: int):  # a two-block copy at seq / cp, planned at the model's depth (planner/proxy.py)
-        proxy_trace = Rebatching(lambda b: capture(shallow, sample_inputs(info, b, seq // cp, device="meta")))
+        proxy_trace = Rebatching(lambda b: capture(shallow(2), sample_inputs(info, b, seq // cp, device="meta")))
         return proxy_trace, depth / 2
+
+    @functools.lru_cache(maxsize=None)
+    def traces(cp: int):  # the model at seq / cp: a cp plan is planned as its fold (planner/cp_search.py)
+        def real(micro_batch: int) -> Captured:
+            if progress:
+                progress(f"tracing {model} at batch {micro_batch} x seq {seq // cp}")
+            return capture(module, sample_inputs(info, micro_batch, seq // cp, device="meta"))
+        if shallow is None:
+            return functools.lru_cache(maxsize=None)(real)
+        # the full trace as the proxy's repeated (planner/redepth.py), checked once on a real three-block trace
+        three = lambda: capture(shallow(3), sample_inputs(info, Deepening.CHECK_BATCH, seq // cp, device="meta"))
+        deepening = Deepening(proxy(cp)[0], three, real)
+
+        @functools.lru_cache(maxsize=None)
+        def trace(micro_batch: int) -> Captured:
+            if progress and not deepening.holds():
+                progress(f"the two-block trace does not repeat into the full model's ({deepening.why_not})")
+            return deepening(depth, micro_batch)
+        return trace
+
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,
                         fix=dict(fix or {}), memory_budget_bytes=memory_budget_bytes, dtype=dtype)
     plan = search_cp(req, traces, progress, proxy if shallow is not None else None)

@@ -30,7 +30,9 @@ def _both(monkeypatch, fix: dict, devices: int = 4):
     monkeypatch.setattr(cp_search, "search", spy)  # make_plan -> search_cp -> search, once per cp degree (cp=1 here)
     shallow = planning.make_plan("gpt", model_args=MODEL_ARGS, devices=devices, hardware="cpu", batch=8, fix=fix)
     assert seen["proxy"] is not None, "a 4-layer model must be planned on its two-block copy"
-    full = S.search(seen["req"], seen["trace"], None, None)
+    module, info = planning.build_model("gpt", MODEL_ARGS, device="meta", dtype=planning.DTYPES["float32"])
+    real = lambda b: planning.capture(module, planning.sample_inputs(info, b, 32, device="meta"))  # noqa: E731
+    full = S.search(seen["req"], real, None, None)  # the real full trace, not the one derived from the copy
     return shallow, full
 
 

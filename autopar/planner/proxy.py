@@ -6,8 +6,9 @@ meshes, micro-batch counts) needs several sizes. Identical blocks share their de
 inputs from the code before it, the second block's nodes are repeated for blocks 2..L-1 with each copy's inputs
 taken from the copy before it, and the code after the last block reads the last copy. The result is the
 planning graph the full trace would give, up to node names, so costs, memory terms and predictions need no
-scaling rule of their own. Only the chosen candidate is traced at full depth (search.py), for the node names a
-plan records.
+scaling rule of their own. Only the chosen candidate is mapped onto the full model's graph (search.py), for the
+node names a plan records; that graph is the copy's trace repeated (redepth.py), taken for real only where the
+blocks do not repeat alike.
 """
 
 from __future__ import annotations
