@@ -140,6 +140,28 @@ def test_pruned_cp_search_finds_the_best_of_cp_1_and_the_pinned_cp(monkeypatch):
         assert auto.degrees == best.degrees
 
 
+@pytest.mark.parametrize("hardware, batch", [("cpu", 4), ("h100-80gb-sxm", 4), ("h100-80gb-sxm", 1)])
+def test_folds_searched_beside_cp_1_decide_as_one_after_the_other(monkeypatch, hardware, batch):
+    """Where forking is safe, cp > 1 folds are searched in a forked process while cp = 1 is (cp_search.py
+    `_folds_beside`), without cp = 1's step time to stop at; the plan, and what it says was searched, is the one the
+    sequential search gives (which stops a fold that cannot beat cp = 1: search.py `Outpriced`)."""
+    import autopar.planner.cp_search as cp_search
+    from autopar.planner import search as searching
+
+    monkeypatch.setattr(cp_search, "MIN_LOCAL_SEQ", 16)  # search cp at 64 tokens, as it would at 8k
+    args = {**TINY, "hardware": hardware, "batch": batch}
+    beside = make_plan("gpt-tiny", **args)
+    monkeypatch.setattr(searching, "forbid_fork", lambda: True)
+    after = make_plan("gpt-tiny", **args)
+    assert beside.solver["cp_searched"] == after.solver["cp_searched"] == [1, 2]
+    assert (beside.degrees, beside.num_micro_batches, beside.zero, beside.ac) == \
+        (after.degrees, after.num_micro_batches, after.zero, after.ac)
+    assert beside.strategies == after.strategies
+    assert beside.predicted.step_time_s == pytest.approx(after.predicted.step_time_s, rel=1e-9)
+    assert sorted(a["degrees"].get("cp", 1) for a in beside.alternatives) == \
+        sorted(a["degrees"].get("cp", 1) for a in after.alternatives)
+
+
 def test_a_fold_leaves_the_micro_batches_a_cp_1_plan_matches():
     from dataclasses import replace
 

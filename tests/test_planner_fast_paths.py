@@ -127,7 +127,7 @@ def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch):
     from autopar.planner import search as S
     from autopar.planning import make_plan
 
-    monkeypatch.setattr(S, "_forbid_fork", lambda: True)  # in this process, so every ILP built is counted
+    monkeypatch.setattr(S, "forbid_fork", lambda: True)  # in this process, so every ILP built is counted
     built = []
     real_init, real_solve = ShardingILP.__init__, ShardingILP.solve
 

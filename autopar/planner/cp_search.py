@@ -18,14 +18,18 @@ attention can run as a ring (context.cp_analysis); `--fix cp=N` asks for one deg
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterator
 
 from autopar.capture import Captured
 from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan
 from autopar.planner.candidate import SearchRequest
 from autopar.planner.context import cp_analysis
+from autopar.planner import search as searching
 from autopar.planner.search import Outpriced, search
 
 MIN_LOCAL_SEQ = 4096  # tokens per cp rank below which cp is not searched unless pinned
@@ -94,20 +98,30 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     failures: dict[int, Exception] = {}
     outpriced: list[dict] = []
     dominated: list[int] = []
-    for cp in cp_degrees(req, refusal):
-        if progress and cp > 1:
-            progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
-        try:
-            beat = plans[1].predicted.step_time_s if cp > 1 and 1 in plans else None
-            plans[cp] = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None, beat), cp)
-        except Outpriced as e:  # no faster than cp = 1 already on the proxy: not traced at full depth
-            dominated.append(cp)
-            if e.alternative is not None:
-                outpriced.append({**e.alternative, "degrees": _unfold_degrees(e.alternative["degrees"], cp)})
-        except (MeshError, PlanError) as e:  # a fold's numbers are not the user's: say which cp and how it folds
-            failures[cp] = e if cp == 1 else type(e)(
-                f"cp={cp} (planned as its fold: batch {req.batch} x {cp} = {req.batch * cp} at seq {req.seq // cp}, "
-                f"dp counting dp x cp): {e}")
+    degrees = cp_degrees(req, refusal)
+    with _folds_beside(req, traces, proxies, degrees[1:]) as ahead:
+        for cp in degrees:
+            if progress and cp > 1:
+                progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
+            try:
+                beat = plans[1].predicted.step_time_s if cp > 1 and 1 in plans else None
+                if cp in ahead:  # searched in a forked process beside cp = 1, without `beat`: ranked here
+                    plan = ahead[cp].result()
+                    if beat is not None and plan.predicted.step_time_s >= beat:
+                        raise Outpriced(_as_alternative(plan))
+                else:
+                    plan = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None,
+                                         beat), cp)
+                plans[cp] = plan
+            except Outpriced as e:  # no faster than cp = 1 (already on the proxy: not traced at full depth)
+                dominated.append(cp)
+                if e.alternative is not None:
+                    outpriced.append(e.alternative if cp in ahead else
+                                     {**e.alternative, "degrees": _unfold_degrees(e.alternative["degrees"], cp)})
+            except (MeshError, PlanError) as e:  # a fold's numbers are not the user's: say which cp and how it folds
+                failures[cp] = e if cp == 1 else type(e)(
+                    f"cp={cp} (planned as its fold: batch {req.batch} x {cp} = {req.batch * cp} at seq "
+                    f"{req.seq // cp}, dp counting dp x cp): {e}")
     if not plans:
         raise failures[min(failures)]
     best = min(plans.values(), key=lambda p: p.predicted.step_time_s)
@@ -118,6 +132,33 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     if failures:
         solver["cp_refused"] = {str(c): str(e) for c, e in failures.items()}
     return replace(best, alternatives=best.alternatives + others, solver=solver)
+
+
+@contextlib.contextmanager
+def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int]) -> Iterator[dict[int, Future]]:
+    """The folds of `degrees` searched in one forked process while this one searches cp = 1, so that both cores of
+    a small machine work through the whole search; {} where forking is not safe (search.forbid_fork) or nothing
+    is to be searched beside cp = 1. Without cp = 1's step time the fold runs to its end (Outpriced stops a fold
+    only before its full-depth graph, which redepth.py derives in a fraction of a second); the caller then ranks
+    its plan as the sequential search would: a fold plan wins only when it is faster than cp = 1's."""
+    if not degrees or searching.forbid_fork():
+        yield {}
+        return
+    global _FOLD_STATE
+    _FOLD_STATE = (req, traces, proxies)
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+            yield {cp: pool.submit(_fold_worker, cp) for cp in degrees}
+    finally:
+        _FOLD_STATE = None
+
+
+_FOLD_STATE = None  # (req, traces, proxies) for the forked fold process
+
+
+def _fold_worker(cp: int) -> Plan:
+    req, traces, proxies = _FOLD_STATE
+    return unfold(search(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None), cp)
 
 
 def _as_alternative(p: Plan) -> dict:

@@ -127,6 +127,9 @@ class Outpriced(Exception):
         super().__init__(f"outpriced (best candidate: {best})")
         self.alternative = alternative
 
+    def __reduce__(self):  # raised in a forked fold process (cp_search.py) and unpickled here
+        return Outpriced, (self.alternative,)
+
 
 def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None,
            beat: float | None = None) -> Plan:
@@ -439,7 +442,7 @@ def _price_all(req, trace, meshes, donor, budget, proxy, meanwhile) -> list[Cand
     planning graph (the winner is rebuilt by `_materialized`), while `meanwhile` runs here. A worker takes
     meshes of neighbouring dp, which trace the same micro-step batches (dp x 1, dp x 2)."""
     workers = min(len(meshes), os.cpu_count() or 1, 4)
-    if workers < 2 or _forbid_fork():
+    if workers < 2 or forbid_fork():
         return [_price(req, trace, d, donor, budget, proxy) for d in meshes]
     chunks = _by_dp(meshes, workers)
     global _FORK_STATE
@@ -574,7 +577,7 @@ def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, *,
 
 def _solve_all(req, trace, budget, todo, meanwhile) -> list[Solution | None]:
     workers = min(len(todo), os.cpu_count() or 1, 4)
-    if workers < 2 or _forbid_fork():
+    if workers < 2 or forbid_fork():
         return [_solve_one(req, trace, budget, *job) for job in todo]
     global _FORK_STATE
     _FORK_STATE = (req, trace, budget, None, None)
@@ -599,7 +602,7 @@ def _spare_core(workers: int) -> bool:
     return (os.cpu_count() or 1) > workers
 
 
-def _forbid_fork() -> bool:
+def forbid_fork() -> bool:
     """Solve in this process: under a process group (forked children would share its sockets), inside a worker
     already, or where fork does not exist."""
     return _IN_WORKER or _distributed() or "fork" not in mp.get_all_start_methods()
