@@ -41,6 +41,14 @@ class CostContext:
     cp: int = 1  # context-parallel degree: attention runs as a ring over cp ranks (planner/context.py)
     cp_link: Link | None = None  # the link the cp ring's send/recv crosses
 
+    def __hash__(self) -> int:
+        """Computed once: the price caches (edge_price, redistribution_time_s) hash the context on every lookup,
+        and hashing the hardware's every field each time was a tenth of planning."""
+        if "_hash" not in self.__dict__:
+            object.__setattr__(self, "_hash", hash((self.hw, self.degrees, self.links, self.memory, self.dp, self.cp,
+                                                   self.cp_link)))
+        return self.__dict__["_hash"]
+
     @property
     def state_bytes_per_element(self) -> float:
         return sum(state_bytes_per_element(self.memory, self.dp).values())
@@ -75,6 +83,15 @@ def optimizer_s(ctx: CostContext, shape: Sequence[int]) -> float:
 
 def nbytes(shape: Sequence[int], dtype: torch.dtype) -> float:
     return float(math.prod(shape)) * dtype.itemsize
+
+
+def owner_costs(pg, ctx: CostContext) -> dict[str, list[NodeCost]]:
+    """Every owner's cost per strategy under `ctx`, kept on the planning graph per context: the ILP, its bounds,
+    the prediction and the pipeline layouts price the same candidate, often more than once."""
+    cache = pg.__dict__.setdefault("_owner_costs", {})
+    if ctx not in cache:
+        cache[ctx] = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+    return cache[ctx]
 
 
 def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
@@ -157,15 +174,22 @@ def _placeholder_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
     return NodeCost(0, 0, nbytes(shape, p.info.out_dtypes[0]), 0)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def redistribution_time_s(ctx: CostContext, shape: Sequence[int], dtype: torch.dtype, src: Sequence[Placement],
                           dst: Sequence[Placement], requires_grad: bool, partial_axes: Sequence[int] = ()) -> float:
     """Forward collectives of the steps plus, when a gradient flows back, their backward collectives."""
+    return _moves_time_s(ctx.degrees, ctx.links, tuple(shape), dtype, tuple(src), tuple(dst), requires_grad,
+                         tuple(partial_axes))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _moves_time_s(degrees, links, shape, dtype, src, dst, requires_grad: bool, partial_axes) -> float:
+    """redistribution_time_s by what it depends on: the mesh's degrees and links, not the ZeRO stage, checkpointing
+    or fusion of a candidate, whose contexts would each miss the cache."""
     total = 0.0
     current = list(src)
     for step in steps(src, dst, partial_axes if requires_grad else ()):
-        n, link = ctx.degrees[step.axis], ctx.links[step.axis]
-        before = nbytes(local_shape(shape, current, ctx.degrees), dtype)
+        n, link = degrees[step.axis], links[step.axis]
+        before = nbytes(local_shape(shape, current, degrees), dtype)
         full = before * n if step.kind == "all_gather" else before  # bytes with this axis unsharded
         if step.kind in ("all_gather", "all_reduce", "reduce_scatter"):
             total += collective_time_s(step.kind, full, n, link)

@@ -48,7 +48,10 @@ class PlanGraph:
     block_classes: list[list[str]] = field(default_factory=list)  # each: block names sharing a template
 
     def owners(self) -> list[PNode]:
-        return [p for p in self.nodes.values() if p.owner == p.node.name]
+        """The nodes that own decisions, in graph order (computed once: a graph's nodes do not change once built)."""
+        if "_owners" not in self.__dict__:
+            self.__dict__["_owners"] = [p for p in self.nodes.values() if p.owner == p.node.name]
+        return self.__dict__["_owners"]
 
 
 def differentiable(dtype: torch.dtype) -> bool:

@@ -44,7 +44,7 @@ from collections import defaultdict
 import pulp
 
 from autopar.planner.candidate import Solution
-from autopar.planner.cost import (CostContext, NodeCost, edge_price, node_cost, recomputed, saved_kinds,
+from autopar.planner.cost import (CostContext, NodeCost, edge_price, owner_costs, recomputed, saved_kinds,
                                   zero_sync)
 from autopar.planner.footprint import Term, phases
 from autopar.planner.footprint import terms as footprint_terms
@@ -81,9 +81,10 @@ class ShardingILP:
 
     # -- variables ------------------------------------------------------------------------------------------
     def _price_nodes(self) -> None:
+        costs = owner_costs(self.pg, self.ctx)
         for p in self.pg.owners():
-            self.costs[p.node.name] = [node_cost(self.ctx, p, s) for s in p.strategies]
             name = p.node.name
+            self.costs[name] = costs[name]
             self.x[name] = [self._var(f"x_{i}_{k}", cat="Binary") if len(p.strategies) > 1 else 1
                             for k in range(len(p.strategies)) for i in [len(self.x)]]
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from autopar.runtime.checkpointing import KEEP_UNDER_SELECTIVE
 from autopar.plan import Prediction
-from autopar.planner.cost import node_cost
+from autopar.planner.cost import owner_costs
 from autopar.planner.footprint import block_input_terms, evaluate, peak, phases
 from autopar.planner.predict import memory_parts
 
@@ -25,7 +25,7 @@ def relax(c, p: Prediction, budget: float, req) -> tuple[dict[str, str], Predict
     blocks = max(pg.block_classes, key=len) if pg.block_classes else []
     if ctx.memory.ac == "none" or not blocks or not budget:
         return {}, p
-    costs = {o.node.name: [node_cost(ctx, o, s) for s in o.strategies] for o in pg.owners()}
+    costs = owner_costs(pg, ctx)
     parts, _ = memory_parts(c, costs)
     one_block, n = parts.get("recompute", 0.0), len(blocks)
     kept = sum(costs[o.node.name][c.solution.choice[o.node.name]].out_bytes * pg.counts[o.node.name]

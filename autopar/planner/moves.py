@@ -85,10 +85,15 @@ def edge_groups(pg: PlanGraph) -> list[EdgeGroup]:
             readers[(prod, k)][(p.owner, j)] = None
     counts: dict[tuple, int] = defaultdict(int)
     views: dict[tuple, bool] = {}
+
+    def as_produced(owner: str, k: int, cons: str) -> bool:  # once per (producer owner, output, consumer owner)
+        if (owner, k, cons) not in views:
+            views[(owner, k, cons)] = takes_as_produced(pg, owner, k, cons)
+        return views[(owner, k, cons)]
+
     for (prod, k), classes in readers.items():
         owner = pg.nodes[prod].owner
-        kept = tuple(sorted(c for c in classes
-                            if not views.setdefault((owner, k, c[0]), takes_as_produced(pg, owner, k, c[0]))))
+        kept = tuple(sorted(c for c in classes if not as_produced(owner, k, c[0])))
         if kept:
             counts[(owner, k, kept)] += 1
     groups = [EdgeGroup(prod, k, classes, n) for (prod, k, classes), n in counts.items()]

@@ -12,7 +12,7 @@ from autopar.cost_models import exposed_s, latency_s
 from autopar.placement import fmt, local_shape
 from autopar.plan import NodeDecision, Plan, Prediction
 from autopar.planner.candidate import Candidate, SearchRequest
-from autopar.planner.cost import edge_price, node_cost, zero_sync
+from autopar.planner.cost import edge_price, node_cost, owner_costs, zero_sync
 from autopar.planner.footprint import PARTS, evaluate, peak, terms
 from autopar.planner.fusion import FUSION_KINDS, chain_of
 from autopar.planner.moves import chosen_moves
@@ -35,9 +35,8 @@ def predict(req: SearchRequest, c: Candidate) -> Prediction:
         return _pipeline_prediction(req, c)
     pg, m, ctx = c.graph, c.micro_batches, c.ctx
     compute = bwd = optimizer = 0.0
-    costs = {}
+    costs = owner_costs(pg, ctx)
     for owner in pg.owners():
-        costs[owner.node.name] = [node_cost(ctx, owner, s) for s in owner.strategies]
         cost = costs[owner.node.name][c.solution.choice[owner.node.name]]
         n = pg.counts[owner.node.name]
         compute += n * m * (cost.fwd_s + cost.bwd_s)

@@ -32,7 +32,7 @@ from autopar.cost_models import axis_links
 from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan, Prediction
 from autopar.runtime.checkpointing import AC_MODES
-from autopar.planner.cost import CostContext, node_cost
+from autopar.planner.cost import CostContext, owner_costs
 from autopar.planner.footprint import terms
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.candidate import Candidate, SearchRequest, Solution
@@ -673,7 +673,7 @@ def _whole_batch(req, degrees, proxy, cfg: MemoryConfig):
 
 def _priced(pg: PlanGraph, ctx: CostContext) -> tuple[dict, list]:
     """(every owner's cost per strategy, the memory terms) of a planning graph under a context."""
-    costs = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+    costs = owner_costs(pg, ctx)
     return costs, terms(pg, ctx, costs)
 
 

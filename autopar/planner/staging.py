@@ -10,7 +10,7 @@ import numpy as np
 
 from autopar.cost_models import axis_links, collective_time_s, exposed_s
 from autopar.planner.candidate import Candidate, Layout
-from autopar.planner.cost import edge_price, nbytes, node_cost, zero_sync
+from autopar.planner.cost import edge_price, nbytes, owner_costs, zero_sync
 from autopar.planner.footprint import peak, terms
 from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
@@ -21,7 +21,13 @@ from autopar.placement import local_shape
 
 def sides(pg) -> dict[str, tuple[str, ...]]:
     """Node -> where it runs: ("block",), ("pre",) before the first block, ("post",) after it; a placeholder runs
-    where its users do (a tied embedding is on both ends)."""
+    where its users do (a tied embedding is on both ends). Kept on the graph: every layout of a candidate asks."""
+    if "_sides" not in pg.__dict__:
+        pg.__dict__["_sides"] = _sides(pg)
+    return pg.__dict__["_sides"]
+
+
+def _sides(pg) -> dict[str, tuple[str, ...]]:
     first = next((i for i, p in enumerate(pg.nodes.values()) if p.block is not None and p.kind == "op"), None)
     out: dict[str, tuple[str, ...]] = {}
     users: dict[str, set[str]] = defaultdict(set)
@@ -56,9 +62,8 @@ def pieces(c: Candidate) -> Pieces:
             else:
                 acc[side][part] += share
 
-    costs = {}
+    costs = owner_costs(pg, ctx)
     for o in pg.owners():
-        costs[o.node.name] = [node_cost(ctx, o, s) for s in o.strategies]
         cost, n = costs[o.node.name][choice[o.node.name]], pg.counts[o.node.name]
         add(time, o.node.name, n * (cost.fwd_s + cost.bwd_s))
         add(fwd, o.node.name, n * cost.fwd_s)
@@ -211,8 +216,7 @@ def rank_weight(req, pg, degrees: dict[str, int], m: int):
     p = degrees.get("pp", 1)
     if p == 1:
         return _unit
-    where = pg.__dict__.setdefault("_sides", None) or sides(pg)
-    pg.__dict__["_sides"] = where
+    where = sides(pg)
     blocks = max(1, max((len(c) for c in pg.block_classes), default=1))
     share = math.ceil(blocks / p) / blocks
     options = _schedules(req, p, m, blocks) or [("gpipe", 1)]
