@@ -320,3 +320,21 @@ def test_planning_after_an_in_process_solve_still_finds_a_plan(mlp_captured):
     _solve(mlp_captured, (1, 4))  # any earlier plan in this process, e.g. a pinned (single-mesh) make_plan
     plan = make_plan("gpt-tiny", devices=4, hardware="cpu", batch=4)  # 3 meshes: solved in forked workers
     assert sum(d["pp"] == 1 for d in [plan.degrees, *(a["degrees"] for a in plan.alternatives)]) == 3
+
+
+def test_owner_costs_kept_per_graph_are_each_contexts_own():
+    """cost.owner_costs shares op costs among contexts that differ in ZeRO stage, checkpointing or dp only; every
+    owner's costs must still be what node_cost gives under each context (a cost that starts to depend on those
+    would be served stale)."""
+    from autopar.planner.cost import owner_costs
+    from autopar.planner.memory import MemoryConfig
+
+    model, info = build_model("llama", {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 128},
+                              seq=32, device="meta")
+    pg = build(capture(model, sample_inputs(info, 4, 32, device="meta")), (2, 2), AXES)
+    base = context(load_hardware("h100-80gb-sxm"), (2, 2))
+    for zero, ac, dp, precision in [(0, "none", 2, "bf16"), (3, "full", 2, "bf16"), (2, "selective", 4, "bf16"),
+                                    (3, "none", 1, "fp32"), (0, "full", 2, "fp32")]:
+        ctx = replace(base, memory=MemoryConfig(zero, ac, precision, fuse=True), dp=dp)
+        assert owner_costs(pg, ctx) == {p.node.name: [node_cost(ctx, p, s) for s in p.strategies]
+                                        for p in pg.owners()}, (zero, ac, dp, precision)

@@ -87,10 +87,23 @@ def nbytes(shape: Sequence[int], dtype: torch.dtype) -> float:
 
 def owner_costs(pg, ctx: CostContext) -> dict[str, list[NodeCost]]:
     """Every owner's cost per strategy under `ctx`, kept on the planning graph per context: the ILP, its bounds,
-    the prediction and the pipeline layouts price the same candidate, often more than once."""
+    the prediction and the pipeline layouts price the same candidate, often more than once. An op's cost does not
+    depend on the ZeRO stage, checkpointing or data-parallel degree (only placeholders' state and optimizer step
+    do), so op costs are shared by the contexts that differ only in those."""
     cache = pg.__dict__.setdefault("_owner_costs", {})
     if ctx not in cache:
-        cache[ctx] = {p.node.name: [node_cost(ctx, p, s) for s in p.strategies] for p in pg.owners()}
+        ops = cache.setdefault(("ops", ctx.hw, ctx.degrees, ctx.memory.precision, ctx.memory.fuse, ctx.cp,
+                                ctx.cp_link), {})
+        out = {}
+        for p in pg.owners():
+            name = p.node.name
+            if p.kind != "op" or name not in ops:
+                out[name] = [node_cost(ctx, p, s) for s in p.strategies]
+                if p.kind == "op":
+                    ops[name] = out[name]
+            else:
+                out[name] = ops[name]
+        cache[ctx] = out
     return cache[ctx]
 
 
