@@ -119,11 +119,17 @@ def test_the_relaxation_shortcut_finds_the_mips_optimum(tiny, monkeypatch):
 
 
 @pytest.mark.slow
-def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch):
+@pytest.mark.parametrize("model, request_", [
+    ("llama3-70b", dict(devices=1024, hardware="h100-80gb-sxm", batch=1024, seq=8192, fix={"cp": 1, "pp": 1})),
+    ("gpt3-175b", dict(devices=1024, hardware="a100-80gb-sxm", batch=1536, seq=2048)),
+], ids=["70b-flat", "175b-pipelines"])
+def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch, model, request_):
     """Llama-3-70B on 1024 H100 without a pipeline (tight memory: micro-batch counts, ZeRO stages and checkpointing
-    modes; the best plan comes from the rounds, not from a probe, so a bound that cut too much would show): the
-    search with its incumbent bounds (node-cost bound before an ILP is built, LP relaxation before branching)
-    returns the plan it returns without them, after building fewer ILPs."""
+    modes; the best plan comes from the rounds, not from a probe, so a bound that cut too much would show), and
+    GPT-3 175B on 1024 A100 with pipelines (tp = 1 fits no flat mesh, so its pipeline meshes have no donor and
+    their ILPs are bounded by the best flat plan, over pp): the search with its incumbent bounds (node-cost bound
+    before an ILP is built, LP relaxation before branching) returns the plan it returns without them, after
+    building fewer ILPs."""
     from autopar.planner import search as S
     from autopar.planning import make_plan
 
@@ -136,14 +142,14 @@ def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch):
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(ShardingILP, "__init__", counting)
-    request = dict(devices=1024, hardware="h100-80gb-sxm", batch=1024, seq=8192, fix={"cp": 1, "pp": 1})
-    bounded = make_plan("llama3-70b", **request)
+    bounded = make_plan(model, **request_)
     with_bounds = len(built)
     built.clear()
     monkeypatch.setattr(S, "_incumbent", lambda req, candidates: None)
+    monkeypatch.setattr(S, "_time_bound", lambda *args: 0.0)  # no node-cost bound, flat or pipelined
     monkeypatch.setattr(ShardingILP, "solve", lambda self, limit=30.0, threads=1, cutoff_s=None:
                         real_solve(self, limit, threads, None))
-    exhaustive = make_plan("llama3-70b", **request)
+    exhaustive = make_plan(model, **request_)
     assert (bounded.degrees, bounded.num_micro_batches, bounded.zero, bounded.ac, bounded.schedule) == \
         (exhaustive.degrees, exhaustive.num_micro_batches, exhaustive.zero, exhaustive.ac, exhaustive.schedule)
     assert bounded.strategies == exhaustive.strategies

@@ -295,13 +295,14 @@ def _frontier(configs: list[MemoryConfig], fits) -> list[MemoryConfig]:
 
 
 def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
-                  meanwhile: Callable[[list], object] | None = None) -> list[Candidate]:
+                  meanwhile: Callable[[list], object] | None = None, beat: float | None = None) -> list[Candidate]:
     """Each mesh's best (micro-batching, ZeRO stage, checkpointing), in rounds: each round traces each micro-batch
     size it needs once (here, so forked workers inherit the trace), then solves every pending mesh's frontier
     configurations, in parallel worker processes where that is safe (no process group), in order otherwise.
     A mesh is done once it fits without checkpointing or ZeRO-3 (more micro-batches cannot be faster then), or
     after two micro-batch counts past its first fit. `meanwhile(jobs)` runs here while workers solve the first
-    round's jobs (not at all where nothing is forked)."""
+    round's jobs (not at all where nothing is forked). `beat`, optional, is a flat candidate's step time found
+    elsewhere (pipeline meshes without a donor, `_pipelines`): a job whose bound cannot beat it is not built."""
     pending = {i: (micro_batch_counts(req, d["dp"], d["pp"]), memory_configs(req, d["dp"])) for i, d in
                enumerate(meshes)}
     proxy = (*proxy, {}) if proxy is not None else None  # + a cache of bounds per (mesh, configuration)
@@ -314,13 +315,14 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
     probes = _probe(req, trace, meshes, pending, budget, proxy, progress)
     while pending:
         jobs, owners = [], []
-        cutoff = _incumbent(req, [*best.values(), *probes.values()])
+        cutoff = min((t for t in (beat, _incumbent(req, [*best.values(), *probes.values()])) if t is not None),
+                     default=None)
         fitted: dict[int, MemoryConfig] = {}  # meshes with a job that fits but cannot beat the incumbent
         for i, (counts, cfgs) in pending.items():
             m = counts[0]
             fits = _fits_fn(req, trace, meshes[i], m, budget, proxy, refused, i)
             for cfg in _frontier(cfgs, fits):
-                if cutoff is not None and meshes[i]["pp"] == 1 and \
+                if cutoff is not None and \
                         _time_bound(req, trace, meshes[i], m, cfg, proxy) >= cutoff * (1 + 1e-9):
                     fitted[i] = cfg  # compute alone is slower than the incumbent: not even built
                     continue
@@ -423,7 +425,9 @@ def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], pr
                                     meanwhile) if c is not None]
     if progress and priced:
         progress(f"priced {len(priced)} pipeline mesh(es), with their pp=1 sharding where it fits")
-    return priced + _solve_meshes(req, trace, [d for d in meshes if d["tp"] not in donor], budget, progress, proxy)
+    beat = min((predicted(req, c).step_time_s for c in donors), default=None)
+    return priced + _solve_meshes(req, trace, [d for d in meshes if d["tp"] not in donor], budget, progress, proxy,
+                                  beat=beat)
 
 
 def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candidate | None:
@@ -649,8 +653,10 @@ def _proxy_bound(req, degrees, proxy, cfg: MemoryConfig, m: int) -> float:
 
 
 def _time_bound(req, trace, degrees, m, cfg: MemoryConfig, proxy) -> float:
-    """A lower bound on the step time of any plan of (mesh, m micro-batches, cfg) at pp = 1: every node at its
-    fastest strategy, compute, optimizer step and recomputation only (moves and exposed synchronisation are >= 0).
+    """A lower bound on the step time of any plan of (mesh, m micro-batches, cfg): every node at its fastest
+    strategy, compute, optimizer step and recomputation only (moves and exposed synchronisation are >= 0), over pp:
+    a pipeline's busiest rank holds at least 1/pp of that work and runs all of it (pipeline.step_time >= m times
+    its per-micro-batch time; bubbles and sends only add).
     On the shallow proxy it is taken at the whole batch, which bounds m micro-batches from below: an op's time is
     a roofline plus a fixed launch cost (cost_models/compute.py), so m ops on 1/m of the data take at least as long
     as one op on all of it."""
