@@ -78,7 +78,8 @@ def test_cp_prices_attention_at_its_true_work_plus_the_exposed_ring():
     from autopar.planner.footprint import ring_buffer_terms
     from autopar.planner.ring import is_attention
     from autopar.planner.cost import node_cost
-    from autopar.planner.search import SearchRequest, _graph
+    from autopar.planner.search import SearchRequest
+    from autopar.planner.space import graph_for as _graph
 
     model, info = build_model("gpt-tiny", {}, device="meta")
     b, s = folded(4, 32, 2)

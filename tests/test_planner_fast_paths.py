@@ -130,6 +130,7 @@ def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch, model, 
     their ILPs are bounded by the best flat plan, over pp): the search with its incumbent bounds (node-cost bound
     before an ILP is built, LP relaxation before branching) returns the plan it returns without them, after
     building fewer ILPs."""
+    from autopar.planner import bounds
     from autopar.planner import search as S
     from autopar.planning import make_plan
 
@@ -145,8 +146,8 @@ def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch, model, 
     bounded = make_plan(model, **request_)
     with_bounds = len(built)
     built.clear()
-    monkeypatch.setattr(S, "_incumbent", lambda req, candidates: None)
-    monkeypatch.setattr(S, "_time_bound", lambda *args: 0.0)  # no node-cost bound, flat or pipelined
+    monkeypatch.setattr(bounds, "incumbent", lambda req, candidates: None)
+    monkeypatch.setattr(bounds, "time_bound", lambda *args: 0.0)  # no node-cost bound, flat or pipelined
     monkeypatch.setattr(ShardingILP, "solve", lambda self, limit=30.0, threads=1, cutoff_s=None:
                         real_solve(self, limit, threads, None))
     exhaustive = make_plan(model, **request_)

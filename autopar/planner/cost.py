@@ -76,7 +76,7 @@ def optimizer_s(ctx: CostContext, shape: Sequence[int]) -> float:
     its elements. Priced the same at every ZeRO stage: a sharded step updates 1/dp of them, but FSDP copies every
     gathered parameter out of its all-gather buffer and every gradient into its reduce-scatter buffer (8 bytes
     per element each), which the model does not price either; leaving out both keeps ZeRO-2 as fast as DP, as
-    the search assumes (search.py `_frontier`)."""
+    the search assumes (space.py `frontier`)."""
     bytes_per_s = ctx.hw.memory_bandwidth_bytes_per_s * ctx.hw.memory_efficiency
     return math.prod(shape) * OPTIMIZER_BYTES_PER_ELEMENT / bytes_per_s
 

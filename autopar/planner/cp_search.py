@@ -5,8 +5,9 @@ samples at seq / cp, so every per-token cost, activation and the gradient reduct
 dp x cp too) come from the existing model unchanged; attention nodes are priced at their true cp-fold work plus
 the ring's exposed send/recv, and the ring's buffers join the memory terms (CostContext.cp, context.py), so the
 ILP sees them too. The best plan over the cp degrees wins; the others are its alternatives. cp = 1 is planned
-first; a fold whose best candidate cannot beat it is dropped before its full-depth trace (search.py `Outpriced`),
-and a fold's micro-batches that a cp = 1 plan matches token for token are not searched (search.py
+first, with the folds searched beside it in a forked process where that is safe (`_folds_beside`); a fold whose
+best candidate cannot beat cp = 1 is dropped (searched in sequence, before its full-depth graph: search.py
+`Outpriced`), and a fold's micro-batches that a cp = 1 plan matches token for token are not searched (space.py
 `micro_batch_counts`, where the argument is).
 
 Topology: the mesh is (pp, dp, cp, tp), tp innermost, then cp (torchtitan's order): cp's ring runs inside a node

@@ -8,8 +8,8 @@ pinned with `--fix` restrict the candidates; a fully pinned configuration is eva
 
 Before the rounds, each flat mesh is probed at one sample per replica with the least recomputation that fits
 (`_probe`): an easy ILP, often near the best, and an incumbent for everything after it. A round's job whose lower
-bound cannot beat the incumbent is skipped: first a bound from node costs alone (`_time_bound`, before its ILP is
-built), then the ILP's LP relaxation (ShardingILP.solve's cutoff, before branching). Both bound every plan the job
+bound cannot beat the incumbent is skipped: first a bound from node costs alone (bounds.py, before its ILP is built),
+then the ILP's LP relaxation (ShardingILP.solve's cutoff, before branching). Both bound every plan the job
 could return, so a skipped job could never have been ranked first among the flat candidates. Pipeline meshes take
 their sharding from the fastest flat candidate of their tp (`_pipelines`), which is now the fastest solved one;
 every flat mesh's probe is solved, so each tp that fits has one. (The probes are candidates too, which the rounds
@@ -28,93 +28,21 @@ from dataclasses import replace
 from typing import Callable
 
 from autopar.capture import Captured
-from autopar.cost_models import axis_links
 from autopar.errors import MeshError, PlanError
-from autopar.plan import Plan, Prediction
-from autopar.runtime.checkpointing import AC_MODES
-from autopar.planner.cost import CostContext, owner_costs
-from autopar.planner.footprint import terms
-from autopar.planner.graph import PlanGraph, build
+from autopar.plan import Plan
+from autopar.planner import bounds
+from autopar.planner.bounds import predicted
 from autopar.planner.candidate import Candidate, SearchRequest, Solution
+from autopar.planner.graph import PlanGraph, build
 from autopar.planner.ilp import OUTPRICED, ShardingILP, memory_lower_bound
 from autopar.planner.layers import relax
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.pins import pinned_strategies
-from autopar.planner.proxy import deepen
+from autopar.planner.space import (AXES, NO_LIMIT, deepened_trace, fmt_bytes, fmt_mesh, frontier, graph_for,
+                                   memory_budget, memory_configs, mesh_candidates, micro_batch_counts,
+                                   no_batch_message, settles)
 from autopar.planner.staging import layouts, rank_weight
 from autopar.planner.predict import predict, to_plan
-
-AXES = ("dp", "tp")
-_NO_LIMIT = 1e30  # bytes: a budget nothing reaches (the solver needs a finite bound)
-
-
-def predicted(req: "SearchRequest", c: Candidate) -> Prediction:
-    if c.prediction is None:
-        c.prediction = predict(req, c)
-    return c.prediction
-
-
-def mesh_candidates(req: SearchRequest, blocks: int = 1) -> list[dict[str, int]]:
-    """pp x dp x tp factorisations: tp inside a node (unless pinned), pp at most the number of blocks (one block per stage);
-    pipeline parallelism is only searched when the model has repeated blocks to cut between."""
-    per_node = req.hardware.devices_per_node
-    out = []
-    for pp in _divisors(req.devices):
-        for tp in _divisors(req.devices // pp):
-            dp = req.devices // (pp * tp)
-            spans_nodes = tp > per_node or per_node % tp  # allowed when pinned: a what-if across nodes
-            if spans_nodes and "tp" not in req.fix or (pp > 1 and pp > blocks and "pp" not in req.fix):
-                continue
-            if pp == 1 and ("schedule" in req.fix or int(req.fix.get("v", 1)) > 1):
-                continue
-            if any(k in req.fix and req.fix[k] != v for k, v in (("pp", pp), ("dp", dp), ("tp", tp))):
-                continue
-            if dp % req.cp:  # a folded cp request (cp_search.py): its dp is dp x cp
-                continue
-            out.append({"pp": pp, "dp": dp, "tp": tp})
-    if not out:
-        raise MeshError(_no_mesh_message(req))
-    return out
-
-
-def _no_mesh_message(req: SearchRequest) -> str:
-    pins = ",".join(f"{k}={req.fix[k]}" for k in ("pp", "dp", "tp") if k in req.fix)
-    return (f"no mesh pp x dp x tp = {req.devices} devices matches {pins or 'the device count'} with tp inside "
-            f"one {req.hardware.name} node ({req.hardware.devices_per_node} devices); make pp*dp*tp equal "
-            "--devices and tp divide the devices per node")
-
-
-def micro_batch_counts(req: SearchRequest, dp: int, pp: int = 1) -> list[int]:
-    """Micro-batch counts m whose micro-step batch divides by dp. With pipeline parallelism, m >= pp (fewer leave
-    ranks idle) and the micro-batch per data-parallel replica is 2 or 1 samples: more micro-batches shrink the
-    bubble, and a larger micro-batch needs more memory while the cost model gains little from it once matmuls
-    are large (Narayanan et al. 2021 Fig. 18 finds the best micro-batch at 1-2 for the 91B model).
-
-    In the fold of a cp degree searched beside cp = 1 (req.cp_searched), a replica's micro-batch of k samples
-    (req.batch // (m * dp), the fold's batch and dp being cp times the plan's) with k a multiple of cp is left out:
-    the cp = 1 plan with dp x cp replicas of k / cp samples, same tp, pp and m, gives every rank the same tokens, the
-    same matmuls, the same attention work (a rank's causal share S^2 / 2cp of k samples equals k / cp whole
-    samples' S^2 / 2), activations and dp x cp gradient reduction, without the ring's exposed hops and buffers, so
-    it is never slower and never larger, and the cp = 1 search has it among its candidates."""
-    if "num_micro_batches" in req.fix:  # autopar.compile's default at pp = 1: the whole batch at once
-        m = int(req.fix["num_micro_batches"])
-        return [m] if req.batch % (m * dp) == 0 else []
-    if "mbs" in req.fix:  # per data-parallel replica, as Megatron's --micro-batch-size: batch = mbs x dp x m
-        mbs = int(req.fix["mbs"])
-        if req.batch % (mbs * dp) and "dp" in req.fix:
-            raise MeshError(f"--fix mbs={mbs} (per data-parallel replica) with dp={dp} needs a batch divisible by "
-                            f"mbs x dp = {mbs * dp}, not {req.batch}; change --batch, mbs or dp")
-        return [] if req.batch % (mbs * dp) else [req.batch // (mbs * dp)]
-    counts = [m for m in _divisors(req.batch) if (req.batch // m) % dp == 0]
-    if req.cp > 1 and req.cp_searched:  # a fold whose replicas hold a multiple of cp samples is dominated (below)
-        counts = [m for m in counts if (req.batch // (m * dp)) % req.cp]
-    if pp > 1:
-        counts = [m for m in counts if m >= pp and req.batch // (m * dp) in (2, 1)]
-    return counts
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class Outpriced(Exception):
@@ -140,20 +68,20 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     with every recomputation given back (`relax`, the only step after ranking that lowers a prediction), Outpriced
     is raised before the full-depth trace, which is then never taken (nor taken ahead of time)."""
     t0 = time.perf_counter()
-    budget = _budget(req)
+    budget = memory_budget(req)
     full_trace, blocks = trace, _depth(req, trace, proxy)
     if proxy is not None:
-        trace = _deepened(proxy[0], blocks)
+        trace = deepened_trace(proxy[0], blocks)
     _check_pipeline_pins(req, blocks)
     meshes = [d for d in mesh_candidates(req, blocks) if micro_batch_counts(req, d["dp"], d["pp"])]
     if not meshes and req.cp_searched:  # every micro-batching of this fold is matched by a cp = 1 plan
         raise Outpriced(None)
     if not meshes:
-        raise MeshError(_no_batch_message(req, mesh_candidates(req, blocks)))
+        raise MeshError(no_batch_message(req, mesh_candidates(req, blocks)))
 
     def early(jobs):  # the full trace the flat front-runner will need, taken while workers solve the first ILPs:
         sizes = {req.batch // m for _, m, _ in jobs}  # when each job, once solved, settles its mesh at one size
-        if proxy is not None and beat is None and len(sizes) == 1 and all(_settles(cfg) for _, _, cfg in jobs):
+        if proxy is not None and beat is None and len(sizes) == 1 and all(settles(cfg) for _, _, cfg in jobs):
             full_trace(sizes.pop())
 
     flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy, early)
@@ -220,21 +148,12 @@ def _depth(req: SearchRequest, trace, proxy) -> int:
     return max((len(c) for c in classes), default=1)
 
 
-def _deepened(proxy_trace, depth: int):
-    """The proxy's traces, marked to be planned at the model's depth (`_graph` deepens them)."""
-    def trace(micro_batch: int) -> Captured:
-        captured = proxy_trace(micro_batch)
-        captured.__dict__["_deepen_to"] = depth
-        return captured
-    return trace
-
-
 def _at_full_depth(req, trace, budget, c: Candidate) -> Candidate:
     """The chosen candidate on the full trace, for the node names a plan records. The deepened proxy and the full
     trace have the same decision owners in the same order (the code before the blocks, block 0, the code after)
     and give the same costs (proxy.py), so the proxy's choices carry over by position; the ILP is solved again
     only where they do not (owners that differ, or a prediction that moves)."""
-    pg, _ = _graph(req, trace(req.batch // c.micro_batches), c.degrees, c.memory)
+    pg, _ = graph_for(req, trace(req.batch // c.micro_batches), c.degrees, c.memory)
     sol = _by_position(c, pg)
     if sol is not None:
         full = _candidate(req, trace, c.degrees, c.micro_batches, sol, c.memory, budget)
@@ -243,7 +162,7 @@ def _at_full_depth(req, trace, budget, c: Candidate) -> Candidate:
             return full
     sol = _solve_one(req, trace, budget, c.degrees, c.micro_batches, c.memory)
     if sol is None:
-        raise PlanError(f"the chosen plan ({_fmt_mesh(c.degrees)}, zero={c.memory.zero}, ac={c.memory.ac}) does "
+        raise PlanError(f"the chosen plan ({fmt_mesh(c.degrees)}, zero={c.memory.zero}, ac={c.memory.ac}) does "
                         "not solve on the full model as it did on its two-block copy; report this with the command")
     full = _candidate(req, trace, c.degrees, c.micro_batches, sol, c.memory, budget)
     return full if full.solution is not None else c
@@ -264,36 +183,6 @@ def _by_position(c: Candidate, full: PlanGraph) -> Solution | None:
     return replace(c.solution, choice=choice)
 
 
-def _fmt_mesh(degrees: dict[str, int]) -> str:
-    return " ".join(f"{a}={degrees[a]}" for a in ("pp", "dp", "tp") if a in degrees)
-
-
-def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
-    """ZeRO stage x checkpointing candidates (pins respected), cheapest first within each checkpointing mode."""
-    precision = str(req.fix.get("precision") or ("bf16" if req.dtype in ("bfloat16", "float16") else "fp32"))
-    # Unpinned, ZeRO-1 is left out: torch's ZeroRedundancyOptimizer adds an exposed broadcast after the step, so
-    # ZeRO-2 (FSDP2, same traffic as DP, overlapped) is never slower and needs less memory.
-    zeros = [int(req.fix["zero"])] if "zero" in req.fix else ([0, 2, 3] if dp > 1 else [0])
-    acs = [str(req.fix["ac"])] if "ac" in req.fix else list(AC_MODES)
-    fuse = req.fix.get("fuse", True) is not False  # --fix fuse=off
-    return [MemoryConfig(z, ac, precision, fuse) for ac in acs for z in zeros]
-
-
-def _frontier(configs: list[MemoryConfig], fits) -> list[MemoryConfig]:
-    """The configurations worth solving: per checkpointing mode the lowest ZeRO stage that fits (stages 0 and 2
-    cost the same time, ZeRO-1 more exposed time, ZeRO-3 more communication; checkpointing only adds recompute).
-    A mode is dominated once a cheaper mode fits without ZeRO-3."""
-    out: list[MemoryConfig] = []
-    for ac in AC_MODES:
-        first = next((c for c in configs if c.ac == ac and fits(c)), None)
-        if first is None:
-            continue
-        out.append(first)
-        if first.zero < 3:
-            break
-    return out
-
-
 def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
                   meanwhile: Callable[[list], object] | None = None, beat: float | None = None) -> list[Candidate]:
     """Each mesh's best (micro-batching, ZeRO stage, checkpointing), in rounds: each round traces each micro-batch
@@ -307,7 +196,7 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
                enumerate(meshes)}
     proxy = (*proxy, {}) if proxy is not None else None  # + a cache of bounds per (mesh, configuration)
     if proxy is not None:  # skip micro-batchings (and meshes) whose memory lower bound already exceeds the budget
-        first = {i: _likely_first(req, meshes[i], c, budget, proxy, cfgs[-1]) for i, (c, cfgs) in pending.items()}
+        first = {i: bounds.likely_first(req, meshes[i], c, budget, proxy, cfgs[-1]) for i, (c, cfgs) in pending.items()}
         pending = {i: (c[first[i]:], cfgs) for i, (c, cfgs) in pending.items() if first[i] is not None}
     best: dict[int, Candidate] = {}
     extra: dict[int, int] = {}
@@ -315,24 +204,24 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
     probes = _probe(req, trace, meshes, pending, budget, proxy, progress)
     while pending:
         jobs, owners = [], []
-        cutoff = min((t for t in (beat, _incumbent(req, [*best.values(), *probes.values()])) if t is not None),
+        cutoff = min((t for t in (beat, bounds.incumbent(req, [*best.values(), *probes.values()])) if t is not None),
                      default=None)
         fitted: dict[int, MemoryConfig] = {}  # meshes with a job that fits but cannot beat the incumbent
         for i, (counts, cfgs) in pending.items():
             m = counts[0]
             fits = _fits_fn(req, trace, meshes[i], m, budget, proxy, refused, i)
-            for cfg in _frontier(cfgs, fits):
+            for cfg in frontier(cfgs, fits):
                 if cutoff is not None and \
-                        _time_bound(req, trace, meshes[i], m, cfg, proxy) >= cutoff * (1 + 1e-9):
+                        bounds.time_bound(req, trace, meshes[i], m, cfg, proxy) >= cutoff * (1 + 1e-9):
                     fitted[i] = cfg  # compute alone is slower than the incumbent: not even built
                     continue
                 jobs.append((meshes[i], m, cfg))
                 owners.append(i)
         for d, m, cfg in jobs:  # here, so that forked workers inherit the traces and planning graphs
-            _graph(req, trace(req.batch // m), d, cfg)
+            graph_for(req, trace(req.batch // m), d, cfg)
         if progress and jobs:
             progress(f"solving {len(jobs)} candidate(s): " + ", ".join(
-                f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
+                f"{fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
         solved_here: dict[int, bool] = {i: True for i in fitted}
         first = {"meanwhile": functools.partial(meanwhile, jobs)} if meanwhile is not None else {}
         known = [i in probes and (probes[i].micro_batches, probes[i].memory) == job[1:]  # the probe solved it
@@ -379,21 +268,21 @@ def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Ca
     for i, (counts, cfgs) in pending.items():
         if meshes[i]["pp"] > 1:
             continue
-        first = _frontier(cfgs, _fits_fn(req, trace, meshes[i], counts[0], budget, proxy, set(), i))
-        if len(counts) > 1 and first and _settles(first[0]):  # its first round is such a job already
+        first = frontier(cfgs, _fits_fn(req, trace, meshes[i], counts[0], budget, proxy, set(), i))
+        if len(counts) > 1 and first and settles(first[0]):  # its first round is such a job already
             continue
-        frontier = _frontier(cfgs, _fits_fn(req, trace, meshes[i], counts[-1], budget, proxy, set(), i))
-        if frontier:
-            tries[i] = [c for c in cfgs if c.ac == frontier[0].ac and c.zero >= frontier[0].zero]
+        least = frontier(cfgs, _fits_fn(req, trace, meshes[i], counts[-1], budget, proxy, set(), i))
+        if least:
+            tries[i] = [c for c in cfgs if c.ac == least[0].ac and c.zero >= least[0].zero]
     out = {}
     while tries:
         owners = list(tries)
         jobs = [(meshes[i], pending[i][0][-1], tries[i][0]) for i in owners]
         for d, m, cfg in jobs:
-            _graph(req, trace(req.batch // m), d, cfg)
+            graph_for(req, trace(req.batch // m), d, cfg)
         if progress:
             progress(f"probing {len(jobs)} mesh(es) at one sample per replica: " + ", ".join(
-                f"{_fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
+                f"{fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
         for i, job, sol in zip(owners, jobs, _run_jobs(req, trace, budget, jobs, prune=False)):
             c = _candidate(req, trace, *job[:2], sol, job[2], budget) if sol is not None else None
             if c is not None and c.solution is not None:
@@ -401,12 +290,6 @@ def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Ca
             tries[i] = [] if i in out else tries[i][1:]  # the ILP did not fit: the next ZeRO stage
         tries = {i: t for i, t in tries.items() if t}
     return out
-
-
-def _incumbent(req, candidates: list[Candidate]) -> float | None:
-    """The fastest flat candidate's predicted step time (at pp = 1 the ILP's objective is that prediction)."""
-    flat = [predicted(req, c).step_time_s for c in candidates if c.degrees["pp"] == 1]
-    return min(flat, default=None)
 
 
 def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy,
@@ -504,9 +387,9 @@ def _materialized(req, trace, c: Candidate, budget) -> Candidate:
 def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate | None:
     """The donor's placements on this mesh and micro-batching, with the first ZeRO/checkpointing configuration
     (frontier order) whose pipeline layout fits; None when a placement does not exist here or nothing fits."""
-    for cfg in _frontier(memory_configs(req, degrees["dp"]), lambda cfg: True) + \
+    for cfg in frontier(memory_configs(req, degrees["dp"]), lambda cfg: True) + \
             [c for c in memory_configs(req, degrees["dp"]) if c.zero == 3]:
-        pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+        pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
         choice = {}
         for o in pg.owners():
             theirs = donor.graph.nodes.get(o.node.name)
@@ -532,7 +415,7 @@ def _advance(pending, best, extra, solved_here, refused, meshes, fitted) -> None
         counts, cfgs = pending[i]
         if i in solved_here and not solved_here[i] and any((i, counts[0], c) not in refused for c in cfgs):
             continue  # same m, next frontier
-        done = (i in best and _settles(best[i].memory) or i in fitted and _settles(fitted[i])) and \
+        done = (i in best and settles(best[i].memory) or i in fitted and settles(fitted[i])) and \
             meshes[i]["pp"] == 1
         if i in best or i in fitted:
             extra[i] = extra.get(i, 0) + 1
@@ -542,20 +425,15 @@ def _advance(pending, best, extra, solved_here, refused, meshes, fitted) -> None
             pending[i] = (counts[1:], cfgs)
 
 
-def _settles(cfg: MemoryConfig) -> bool:
-    """A pp = 1 mesh solved without checkpointing or ZeRO-3 needs no more micro-batches: they could not be faster."""
-    return cfg.ac == "none" and cfg.zero < 3
-
-
 def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
     """Memory lower-bound test for a configuration at micro-batch count m (on the shallow proxy when there is one)."""
     def fits(cfg: MemoryConfig) -> bool:
         if (i, m, cfg) in refused:
             return False
         if proxy is not None:
-            return _proxy_bound(req, degrees, proxy, cfg, m) <= budget
-        pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
-        return memory_lower_bound(pg, ctx, _priced(pg, ctx)[1], micro_batches=m) <= budget
+            return bounds.proxy_bound(req, degrees, proxy, cfg, m) <= budget
+        pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
+        return memory_lower_bound(pg, ctx, bounds.priced(pg, ctx)[1], micro_batches=m) <= budget
     return fits
 
 
@@ -619,7 +497,7 @@ def _job_worker(job):
 
 def _solve_one(req, trace, budget, degrees, m, cfg: MemoryConfig, cutoff_s: float | None = None,
                threads: int = 1) -> Solution | None:
-    pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+    pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
     pinned = pinned_strategies(pg, req.fix.get("pins") or {})
     if pinned is None:  # the per-module pins cannot hold on this mesh (e.g. a tp pin where tp=1)
         return None
@@ -629,92 +507,15 @@ def _solve_one(req, trace, budget, degrees, m, cfg: MemoryConfig, cutoff_s: floa
     return ilp.solve(req.time_limit_s, threads, cutoff_s)
 
 
-def _likely_first(req, degrees, counts: list[int], budget: float, proxy, cfg: MemoryConfig) -> int | None:
-    """Index of the first micro-batch count whose memory lower bound fits under the most memory-saving
-    configuration `cfg` (None: none does), on the shallow proxy, so the full model is traced only at the
-    micro-batch sizes that will be solved."""
-    return next((k for k, m in enumerate(counts) if _proxy_bound(req, degrees, proxy, cfg, m) <= budget), None)
-
-
-PER_MICRO_BATCH = ("activations", "inputs", "recompute")  # parts that shrink with the micro-batch
-
-
-def _proxy_bound(req, degrees, proxy, cfg: MemoryConfig, m: int) -> float:
-    """Memory lower bound at m micro-batches, from the model traced at the whole batch (on its two-block copy,
-    deepened; `proxy = (trace, depth ratio, cache)`): activations scale with the micro-batch, model state does
-    not."""
-    pg, ctx, _, all_terms = _whole_batch(req, degrees, proxy, cfg)
-    rank = rank_weight(req, pg, degrees, m)
-
-    def weight(owner: str, part: str) -> float:
-        return rank(owner, part) / (m if part in PER_MICRO_BATCH else 1)
-
-    return memory_lower_bound(pg, ctx, all_terms, weight, m)
-
-
-def _time_bound(req, trace, degrees, m, cfg: MemoryConfig, proxy) -> float:
-    """A lower bound on the step time of any plan of (mesh, m micro-batches, cfg): every node at its fastest
-    strategy, compute, optimizer step and recomputation only (moves and exposed synchronisation are >= 0), over pp:
-    a pipeline's busiest rank holds at least 1/pp of that work and runs all of it (pipeline.step_time >= m times
-    its per-micro-batch time; bubbles and sends only add).
-    On the shallow proxy it is taken at the whole batch, which bounds m micro-batches from below: an op's time is
-    a roofline plus a fixed launch cost (cost_models/compute.py), so m ops on 1/m of the data take at least as long
-    as one op on all of it."""
-    if proxy is not None:
-        pg, _, costs, all_terms = _whole_batch(req, degrees, proxy, cfg)
-        return _compute_bound(pg, costs, all_terms, 1)
-    pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
-    return _compute_bound(pg, *_priced(pg, ctx), m)
-
-
-def _whole_batch(req, degrees, proxy, cfg: MemoryConfig):
-    """(graph, context, node costs, memory terms) of the proxy at the whole batch, deepened; cached in `proxy`."""
-    proxy_trace, ratio, cache = proxy
-    key = (tuple(degrees.items()), cfg)
-    if key not in cache:
-        pg, ctx = _graph(req, _deepened(proxy_trace, round(2 * ratio))(req.batch), degrees, cfg)
-        cache[key] = pg, ctx, *_priced(pg, ctx)
-    return cache[key]
-
-
-def _priced(pg: PlanGraph, ctx: CostContext) -> tuple[dict, list]:
-    """(every owner's cost per strategy, the memory terms) of a planning graph under a context."""
-    costs = owner_costs(pg, ctx)
-    return costs, terms(pg, ctx, costs)
-
-
-def _compute_bound(pg: PlanGraph, costs: dict, all_terms, m: int) -> float:
-    rerun = {t.owner: t.values for t in all_terms if t.part == "recompute_s"}
-    total = 0.0
-    for owner, cs in costs.items():
-        n, again = pg.counts[owner], rerun.get(owner, [0.0] * len(cs))
-        total += min(n * m * (c.fwd_s + c.bwd_s) + n * c.step_s + m * r for c, r in zip(cs, again))
-    return total
-
-
 def _distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
-def _graph(req: SearchRequest, captured: Captured, degrees: dict[str, int],
-           cfg: MemoryConfig = MemoryConfig()) -> tuple[PlanGraph, CostContext]:
-    deg = tuple(degrees[a] for a in AXES)
-    links = axis_links(req.hardware, list(zip(AXES, deg)))
-    graphs = captured.__dict__.setdefault("_plan_graphs", {})  # one PlanGraph per mesh, whatever the memory config
-    if deg not in graphs:
-        depth = captured.__dict__.get("_deepen_to")
-        graphs[deg] = deepen(build(captured, deg, AXES), depth) if depth else build(captured, deg, AXES)
-    cp_link = axis_links(req.hardware, [("dp", deg[0] // req.cp), ("cp", req.cp), ("tp", deg[1])])["cp"] \
-        if req.cp > 1 else None  # cp ranks inside the dp x cp block, tp innermost (planner/cp_search.py)
-    return graphs[deg], CostContext(req.hardware, deg, tuple(links[a] for a in AXES), cfg,
-                                    degrees.get("dp", 1), req.cp, cp_link)
-
-
 def _candidate(req, trace, degrees, m, solution, cfg: MemoryConfig, budget: float) -> Candidate:
     """The solved candidate; with pipeline parallelism, with its best layout (no solution when none fits)."""
-    pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+    pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
     c = Candidate(degrees, m, pg, ctx, solution)
     if degrees.get("pp", 1) > 1:
         fitting = [lay for lay in layouts(c, req, budget) if max(sum(r.values()) for r in lay.memory) <= budget]
@@ -731,40 +532,20 @@ def _alternative(req: SearchRequest, c: Candidate) -> dict:
             "memory_bytes_per_device": p.memory_bytes_per_device, "tokens_per_s": p.tokens_per_s}
 
 
-def _no_batch_message(req: SearchRequest, meshes: list[dict[str, int]]) -> str:
-    """Why no mesh takes the batch: dp must divide it, and a pipeline needs pp micro-batches of at least one sample
-    per replica (batch >= pp x dp); the smallest batch some mesh takes, to say what to do."""
-    mbs = int(req.fix.get("mbs", 0))
-    if mbs and req.batch % mbs == 0:  # mbs is per data-parallel replica: the batch needs mbs x dp x micro-batches
-        dps = "/".join(map(str, sorted({d["dp"] for d in meshes})))
-        return (f"--fix mbs={mbs} (per replica) leaves no mesh whose dp={dps} x mbs divides batch {req.batch} "
-                f"(pipelines also need pp micro-batches); use a batch that is a multiple of mbs x dp, or drop mbs "
-                f"from --fix")
-    smallest = min(d["dp"] * d["pp"] for d in meshes)
-    dps = "/".join(map(str, sorted({d["dp"] for d in meshes})))
-    why = f"batch {req.batch} is not divisible by dp={dps}"
-    if any(req.batch % d["dp"] == 0 for d in meshes):  # dp divides it, but the pipelines have too few samples
-        pps = "/".join(map(str, sorted({d["pp"] for d in meshes if req.batch % d["dp"] == 0})))
-        why = (f"batch {req.batch} cannot fill {req.devices} devices: tp stops at one {req.hardware.name} node "
-               f"({req.hardware.devices_per_node} devices) and the meshes dp divides need pp={pps}, whose pipeline "
-               f"needs at least pp x dp samples (one per micro-batch and replica)")
-    return f"{why}; use --batch {smallest} (or a multiple), or fewer --devices"
-
-
 def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
     """State the least memory any candidate needs: each mesh at its smallest micro-batch and its most
     memory-saving configuration, solved for memory instead of time (its lower bound where the solver finds no
     solution, as HiGHS may on a badly scaled problem), and, where activations alone exceed the budget at one
     sample per micro-batch, say that the sequence is what does not fit."""
-    least, floor, per_sample, budget = math.inf, math.inf, math.inf, _budget(req)
+    least, floor, per_sample, budget = math.inf, math.inf, math.inf, memory_budget(req)
     for degrees in meshes:
         m = micro_batch_counts(req, degrees["dp"])[-1]
         cfg = memory_configs(req, degrees["dp"])[-1]
-        pg, ctx = _graph(req, trace(req.batch // m), degrees, cfg)
+        pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
         pinned = pinned_strategies(pg, req.fix.get("pins") or {})
         if pinned is None:
             continue
-        ilp = ShardingILP(pg, ctx, _NO_LIMIT, m, pinned, objective="memory")
+        ilp = ShardingILP(pg, ctx, NO_LIMIT, m, pinned, objective="memory")
         sol = ilp.solve(req.time_limit_s)
         floor = min(floor, ilp.memory_lower_bound())
         if sol is not None:
@@ -772,27 +553,18 @@ def _infeasible_message(req: SearchRequest, trace, meshes) -> str:
         if req.batch // (m * degrees["dp"]) == 1:
             per_sample = min(per_sample, memory_lower_bound(pg, ctx, ilp.terms, _only_activations, m))
     if math.isinf(least) and math.isinf(floor):
-        return (f"no plan fits the memory budget of {_bytes(budget)} per device, and no candidate mesh could be "
+        return (f"no plan fits the memory budget of {fmt_bytes(budget)} per device, and no candidate mesh could be "
                 "solved for memory; raise --memory or add devices")
-    needs = f"{_bytes(least)}" if not math.isinf(least) else f"{_bytes(floor)} (a lower bound)"
-    head = f"no plan fits the memory budget of {_bytes(budget)} per device; the best plan needs at least {needs}"
+    needs = f"{fmt_bytes(least)}" if not math.isinf(least) else f"{fmt_bytes(floor)} (a lower bound)"
+    head = f"no plan fits the memory budget of {fmt_bytes(budget)} per device; the best plan needs at least {needs}"
     if per_sample > budget:
-        return (f"{head}; at seq {req.seq} one sample's activations alone need at least {_bytes(per_sample)} per "
+        return (f"{head}; at seq {req.seq} one sample's activations alone need at least {fmt_bytes(per_sample)} per "
                 "device on every mesh (full checkpointing, tp within one node). Lower --seq or raise --memory")
     return (f"{head} (ZeRO-3 and full checkpointing where allowed, the most micro-batches). Add devices, "
             "lower --batch/--seq, or raise --memory")
 
 
 def _only_activations(owner: str, part: str) -> float:
-    return 1.0 if part in PER_MICRO_BATCH else 0.0
+    return 1.0 if part in bounds.PER_MICRO_BATCH else 0.0
 
 
-def _budget(req: SearchRequest) -> float:
-    return req.memory_budget_bytes or (req.hardware.memory_bytes - req.hardware.memory_reserve_bytes)
-
-
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"

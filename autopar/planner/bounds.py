@@ -1,0 +1,91 @@
+"""Lower bounds the outer search prunes with (search.py): a candidate's least memory on the shallow proxy, and its
+least step time from node costs alone, against an incumbent's predicted step time. Each bounds every plan the
+candidate could give, so pruning changes the work, never the answer."""
+
+from __future__ import annotations
+
+from autopar.plan import Prediction
+from autopar.planner.candidate import Candidate, SearchRequest
+from autopar.planner.cost import CostContext, owner_costs
+from autopar.planner.footprint import terms
+from autopar.planner.graph import PlanGraph
+from autopar.planner.ilp import memory_lower_bound
+from autopar.planner.memory import MemoryConfig
+from autopar.planner.predict import predict
+from autopar.planner.space import deepened_trace, graph_for
+from autopar.planner.staging import rank_weight
+
+
+def predicted(req: "SearchRequest", c: Candidate) -> Prediction:
+    if c.prediction is None:
+        c.prediction = predict(req, c)
+    return c.prediction
+
+
+def incumbent(req, candidates: list[Candidate]) -> float | None:
+    """The fastest flat candidate's predicted step time (at pp = 1 the ILP's objective is that prediction)."""
+    flat = [predicted(req, c).step_time_s for c in candidates if c.degrees["pp"] == 1]
+    return min(flat, default=None)
+
+
+def likely_first(req, degrees, counts: list[int], budget: float, proxy, cfg: MemoryConfig) -> int | None:
+    """Index of the first micro-batch count whose memory lower bound fits under the most memory-saving
+    configuration `cfg` (None: none does), on the shallow proxy, so the full model is traced only at the
+    micro-batch sizes that will be solved."""
+    return next((k for k, m in enumerate(counts) if proxy_bound(req, degrees, proxy, cfg, m) <= budget), None)
+
+
+PER_MICRO_BATCH = ("activations", "inputs", "recompute")  # parts that shrink with the micro-batch
+
+
+def proxy_bound(req, degrees, proxy, cfg: MemoryConfig, m: int) -> float:
+    """Memory lower bound at m micro-batches, from the model traced at the whole batch (on its two-block copy,
+    deepened; `proxy = (trace, depth ratio, cache)`): activations scale with the micro-batch, model state does
+    not."""
+    pg, ctx, _, all_terms = whole_batch(req, degrees, proxy, cfg)
+    rank = rank_weight(req, pg, degrees, m)
+
+    def weight(owner: str, part: str) -> float:
+        return rank(owner, part) / (m if part in PER_MICRO_BATCH else 1)
+
+    return memory_lower_bound(pg, ctx, all_terms, weight, m)
+
+
+def time_bound(req, trace, degrees, m, cfg: MemoryConfig, proxy) -> float:
+    """A lower bound on the step time of any plan of (mesh, m micro-batches, cfg): every node at its fastest
+    strategy, compute, optimizer step and recomputation only (moves and exposed synchronisation are >= 0), over pp:
+    a pipeline's busiest rank holds at least 1/pp of that work and runs all of it (pipeline.step_time >= m times
+    its per-micro-batch time; bubbles and sends only add).
+    On the shallow proxy it is taken at the whole batch, which bounds m micro-batches from below: an op's time is
+    a roofline plus a fixed launch cost (cost_models/compute.py), so m ops on 1/m of the data take at least as long
+    as one op on all of it."""
+    if proxy is not None:
+        pg, _, costs, all_terms = whole_batch(req, degrees, proxy, cfg)
+        return compute_bound(pg, costs, all_terms, 1)
+    pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
+    return compute_bound(pg, *priced(pg, ctx), m)
+
+
+def whole_batch(req, degrees, proxy, cfg: MemoryConfig):
+    """(graph, context, node costs, memory terms) of the proxy at the whole batch, deepened; cached in `proxy`."""
+    proxy_trace, ratio, cache = proxy
+    key = (tuple(degrees.items()), cfg)
+    if key not in cache:
+        pg, ctx = graph_for(req, deepened_trace(proxy_trace, round(2 * ratio))(req.batch), degrees, cfg)
+        cache[key] = pg, ctx, *priced(pg, ctx)
+    return cache[key]
+
+
+def priced(pg: PlanGraph, ctx: CostContext) -> tuple[dict, list]:
+    """(every owner's cost per strategy, the memory terms) of a planning graph under a context."""
+    costs = owner_costs(pg, ctx)
+    return costs, terms(pg, ctx, costs)
+
+
+def compute_bound(pg: PlanGraph, costs: dict, all_terms, m: int) -> float:
+    rerun = {t.owner: t.values for t in all_terms if t.part == "recompute_s"}
+    total = 0.0
+    for owner, cs in costs.items():
+        n, again = pg.counts[owner], rerun.get(owner, [0.0] * len(cs))
+        total += min(n * m * (c.fwd_s + c.bwd_s) + n * c.step_s + m * r for c, r in zip(cs, again))
+    return total
