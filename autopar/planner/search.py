@@ -373,6 +373,7 @@ def _price_worker(meshes):
         if c is not None:
             predicted(req, c)
             c.graph = None  # fx nodes stay in the worker; the parent rebuilds the graph if this candidate wins
+            c.__dict__.pop("_pieces", None)  # staging.pieces' cache holds the graph too
         out.append(c)
     return out
 

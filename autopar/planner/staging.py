@@ -46,6 +46,16 @@ def _sides(pg) -> dict[str, tuple[str, ...]]:
 
 
 def pieces(c: Candidate) -> Pieces:
+    """The candidate's time, memory and sends by side and block (pipeline.py's units); kept on the candidate for its
+    graph, context and solution: its layouts and its prediction both ask."""
+    key = (c.graph, c.ctx, c.solution)
+    kept = c.__dict__.get("_pieces")
+    if kept is None or any(a is not b for a, b in zip(kept[0], key)):
+        kept = c.__dict__["_pieces"] = (key, _pieces(c))
+    return kept[1]
+
+
+def _pieces(c: Candidate) -> Pieces:
     pg, ctx, choice = c.graph, c.ctx, c.solution.choice
     where = sides(pg)
     L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
