@@ -48,8 +48,9 @@ def compile(model: nn.Module, mesh: DeviceMesh | None = None, *, sample_inputs: 
     Plan to run instead of searching. fix: pins such as {"dp": 2, "tp": 2} (or {"pp": 2, "schedule": "1f1b"}).
     verify: run the parallel program's first step on the first micro-batch of sample_inputs beside `model` run
     eagerly, and raise VerifyError naming the first parameter whose gradient differs (autopar/verify.py).
-    fuse: fused kernels (autopar/kernels) in the generated program; None follows the plan (searched plans fuse),
-    False turns them off (and plans without them). Train with `compiled.train_step(*batch)`.
+    fuse: fused kernels (autopar/kernels) in the generated program; None follows the plan (searched plans fuse
+    where the hardware runs them as Triton: not on "cpu", the default hardware without CUDA), True or False turns
+    them on or off (and plans so). Train with `compiled.train_step(*batch)`.
     """
     if not dist.is_initialized():
         raise MeshError("torch.distributed is not initialised; run under torchrun (or call "

@@ -9,7 +9,7 @@ Schema (version 1), one table per concern:
     schema_version, name, device, devices_per_node, source          top level
     [compute]          peak_{bfloat16,float16,float32}_flops_per_s, matmul_efficiency, launch_overhead_s;
                        optional: matmul_overhead_s, attention_efficiency, {exp,tanh,erf}_per_s, comm_overlap
-                       (see Hardware)
+                       (see Hardware), triton_kernels (true or false: see below)
     [memory]           capacity_bytes, reserve_bytes, bandwidth_bytes_per_s, efficiency
     [links.intra_node] latency_s, bandwidth_bytes_per_s
     [links.inter_node] latency_s, bandwidth_bytes_per_s
@@ -18,6 +18,11 @@ Schema (version 1), one table per concern:
 
 Optional numbers are the ones a profile measures and a datasheet does not give; OPTIONAL_FIELDS says for each why
 it may be left out and what the cost model assumes without it.
+
+`compute.triton_kernels` says whether autopar's fused kernels (autopar/kernels) run as Triton on this device: true
+for CUDA GPUs; false where they would run their torch reference paths (a CPU), which cost step time the planner does
+not price, so the search leaves fusion off there unless `--fix fuse=on` asks for it. Left out, it is false for a file
+an `autopar profile` run on gloo wrote (`[provenance] backend = "gloo"`: CPU ranks), true otherwise.
 
 Every dimensional field ends in its unit (`_s`, `_bytes`, `_per_s`); dimensionless ones are counts or fractions.
 Every number may cite where it comes from in a sibling `<field>_source` string (datasheet, paper, or the
@@ -107,6 +112,9 @@ class Hardware:
     zero_per_param_s: Mapping[int, float] = field(default_factory=dict, hash=False)
     # and per byte of parameter, for its copies in and out of FSDP2's buffers (0: none counted)
     zero_per_byte_s: Mapping[int, float] = field(default_factory=dict, hash=False)
+    # whether the fused kernels run as Triton here (CUDA); False: their torch reference paths run, slower than the
+    # unfused program on a CPU, so the search does not fuse unless asked (planner/search.py memory_configs)
+    triton_kernels: bool = True
     # Dotted field name ("compute.matmul_efficiency") -> where that number comes from; and the profile run that
     # wrote the file, if any. Neither changes a cost, so neither takes part in equality or hashing.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -164,6 +172,12 @@ def _whole(low: int) -> Callable[[Any], int]:
     return convert
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):  # `1` or `"yes"` may mean either; TOML writes true or false
+        raise ValueError
+    return value
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError
@@ -185,6 +199,7 @@ NONNEGATIVE_BYTES = _Kind("a whole number of bytes >= 0", _whole(0), dimensional
 SOURCE = _Kind("a non-empty string citing a datasheet, paper or profile run", _text, dimensional=False, optional=True)
 OPTIONAL_TEXT = _Kind("a non-empty string", _text, dimensional=False, optional=True)
 OPTIONAL_COUNT = _Kind("a whole number >= 1", _whole(1), dimensional=False, optional=True)
+OPTIONAL_FLAG = _Kind("true or false", _flag, dimensional=False, optional=True)
 NUMERIC_KINDS = (COUNT, FRACTION, POSITIVE, NONNEGATIVE, BYTES, NONNEGATIVE_BYTES, OPTIONAL_FRACTION, OPTIONAL_SHARE,
                  OPTIONAL_POSITIVE, OPTIONAL_NONNEGATIVE)
 
@@ -222,6 +237,7 @@ SCHEMA: dict[str, Any] = {
         "attention_efficiency": OPTIONAL_FRACTION,
         **{f"{family}_per_s": OPTIONAL_POSITIVE for family in FAMILIES},
         "comm_overlap": OPTIONAL_SHARE,
+        "triton_kernels": OPTIONAL_FLAG,  # not a measurement: which code runs, not how fast
     }),
     "memory": _with_sources({
         "capacity_bytes": BYTES,
@@ -445,6 +461,7 @@ def _build(v: Mapping[str, Any]) -> Hardware:
         comm_overlap=compute.get("comm_overlap", 1.0),
         zero_per_param_s=_per_zero_stage(v.get("runtime", {}), "param"),
         zero_per_byte_s=_per_zero_stage(v.get("runtime", {}), "byte"),
+        triton_kernels=compute.get("triton_kernels", v.get("provenance", {}).get("backend") != "gloo"),
         intra_node=_link("intra_node", links["intra_node"]),
         inter_node=_link("inter_node", links["inter_node"]),
         source=v["source"],

@@ -1,6 +1,7 @@
 """The planner knows fusion: chains found by op pattern (autopar's models and transformers' alike), priced so a
 fused plan predicts less memory and no more time than `--fix fuse=off`, recorded in the plan, listed by
-`autopar plan`; and planning needs neither triton nor the kernels."""
+`autopar plan`; on by default only where the hardware runs the kernels as Triton; and planning needs neither triton
+nor the kernels."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections import Counter
 import pytest
 
 from autopar.capture import capture
+from autopar.cli.main import main
 from autopar.models.registry import build_model, parse_model_args, sample_inputs
 from autopar.plan import Plan
 from autopar.planner.fusion import find_chains
@@ -74,7 +76,7 @@ def test_autopar_plan_lists_fusions_without_triton():
     """With triton unimportable (as where it is not installed), planning works and never loads the kernels."""
     code = ("import sys\nsys.modules['triton'] = None\nfrom autopar.cli.main import main\n"
             "assert main(['plan', 'llama-tiny', '--devices', '2', '--hardware', 'cpu', '--batch', '4', '--seq', '32', "
-            "'--fix', 'dp=2']) == 0\nprint('KERNELS_IMPORTED', 'autopar.kernels.ops' in sys.modules)")
+            "'--fix', 'dp=2,fuse=on']) == 0\nprint('KERNELS_IMPORTED', 'autopar.kernels.ops' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fused kernels" in out.stdout and "rotary embedding" in out.stdout
@@ -85,9 +87,27 @@ def test_the_residual_sum_stays_whole_where_its_chain_fuses():
     """A residual sum left partial over tp is all-reduced before its norm reads it: the collective splits the
     add + norm chain (codegen leaves it unfused), so the add is priced on its own and the search keeps the sum
     whole (reduce, then add), where the chain fuses (tests/test_fusion_parity.py runs gpt-tiny at tp=2 fused)."""
-    plan = make_plan("gpt-tiny", devices=2, hardware="cpu", batch=4, seq=32, fix={"dp": 1, "tp": 2})
+    plan = make_plan("gpt-tiny", devices=2, hardware="cpu", batch=4, seq=32, fix={"dp": 1, "tp": 2, "fuse": True})
     module, info = build_model("gpt-tiny", {}, device="meta")
     chains = find_chains(capture(module, sample_inputs(info, 4, 32, device="meta")).graph)
     adds = [c.members[0] for c in chains if c.kind == "add_norm"]
     assert adds and all("P" not in plan.strategies[a].outs[0].split("/") for a in adds), \
         {a: plan.strategies[a].outs for a in adds}
+
+
+@pytest.mark.parametrize("hardware, fix, fused", [
+    ("cpu", {}, False),  # the kernels would run their torch reference paths, slower than the unfused program
+    ("cpu", {"fuse": True}, True),
+    ("h100-80gb-sxm", {}, True),
+    ("h100-80gb-sxm", {"fuse": False}, False),
+])
+def test_fusion_is_on_by_default_only_where_the_kernels_run_as_triton(hardware, fix, fused):
+    plan = make_plan("llama-tiny", devices=2, hardware=hardware, batch=4, seq=32, fix={"dp": 2, **fix})
+    assert plan.fuse == fused and bool(plan.fusions) == fused
+
+
+def test_autopar_plan_says_why_fusion_is_off_on_a_cpu(capsys):
+    assert main(["plan", "llama-tiny", "--devices", "2", "--hardware", "cpu", "--batch", "4", "--seq", "32",
+                 "--fix", "dp=2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines at the terminal's width
+    assert "fused kernels: off (on cpu they would run their torch reference paths, not Triton; --fix fuse=on" in out

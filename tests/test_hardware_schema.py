@@ -65,6 +65,8 @@ MALFORMED = [
      ["field 'compute.comm_overlap' = 1.5 is invalid", "a number in [0, 1]"]),
     ("negative runtime overhead", lambda: GOOD + "\n[runtime]\nzero3_per_param_s = -1\n",
      ["field 'runtime.zero3_per_param_s' = -1 is invalid", "a number >= 0"]),
+    ("flag not true or false", lambda: GOOD.replace("triton_kernels = true", 'triton_kernels = "yes"'),
+     ["field 'compute.triton_kernels' = 'yes' is invalid", "set it to true or false"]),
     ("TOML syntax", lambda: GOOD.replace("devices_per_node = 8", "devices_per_node = = 8"),
      ["not valid TOML", f"line {GOOD.splitlines().index('devices_per_node = 8') + 1}", "fix the syntax"]),
 ]
@@ -112,6 +114,18 @@ def test_numeric_fields_cover_every_number_the_cost_model_reads():
     assert "schema_version" not in fields and "devices_per_node" in fields
     assert {"compute.peak_float32_flops_per_s", "memory.efficiency", "links.inter_node.latency_s"} <= fields
     assert len(fields) == 14
+
+
+@pytest.mark.parametrize("name, triton", [("a100-80gb-sxm", True), ("h100-80gb-sxm", True), ("cpu", False)])
+def test_the_fused_kernels_run_as_triton_on_gpus_only(tmp_path, name, triton):
+    """A file written before `compute.triton_kernels` existed gets it from how it was written: a profile on gloo
+    ranks measured CPUs, anything else (datasheets, a profile on NCCL) describes GPUs."""
+    assert load_hardware(name).triton_kernels is triton
+    text = (HARDWARE_DIR / f"{name}.toml").read_text()
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(line for line in text.splitlines() if not line.startswith("triton_kernels")))
+    assert "triton_kernels" not in path.read_text()
+    assert load_hardware(path).triton_kernels is triton
 
 
 def test_the_cpu_file_comes_from_a_profile_run_on_two_ranks():

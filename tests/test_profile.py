@@ -242,6 +242,7 @@ def test_written_file_loads_with_a_source_on_every_number(tmp_path):
     assert hw.memory_bytes == 25_000_000_000 and hw.memory_reserve_bytes == 2_000_000_000
     assert hw.provenance["world_size"] == 2
     assert "all_gather alone: latency" in render_toml(profile)
+    assert "triton_kernels = false" in render_toml(profile) and not hw.triton_kernels  # gloo ranks: CPUs
     for kind, fit in profile.per_kind["intra_node"].items():  # each collective priced with its own fit
         assert hw.intra_node.alpha_beta(kind) == pytest.approx((fit.latency_s, fit.bandwidth_bytes_per_s), rel=1e-3)
 

@@ -183,7 +183,7 @@ def render(plan: Plan, console: Console, *, hardware: Hardware | None, verbose: 
     """Per-layer decisions, step time and memory with their parts, other meshes, fallbacks."""
     tables = list(map(_group_table, groups(plan)))
     tables += [_nodes_table(plan)] if verbose else []
-    tables += [step_table(plan, hardware), stages_table(plan), memory_table(plan), fusions_table(plan),
+    tables += [step_table(plan, hardware), stages_table(plan), memory_table(plan), fusions_table(plan, hardware),
                alternatives_table(plan), fallback_table(plan)]
     for table in tables:
         if table is not None:
@@ -339,12 +339,18 @@ FUSED_OPS = {"add_norm": "residual add + norm", "norm": "RMSNorm", "swiglu": "Sw
              "rotary": "rotary embedding", "cross_entropy": "head matmul + cross-entropy (chunked)"}
 
 
-def fusions_table(plan: Plan) -> Table:
-    """The fused kernels of the program and what the planner predicts each kind saves (`--fix fuse=off` to compare)."""
+def fusions_table(plan: Plan, hardware: Hardware | None = None) -> Table | str:
+    """The fused kernels of the program and what the planner predicts each kind saves (`--fix fuse=off` to compare);
+    one line when there are none."""
+    reference = hardware is not None and not hardware.triton_kernels
+    if not plan.fuse and reference:
+        return (f"fused kernels: off (on {hardware.name} they would run their torch reference paths, not Triton; "
+                "--fix fuse=on turns them on)")
     if not plan.fuse:
-        return _table("fused kernels: off (--fix fuse=off)", "kind")
-    table = _table("fused kernels (autopar/kernels; --fix fuse=off turns them off)", "chain", ">count",
-                   ">step time saved", ">activations saved / micro-batch")
+        return "fused kernels: off (--fix fuse=off)"
+    title = (f"fused kernels (on {hardware.name} their torch reference paths; the times below price the Triton "
+             "kernels)" if reference else "fused kernels (autopar/kernels; --fix fuse=off turns them off)")
+    table = _table(title, "chain", ">count", ">step time saved", ">activations saved / micro-batch")
     for f in plan.fusions:
         table.add_row(FUSED_OPS.get(f["kind"], f["kind"]), str(f["count"]), seconds(f["time_saved_s"]),
                       gib(f["memory_saved_bytes"]) if f["memory_saved_bytes"] >= 0 else

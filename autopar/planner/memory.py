@@ -39,8 +39,9 @@ class MemoryConfig:
     zero: int = 0
     ac: str = "none"
     precision: str = "fp32"
-    # fused kernels (planner/fusion.py) change what backward keeps and the step time; the search fuses unless
-    # `--fix fuse=off` (search.memory_configs), a bare config prices the unfused program
+    # fused kernels (planner/fusion.py) change what backward keeps and the step time; the search fuses where the
+    # hardware runs them as Triton, or as `--fix fuse=` says (space.memory_configs); a bare config prices the
+    # unfused program
     fuse: bool = False
 
     def __post_init__(self):

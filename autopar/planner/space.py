@@ -91,7 +91,9 @@ def memory_configs(req: SearchRequest, dp: int) -> list[MemoryConfig]:
     # ZeRO-2 (FSDP2, same traffic as DP, overlapped) is never slower and needs less memory.
     zeros = [int(req.fix["zero"])] if "zero" in req.fix else ([0, 2, 3] if dp > 1 else [0])
     acs = [str(req.fix["ac"])] if "ac" in req.fix else list(AC_MODES)
-    fuse = req.fix.get("fuse", True) is not False  # --fix fuse=off
+    # --fix fuse=on/off; unpinned, fuse where the kernels run as Triton: elsewhere (a CPU) their reference paths cost
+    # step time that cost.py `fused` does not price
+    fuse = req.fix.get("fuse", req.hardware.triton_kernels) is not False
     return [MemoryConfig(z, ac, precision, fuse) for ac in acs for z in zeros]
 
 

@@ -138,6 +138,7 @@ def render_toml(p: HardwareProfile) -> str:
         lines += _number("comm_overlap", round(o.fraction, 3), f"{o.link} all-reduce of {o.nbytes // 2**20} MiB "
                          f"{o.comm_s * 1e3:.1f} ms and matmuls {o.compute_s * 1e3:.1f} ms took {o.both_s * 1e3:.1f} "
                          "ms together: the share of the shorter that was hidden", src)
+    lines += _triton_kernels(p)
     lines += ["", "[memory]"]
     lines += _number("capacity_bytes", p.capacity_bytes, _capacity_how(p), src)
     lines += _number("reserve_bytes", p.reserve_bytes, "capacity minus the memory available at the end of the "
@@ -202,6 +203,14 @@ def _str(text: str) -> str:
 def _kind_fit(f: LinkFit) -> str:
     return (f"latency {f.latency_s * 1e6:.1f} us, bandwidth {f.bandwidth_bytes_per_s / 1e9:.3g} GB/s "
             f"(rms error {f.rms_rel_error:.0%})" + (f": {f.note}" if f.note else ""))
+
+
+def _triton_kernels(p: HardwareProfile) -> list[str]:
+    """Which code the fused kernels run on these devices (autopar/kernels/dispatch.py): Triton on CUDA tensors."""
+    if p.provenance["backend"] == "nccl":
+        return ["# CUDA tensors: autopar's fused kernels run as Triton", "triton_kernels = true"]
+    return ["# CPU tensors: autopar's fused kernels run their torch reference paths, not Triton",
+            "triton_kernels = false"]
 
 
 def _capacity_how(p: HardwareProfile) -> str:

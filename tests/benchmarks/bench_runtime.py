@@ -1,6 +1,6 @@
 """Runtime overhead of a compiled model against what a user would otherwise run, measured in one invocation.
 
-    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--only dp2,zero3,tp2,pp2,world1,cp2] [--no-fuse]
+    python tests/benchmarks/bench_runtime.py [--steps 5] [--rounds 8] [--only dp2,zero3,tp2,pp2,world1,cp2] [--fuse]
         [--json OUT]
 
 Each comparison runs on gloo ranks this script spawns (OMP_NUM_THREADS=1 each), same model and seed, same global
@@ -26,6 +26,8 @@ warm-up the two variants run in alternating rounds (A B B A A B ...) of --steps 
 hits both alike; a step's time on several ranks is the slower rank's. The tables show median step time and its
 forward / backward / optimizer parts, and the ratio, the per-round-pair ratios beside it. Before timing, both
 variants' losses on the same batch are compared (they must compute the same thing), and the dp2 plan is shown.
+autopar compiles with the planner's default for the CPU hardware file: without the fused kernels, whose torch
+reference paths run on a CPU (the Triton kernels need CUDA); --fuse compiles every autopar variant with them.
 Measures, never asserts.
 """
 
@@ -70,9 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=8, help="rounds per variant, alternating")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(COMPARISONS), help="comma-separated comparisons to run")
-    ap.add_argument("--no-fuse", action="store_true",
-                    help="compile without the fused kernels (on CPU their torch reference paths run, which cost "
-                         "forward time the Triton kernels are for saving on GPUs)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="compile with the fused kernels (off by default on a CPU: their torch reference paths run, "
+                         "which cost forward time the Triton kernels are for saving on GPUs)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     return ap.parse_args(argv)
 
@@ -103,7 +105,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, threads: 
 
 def measure(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
     _, fix, _, overrides = COMPARISONS[name]
-    fix = {**fix, "fuse": False} if args.no_fuse else fix
+    fuse = {"fuse": True} if args.fuse else {}  # unpinned: the planner's default, unfused on the CPU hardware file
+    fix = {**fix, **fuse}
     torch.manual_seed(args.seed)
     model, info = build_model(args.model, {**parse_model_args(args.model_args), **overrides})
     seq = args.seq or info.seq
@@ -123,7 +126,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, name: str) -> dict:
             info, batch, seq), plan=compiled.plan)), batches
     elif name == "cp2":  # the same 2 ranks splitting the batch instead of each sample's sequence
         baseline, data = autopar.compile(baseline, sample_inputs=sample_inputs(info, batch, seq),
-                                         fix={"dp": 2, "tp": 1, "zero": 0, "fuse": not args.no_fuse}), batches
+                                         fix={"dp": 2, "tp": 1, "zero": 0, **fuse}), batches
     else:
         data = batches
     variants = {"autopar": (compiled, batches), "baseline": (baseline, data)}
@@ -256,7 +259,8 @@ def plan_summary(compiled) -> dict:
     code = compiled.code
     comms = Counter(c for c in ("all_reduce", "all_gather", "reduce_scatter", "grad_all_reduce", "slice")
                     for _ in range(code.count(f".{c}(")))
-    return {"degrees": compiled.planned.degrees, "linear_inputs_on_dp": dict(inputs), "n_linear": len(linear),
+    return {"degrees": compiled.planned.degrees, "fuse": plan.fuse, "linear_inputs_on_dp": dict(inputs),
+            "n_linear": len(linear),
             "example": {n: f"{d.op} ins={d.ins} outs={d.outs}" for n, d in list(linear.items())[:3]},
             "collectives_in_forward": dict(comms), "grad_buckets": _buckets(compiled)}
 
@@ -334,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "dp2":
             show_plan(console, results[name]["plan"])
         extra = f", model-args {overrides}" if overrides else ""
+        extra += f", fused kernels {'on' if results[name]['plan']['fuse'] else 'off'}"
         console.print(table(f"{name}: fix={fix} vs {label}, {world} rank(s), batch {results[name]['batch']}, "
                             f"{results[name]['threads']} thread(s)/rank{extra}", label, results[name], 1.05,
                             args.steps))
