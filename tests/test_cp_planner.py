@@ -162,6 +162,20 @@ def test_folds_searched_beside_cp_1_decide_as_one_after_the_other(monkeypatch, h
         sorted(a["degrees"].get("cp", 1) for a in after.alternatives)
 
 
+@pytest.mark.parametrize("forked", [True, False])
+def test_a_model_cp_cannot_run_is_searched_at_cp_1_only(monkeypatch, forked):
+    """Unpinned, a cp degree the model's attention cannot run as a ring is not searched, whether the folds are
+    checked in the forked fold process or here."""
+    import autopar.planner.cp_search as cp_search
+    from autopar.planner import search as searching
+
+    monkeypatch.setattr(cp_search, "MIN_LOCAL_SEQ", 16)
+    if not forked:
+        monkeypatch.setattr(searching, "forbid_fork", lambda: True)
+    plan = make_plan(f"{ROOT}/tests/tiny_models.py:eager_gpt", **{**TINY, "model_args": {}})
+    assert plan.solver["cp_searched"] == [1] and plan.degrees["cp"] == 1
+
+
 def test_a_fold_leaves_the_micro_batches_a_cp_1_plan_matches():
     from dataclasses import replace
 
