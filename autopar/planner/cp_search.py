@@ -99,9 +99,8 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     failures: dict[int, Exception] = {}
     outpriced: list[dict] = []
     dominated: list[int] = []
-    beside = "cp" not in req.fix and not searching.forbid_fork()  # folds forked, each checked for cp there
-    degrees = cp_degrees(req, (lambda cp: None) if beside else refusal)
-    with _folds_beside(req, traces, proxies, degrees[1:] if beside else [], refusal) as ahead:
+    degrees = cp_degrees(req, refusal)
+    with _folds_beside(req, traces, proxies, degrees[1:]) as ahead:
         for cp in degrees:
             if progress and cp > 1:
                 progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
@@ -109,8 +108,6 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
                 beat = plans[1].predicted.step_time_s if cp > 1 and 1 in plans else None
                 if cp in ahead:  # searched in a forked process beside cp = 1, without `beat`: ranked here
                     plan = ahead[cp].result()
-                    if plan is None:  # the model cannot run as a ring at this cp (checked there): not a degree
-                        continue
                     if beat is not None and plan.predicted.step_time_s >= beat:
                         raise Outpriced(_as_alternative(plan))
                 else:
@@ -139,19 +136,17 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
 
 
 @contextlib.contextmanager
-def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int],
-                  refusal: Callable[[int], str | None]) -> Iterator[dict[int, Future]]:
+def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int]) -> Iterator[dict[int, Future]]:
     """The folds of `degrees` searched in one forked process while this one searches cp = 1, so that both cores of
     a small machine work through the whole search; {} where forking is not safe (search.forbid_fork) or nothing
-    is to be searched beside cp = 1. That process first asks `refusal(cp)` (whether the model's attention can run
-    as a ring, on one sample) and returns None where it cannot, so those traces are not taken here either. Without cp = 1's step time the fold runs to its end (Outpriced stops a fold
+    is to be searched beside cp = 1. Without cp = 1's step time the fold runs to its end (Outpriced stops a fold
     only before its full-depth graph, which redepth.py derives in a fraction of a second); the caller then ranks
     its plan as the sequential search would: a fold plan wins only when it is faster than cp = 1's."""
     if not degrees or searching.forbid_fork():
         yield {}
         return
     global _FOLD_STATE
-    _FOLD_STATE = (req, traces, proxies, refusal)
+    _FOLD_STATE = (req, traces, proxies)
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
             yield {cp: pool.submit(_fold_worker, cp) for cp in degrees}
@@ -159,13 +154,11 @@ def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int],
         _FOLD_STATE = None
 
 
-_FOLD_STATE = None  # (req, traces, proxies, refusal) for the forked fold process
+_FOLD_STATE = None  # (req, traces, proxies) for the forked fold process
 
 
-def _fold_worker(cp: int) -> Plan | None:
-    req, traces, proxies, refusal = _FOLD_STATE
-    if refusal(cp) is not None:
-        return None
+def _fold_worker(cp: int) -> Plan:
+    req, traces, proxies = _FOLD_STATE
     return unfold(search(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None), cp)
 
 
