@@ -31,7 +31,7 @@ from autopar.plan import Plan
 from autopar.planner.candidate import SearchRequest
 from autopar.planner.context import cp_analysis
 from autopar.planner import search as searching
-from autopar.planner.search import Outpriced, search
+from autopar.planner.search import Outpriced, finish, rank, search
 
 MIN_LOCAL_SEQ = 4096  # tokens per cp rank below which cp is not searched unless pinned
 
@@ -106,10 +106,11 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
                 progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
             try:
                 beat = plans[1].predicted.step_time_s if cp > 1 and 1 in plans else None
-                if cp in ahead:  # searched in a forked process beside cp = 1, without `beat`: ranked here
-                    plan = ahead[cp].result()
-                    if beat is not None and plan.predicted.step_time_s >= beat:
-                        raise Outpriced(_as_alternative(plan))
+                if cp in ahead:  # ranked in a forked process beside cp = 1; finished there only if it can win
+                    bound, alternative = ahead[cp].result()
+                    if beat is not None and bound >= beat:
+                        raise Outpriced(alternative)
+                    plan = ahead.finish(cp)
                 else:
                     plan = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None,
                                          beat), cp)
@@ -117,8 +118,7 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
             except Outpriced as e:  # no faster than cp = 1 (already on the proxy: not traced at full depth)
                 dominated.append(cp)
                 if e.alternative is not None:
-                    outpriced.append(e.alternative if cp in ahead else
-                                     {**e.alternative, "degrees": _unfold_degrees(e.alternative["degrees"], cp)})
+                    outpriced.append({**e.alternative, "degrees": _unfold_degrees(e.alternative["degrees"], cp)})
             except (MeshError, PlanError) as e:  # a fold's numbers are not the user's: say which cp and how it folds
                 failures[cp] = e if cp == 1 else type(e)(
                     f"cp={cp} (planned as its fold: batch {req.batch} x {cp} = {req.batch * cp} at seq "
@@ -136,30 +136,52 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
 
 
 @contextlib.contextmanager
-def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int]) -> Iterator[dict[int, Future]]:
-    """The folds of `degrees` searched in one forked process while this one searches cp = 1, so that both cores of
-    a small machine work through the whole search; {} where forking is not safe (search.forbid_fork) or nothing
-    is to be searched beside cp = 1. Without cp = 1's step time the fold runs to its end (Outpriced stops a fold
-    only before its full-depth graph, which redepth.py derives in a fraction of a second); the caller then ranks
-    its plan as the sequential search would: a fold plan wins only when it is faster than cp = 1's."""
+def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int]) -> Iterator["_Beside"]:
+    """The folds of `degrees` ranked in one forked process while this one searches cp = 1, so that both cores of a
+    small machine work through the whole search (nothing where forking is not safe, search.forbid_fork, or no
+    fold is searched). A fold is then finished (its winner mapped to full depth) in that process only where it can
+    beat cp = 1: the decisions the sequential search makes with `beat`, made here once cp = 1 is known."""
     if not degrees or searching.forbid_fork():
-        yield {}
+        yield _Beside(None, {})
         return
     global _FOLD_STATE
     _FOLD_STATE = (req, traces, proxies)
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
-            yield {cp: pool.submit(_fold_worker, cp) for cp in degrees}
+            yield _Beside(pool, {cp: pool.submit(_rank_worker, cp) for cp in degrees})
     finally:
         _FOLD_STATE = None
 
 
+class _Beside:
+    """The folds ranked in the fold process: cp -> future of (bound, alternative) (search.Ranked's); `finish(cp)`
+    asks the same process for the plan (one worker, so it still holds the ranking)."""
+
+    def __init__(self, pool: ProcessPoolExecutor | None, ranked: dict[int, Future]) -> None:
+        self.pool, self.ranked = pool, ranked
+
+    def __contains__(self, cp: int) -> bool:
+        return cp in self.ranked
+
+    def __getitem__(self, cp: int) -> Future:
+        return self.ranked[cp]
+
+    def finish(self, cp: int) -> Plan:
+        return self.pool.submit(_finish_worker, cp).result()
+
+
 _FOLD_STATE = None  # (req, traces, proxies) for the forked fold process
+_RANKED: dict = {}  # in the fold process: cp -> its search.Ranked, until finished
 
 
-def _fold_worker(cp: int) -> Plan:
+def _rank_worker(cp: int) -> tuple[float, dict]:
     req, traces, proxies = _FOLD_STATE
-    return unfold(search(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None), cp)
+    _RANKED[cp] = ranked = rank(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None, ahead=False)
+    return ranked.bound(), ranked.alternative()
+
+
+def _finish_worker(cp: int) -> Plan:
+    return unfold(finish(_RANKED.pop(cp)), cp)
 
 
 def _as_alternative(p: Plan) -> dict:

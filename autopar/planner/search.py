@@ -24,7 +24,7 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from autopar.capture import Captured
@@ -63,10 +63,41 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
            beat: float | None = None) -> Plan:
     """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch; `proxy`,
     optional, is (trace of a copy with two blocks, depth ratio): candidates are then planned on that copy
-    deepened to the model's depth (proxy.py), and only the chosen one is traced and solved at full depth.
-    `beat`, optional, is another search's step time (cp_search.py): when the best candidate cannot beat it even
-    with every recomputation given back (`relax`, the only step after ranking that lowers a prediction), Outpriced
-    is raised before the full-depth trace, which is then never taken (nor taken ahead of time)."""
+    deepened to the model's depth (proxy.py), and only the chosen one is mapped onto the full model's graph.
+    `beat`, optional, is another search's step time (cp_search.py): when the best candidate cannot beat it
+    (`Ranked.bound`), Outpriced is raised before the full-depth graph, which is then never taken."""
+    ranked = rank(req, trace, progress, proxy, ahead=beat is None)
+    if beat is not None and ranked.bound() >= beat:
+        raise Outpriced(ranked.alternative())
+    return finish(ranked)
+
+
+@dataclass
+class Ranked:
+    """A search's candidates, fastest first, before the winner is mapped to full depth (`finish`)."""
+
+    req: SearchRequest
+    trace: Callable[[int], Captured]  # the planning trace (the deepened proxy where there is one)
+    full_trace: Callable[[int], Captured]
+    proxy: tuple | None
+    budget: float
+    results: list[Candidate]
+    t0: float
+
+    def bound(self) -> float:
+        """The best candidate's step time with every recomputation given back (`relax`, the only step after
+        ranking that lowers a prediction): no plan of this search is faster."""
+        p = predicted(self.req, self.results[0])
+        return p.step_time_s - (p.recompute_s if _gives_back(self.req, self.results[0]) else 0.0)
+
+    def alternative(self) -> dict:
+        return _alternative(self.req, self.results[0])
+
+
+def rank(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None,
+         ahead: bool = True) -> Ranked:
+    """Every candidate, fastest first. `ahead`: the full trace the front-runner will need may be taken while
+    workers solve, where a core is spare (not when the search may yet be outpriced)."""
     t0 = time.perf_counter()
     budget = memory_budget(req)
     full_trace, blocks = trace, _depth(req, trace, proxy)
@@ -78,20 +109,21 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
         raise Outpriced(None)
     if not meshes:
         raise MeshError(no_batch_message(req, mesh_candidates(req, blocks)))
+    ahead = ahead and proxy is not None
 
     def early(jobs):  # the full trace the flat front-runner will need, taken while workers solve the first ILPs:
         sizes = {req.batch // m for _, m, _ in jobs}  # when each job, once solved, settles its mesh at one size
-        if proxy is not None and beat is None and len(sizes) == 1 and all(settles(cfg) for _, _, cfg in jobs):
+        if ahead and len(sizes) == 1 and all(settles(cfg) for _, _, cfg in jobs):
             full_trace(sizes.pop())
 
     flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy, early)
             if c.solution is not None]
 
-    def ahead():  # the full trace the flat front-runner will need, taken while workers price pipelines
-        if proxy is not None and beat is None and flat:
+    def meanwhile():  # the full trace the flat front-runner will need, taken while workers price pipelines
+        if ahead and flat:
             full_trace(req.batch // min(flat, key=lambda c: predicted(req, c).step_time_s).micro_batches)
 
-    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy, ahead)
+    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy, meanwhile)
     results = flat + [c for c in piped if c.solution is not None]
     if not results and req.fix.get("pins"):
         pins = ",".join(f"{g}={i}" for g, i in req.fix["pins"].items())
@@ -100,22 +132,24 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     if not results:
         raise PlanError(_infeasible_message(req, trace, meshes))
     results.sort(key=lambda c: predicted(req, c).step_time_s)  # rank by what the plan reports
-    if beat is not None:
-        p = predicted(req, results[0])
-        if p.step_time_s - (p.recompute_s if _gives_back(req, results[0]) else 0.0) >= beat:
-            raise Outpriced(_alternative(req, results[0]))
-    best = _materialized(req, trace, results[0], budget)
-    if proxy is not None:
-        best = _at_full_depth(req, full_trace, budget, best)
+    return Ranked(req, trace, full_trace, proxy, budget, results, t0)
+
+
+def finish(r: Ranked) -> Plan:
+    """The plan of the best candidate: on the full model's graph, its checkpointing relaxed where memory allows."""
+    req, budget = r.req, r.budget
+    best = _materialized(req, r.trace, r.results[0], budget)
+    if r.proxy is not None:
+        best = _at_full_depth(req, r.full_trace, budget, best)
     ac_layers: dict[str, str] = {}
     if _gives_back(req, best):
         ac_layers, best.prediction = relax(best, predicted(req, best), budget, req)
-    stats = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(results),
+    stats = {"seconds": round(time.perf_counter() - r.t0, 3), "candidates": len(r.results),
              "status": best.solution.status, "variables": best.solution.variables,
              "constraints": best.solution.constraints, "solve_s": round(best.solution.solve_s, 3)}
     if req.fix.get("pins"):
         stats["pins"] = dict(req.fix["pins"])  # module glob -> intent, as asked (the strategies show the result)
-    others = [_alternative(req, c) for c in results[1:]]
+    others = [_alternative(req, c) for c in r.results[1:]]
     return to_plan(req, best, budget, stats, others, ac_layers)
 
 
