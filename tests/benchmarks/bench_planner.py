@@ -36,6 +36,7 @@ class Case:
     name: str
     argv: tuple[str, ...]  # after `autopar plan`
     target_s: float | None = None  # acceptance bound on the wall clock here, if the case has one
+    or_within: tuple[str, float] | None = None  # or: at most this many times another case's wall clock in this run
     reference: str = ""  # what others report for the same problem
 
 
@@ -49,7 +50,7 @@ CASES = (
          argv=("llama3-8b", "--devices", "64", "--batch", "64", *LLAMA)),
     Case(key="8b-512", name="llama3-8b 512×h100", target_s=5.0,
          argv=("llama3-8b", "--devices", "512", "--batch", "512", *LLAMA)),
-    Case(key="70b-1024", name="llama3-70b 1024×h100", target_s=5.0,
+    Case(key="70b-1024", name="llama3-70b 1024×h100", target_s=5.0, or_within=("8b-64", 2.0),
          argv=("llama3-70b", "--devices", "1024", "--batch", "1024", *LLAMA)),
     Case(key="175b-1024", name="gpt3-175b 1024×a100", target_s=5.0,
          argv=("gpt3-175b", "--devices", "1024", "--hardware", "a100-80gb-sxm", "--batch", "1536", "--seq", "2048")),
@@ -94,8 +95,9 @@ def summarise(case: Case, runs: list[dict]) -> dict:
             "best_solve_s": statistics.median(r["solver"].get("solve_s", float("nan")) for r in runs),
             "variables": last["solver"].get("variables"), "constraints": last["solver"].get("constraints"),
             "candidates": last["solver"].get("candidates"), "status": last["solver"].get("status"),
-            "mesh": f"dp={last['degrees']['dp']} tp={last['degrees']['tp']} m={last['micro_batches']}",
-            "target_s": case.target_s, "reference": case.reference}
+            "mesh": " ".join(f"{a}={last['degrees'][a]}" for a in ("pp", "dp", "cp", "tp")
+                             if a in ("dp", "tp") or last["degrees"].get(a, 1) > 1) + f" m={last['micro_batches']}",
+            "key": case.key, "target_s": case.target_s, "or_within": case.or_within, "reference": case.reference}
 
 
 def table(rows: list[dict]) -> Table:
@@ -109,6 +111,12 @@ def table(rows: list[dict]) -> Table:
             continue
         target = "" if r["target_s"] is None else (
             f"≤ {r['target_s']:.0f} s {'met' if r['wall_s'] <= r['target_s'] else 'MISSED'}")
+        other = next((o for o in rows if r.get("or_within") and o.get("key") == r["or_within"][0] and "wall_s" in o),
+                     None)
+        if other is not None and r["wall_s"] > r["target_s"]:  # the other bound, for the largest case
+            bound = r["or_within"][1] * other["wall_s"]
+            verdict = "met" if r["wall_s"] <= bound else "MISSED"
+            target += f"; ≤ {r['or_within'][1]:g}× {other['key']} ({bound:.2f} s) {verdict}"
         t.add_row(r["case"], f"{r['wall_s']:.2f}", f"{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}", f"{r['cpu_s']:.2f}",
                   f"{r['planner_s']:.2f}", f"{r['wall_s'] - r['planner_s']:.2f}", f"{r['best_solve_s']:.2f}",
                   f"{r['variables']:,} × {r['constraints']:,}", str(r["candidates"]), r["mesh"], target,
