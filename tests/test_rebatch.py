@@ -14,26 +14,10 @@ from torch import nn
 from autopar.capture import capture
 from autopar.models import build_model, sample_inputs
 from autopar.planner.rebatch import NotDerivable, Rebatching, rebatched
+from tests.graph_equality import assert_same_graph
 
 SHAPES = {"gpt": {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq": 32},
           "llama": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 128, "seq": 32}}
-
-
-def _values(v):
-    if isinstance(v, torch.Tensor):
-        return (tuple(v.shape), tuple(v.stride()), v.dtype)
-    if isinstance(v, (list, tuple)):
-        return tuple(_values(x) for x in v)
-    return v
-
-
-def _same_graph(a, b) -> None:
-    na, nb = list(a.graph.nodes), list(b.graph.nodes)
-    assert [(n.op, n.name, n.target) for n in na] == [(n.op, n.name, n.target) for n in nb]
-    for x, y in zip(na, nb):
-        assert str(x.args) == str(y.args) and str(x.kwargs) == str(y.kwargs), x.name
-        assert _values(x.meta.get("val")) == _values(y.meta.get("val")), x.name
-    assert (a.params, a.buffers, a.user_inputs) == (b.params, b.buffers, b.user_inputs)
 
 
 @pytest.mark.parametrize("family", list(SHAPES))
@@ -45,7 +29,7 @@ def test_derived_traces_equal_real_ones(family):
     for b in (2, 3, 8, 12):
         derived = trace(b)
         assert derived.__dict__.get("_derived"), f"batch {b} was traced again"
-        _same_graph(derived, real(b))
+        assert_same_graph(derived, real(b))
     assert trace.derived == 4
 
 
@@ -67,5 +51,5 @@ def test_a_batch_dependent_integer_is_traced_for_real():
         rebatched(real(2), real(4), 2, 4, 8)
     trace = Rebatching(real)
     trace(2), trace(4)
-    _same_graph(trace(8), real(8))
+    assert_same_graph(trace(8), real(8))
     assert trace.derived == 0

@@ -18,6 +18,7 @@ from autopar.models import build_model, sample_inputs
 from autopar.planner.graph import build
 from autopar.planner.predict import fingerprint
 from autopar.planner.redepth import Deepening, NotDeepenable, deepened
+from tests.graph_equality import assert_same_graph
 
 SHAPES = {"gpt": {"hidden": 64, "heads": 4, "vocab": 128, "seq": 32},
           "llama": {"hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 128, "seq": 32}}
@@ -29,33 +30,11 @@ def _trace(family: str, layers: int, batch: int):
     return capture(model, sample_inputs(info, batch, 32, device="meta"))
 
 
-def _values(v):
-    if isinstance(v, torch.Tensor):
-        return (tuple(v.shape), tuple(v.stride()), v.dtype)
-    if isinstance(v, (list, tuple)):
-        return tuple(_values(x) for x in v)
-    return v
-
-
-def _paths(n):
-    return [p for p, _ in (n.meta.get("nn_module_stack") or {}).values()]
-
-
-def _assert_same(a, b) -> None:
-    na, nb = list(a.graph.nodes), list(b.graph.nodes)
-    assert [(n.op, n.name, n.target) for n in na] == [(n.op, n.name, n.target) for n in nb]
-    for x, y in zip(na, nb):
-        assert str(x.args) == str(y.args) and str(x.kwargs) == str(y.kwargs), x.name
-        assert _values(x.meta.get("val")) == _values(y.meta.get("val")), x.name
-        assert _paths(x) == _paths(y), x.name
-    assert (a.params, a.buffers, a.constants, a.user_inputs) == (b.params, b.buffers, b.constants, b.user_inputs)
-
-
 @pytest.mark.parametrize("depth", [3, 5])
 @pytest.mark.parametrize("family", list(SHAPES))
 def test_derived_full_trace_is_the_real_one(family, depth):
     derived, real = deepened(_trace(family, 2, 4), depth), _trace(family, depth, 4)
-    _assert_same(derived, real)
+    assert_same_graph(derived, real)
     assert fingerprint(build(derived, (2, 2), ("dp", "tp"))) == fingerprint(build(real, (2, 2), ("dp", "tp")))
 
 
@@ -104,7 +83,7 @@ def test_blocks_that_differ_are_traced_for_real():
 
     deepening = Deepening(lambda b: trace(2, b), lambda: trace(3, Deepening.CHECK_BATCH), lambda b: trace(6, b))
     assert not deepening.holds() and deepening.why_not
-    _assert_same(deepening(6, 4), trace(6, 4))
+    assert_same_graph(deepening(6, 4), trace(6, 4))
 
 
 def test_a_model_without_two_alike_blocks_is_not_deepened():
