@@ -176,7 +176,7 @@ _RANKED: dict = {}  # in the fold process: cp -> its search.Ranked, until finish
 
 def _rank_worker(cp: int) -> tuple[float, dict]:
     req, traces, proxies = _FOLD_STATE
-    _RANKED[cp] = ranked = rank(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None, ahead=False)
+    _RANKED[cp] = ranked = rank(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None)
     return ranked.bound(), ranked.alternative()
 
 

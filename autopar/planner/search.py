@@ -11,14 +11,13 @@ Before the rounds, each flat mesh is probed at one sample per replica with the l
 bound cannot beat the incumbent is skipped: first a bound from node costs alone (bounds.py, before its ILP is built),
 then the ILP's LP relaxation (ShardingILP.solve's cutoff, before branching). Both bound every plan the job
 could return, so a skipped job could never have been ranked first among the flat candidates. Pipeline meshes take
-their sharding from the fastest flat candidate of their tp (`_pipelines`), which is now the fastest solved one;
-every flat mesh's probe is solved, so each tp that fits has one. (The probes are candidates too, which the rounds
-alone could stop short of.)
+their sharding from the fastest solved flat candidate of their tp (`_pipelines`); every flat mesh's probe is
+solved, so each tp that fits has one, and a pipeline mesh without one is bounded by the best flat plan over pp.
+(The probes are candidates too, which the rounds alone could stop short of.)
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import multiprocessing as mp
 import os
@@ -66,7 +65,7 @@ def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, 
     deepened to the model's depth (proxy.py), and only the chosen one is mapped onto the full model's graph.
     `beat`, optional, is another search's step time (cp_search.py): when the best candidate cannot beat it
     (`Ranked.bound`), Outpriced is raised before the full-depth graph, which is then never taken."""
-    ranked = rank(req, trace, progress, proxy, ahead=beat is None)
+    ranked = rank(req, trace, progress, proxy)
     if beat is not None and ranked.bound() >= beat:
         raise Outpriced(ranked.alternative())
     return finish(ranked)
@@ -94,10 +93,8 @@ class Ranked:
         return _alternative(self.req, self.results[0])
 
 
-def rank(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None,
-         ahead: bool = True) -> Ranked:
-    """Every candidate, fastest first. `ahead`: the full trace the front-runner will need may be taken while
-    workers solve, where a core is spare (not when the search may yet be outpriced)."""
+def rank(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None) -> Ranked:
+    """Every candidate, fastest first."""
     t0 = time.perf_counter()
     budget = memory_budget(req)
     full_trace, blocks = trace, _depth(req, trace, proxy)
@@ -109,21 +106,9 @@ def rank(req: SearchRequest, trace: Callable[[int], Captured], progress=None, pr
         raise Outpriced(None)
     if not meshes:
         raise MeshError(no_batch_message(req, mesh_candidates(req, blocks)))
-    ahead = ahead and proxy is not None
-
-    def early(jobs):  # the full trace the flat front-runner will need, taken while workers solve the first ILPs:
-        sizes = {req.batch // m for _, m, _ in jobs}  # when each job, once solved, settles its mesh at one size
-        if ahead and len(sizes) == 1 and all(settles(cfg) for _, _, cfg in jobs):
-            full_trace(sizes.pop())
-
-    flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy, early)
+    flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy)
             if c.solution is not None]
-
-    def meanwhile():  # the full trace the flat front-runner will need, taken while workers price pipelines
-        if ahead and flat:
-            full_trace(req.batch // min(flat, key=lambda c: predicted(req, c).step_time_s).micro_batches)
-
-    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy, meanwhile)
+    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy)
     results = flat + [c for c in piped if c.solution is not None]
     if not results and req.fix.get("pins"):
         pins = ",".join(f"{g}={i}" for g, i in req.fix["pins"].items())
@@ -217,14 +202,12 @@ def _by_position(c: Candidate, full: PlanGraph) -> Solution | None:
     return replace(c.solution, choice=choice)
 
 
-def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
-                  meanwhile: Callable[[list], object] | None = None, beat: float | None = None) -> list[Candidate]:
+def _solve_meshes(req, trace, meshes, budget, progress, proxy=None, beat: float | None = None) -> list[Candidate]:
     """Each mesh's best (micro-batching, ZeRO stage, checkpointing), in rounds: each round traces each micro-batch
     size it needs once (here, so forked workers inherit the trace), then solves every pending mesh's frontier
     configurations, in parallel worker processes where that is safe (no process group), in order otherwise.
     A mesh is done once it fits without checkpointing or ZeRO-3 (more micro-batches cannot be faster then), or
-    after two micro-batch counts past its first fit. `meanwhile(jobs)` runs here while workers solve the first
-    round's jobs (not at all where nothing is forked). `beat`, optional, is a flat candidate's step time found
+    after two micro-batch counts past its first fit. `beat`, optional, is a flat candidate's step time found
     elsewhere (pipeline meshes without a donor, `_pipelines`): a job whose bound cannot beat it is not built."""
     pending = {i: (micro_batch_counts(req, d["dp"], d["pp"]), memory_configs(req, d["dp"])) for i, d in
                enumerate(meshes)}
@@ -257,11 +240,10 @@ def _solve_meshes(req, trace, meshes, budget, progress, proxy=None,
             progress(f"solving {len(jobs)} candidate(s): " + ", ".join(
                 f"{fmt_mesh(d)} m={m} zero={c.zero} ac={c.ac}" for d, m, c in jobs))
         solved_here: dict[int, bool] = {i: True for i in fitted}
-        first = {"meanwhile": functools.partial(meanwhile, jobs)} if meanwhile is not None else {}
         known = [i in probes and (probes[i].micro_batches, probes[i].memory) == job[1:]  # the probe solved it
                  for i, job in zip(owners, jobs)]
-        solved = iter(_run_jobs(req, trace, budget, [j for j, k in zip(jobs, known) if not k], cutoff, **first))
-        solutions, meanwhile = [probes[i].solution if k else next(solved) for i, k in zip(owners, known)], None
+        solved = iter(_run_jobs(req, trace, budget, [j for j, k in zip(jobs, known) if not k], cutoff))
+        solutions = [probes[i].solution if k else next(solved) for i, k in zip(owners, known)]
         if progress and any(s is not None and s.status == OUTPRICED for s in solutions):
             progress(f"{sum(s is not None and s.status == OUTPRICED for s in solutions)} of them cannot beat the "
                      "best plan so far (LP relaxation): not branched on")
@@ -326,20 +308,19 @@ def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Ca
     return out
 
 
-def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy,
-               meanwhile: Callable[[], object] | None = None) -> list[Candidate]:
+def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy) -> list[Candidate]:
     """Each pipeline mesh's best candidate. A stage's intra-stage problem is the same sharding problem as the
     pp = 1 mesh with the same tp on a smaller batch, so pipeline meshes first take the solved sharding of that
     mesh (the same placements, priced afresh on their own graph) under each micro-batching and the cheapest
     ZeRO/checkpointing whose layout fits; the ILP is solved only for meshes where that does not fit, or that have
-    no such donor (pp pinned). `meanwhile` runs here while worker processes price the meshes."""
+    no such donor (pp pinned)."""
     if not meshes:
         return []
     donor = {}
     for c in sorted(donors, key=lambda c: predicted(req, c).step_time_s):
         donor.setdefault(c.degrees["tp"], c)
-    priced = [c for c in _price_all(req, trace, [d for d in meshes if d["tp"] in donor], donor, budget, proxy,
-                                    meanwhile) if c is not None]
+    priced = [c for c in _price_all(req, trace, [d for d in meshes if d["tp"] in donor], donor, budget, proxy)
+              if c is not None]
     if progress and priced:
         progress(f"priced {len(priced)} pipeline mesh(es), with their pp=1 sharding where it fits")
     beat = min((predicted(req, c).step_time_s for c in donors), default=None)
@@ -358,9 +339,9 @@ def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candida
     return solved[0] if solved else None
 
 
-def _price_all(req, trace, meshes, donor, budget, proxy, meanwhile) -> list[Candidate | None]:
+def _price_all(req, trace, meshes, donor, budget, proxy) -> list[Candidate | None]:
     """`_price` for every mesh; in forked workers where that is safe, which return each result without its
-    planning graph (the winner is rebuilt by `_materialized`), while `meanwhile` runs here. A worker takes
+    planning graph (the winner is rebuilt by `_materialized`). A worker takes
     meshes of neighbouring dp, which trace the same micro-step batches (dp x 1, dp x 2)."""
     workers = min(len(meshes), os.cpu_count() or 1, 4)
     if workers < 2 or forbid_fork():
@@ -371,8 +352,6 @@ def _price_all(req, trace, meshes, donor, budget, proxy, meanwhile) -> list[Cand
     try:
         with ProcessPoolExecutor(len(chunks), mp_context=mp.get_context("fork")) as pool:
             futures = [pool.submit(_price_worker, [meshes[i] for i in chunk]) for chunk in chunks]
-            if meanwhile is not None and _spare_core(len(chunks)):
-                meanwhile()
             out: list[Candidate | None] = [None] * len(meshes)
             for chunk, f in zip(chunks, futures):
                 for i, c in zip(chunk, f.result()):
@@ -472,9 +451,8 @@ def _fits_fn(req, trace, degrees, m, budget, proxy, refused, i):
     return fits
 
 
-def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, *,
-              meanwhile: Callable[[], object] | None = None, prune: bool = True) -> list[Solution | None]:
-    """Each job's solution; in forked workers where that is safe, while `meanwhile` runs here. `cutoff_s`: the
+def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, *, prune: bool = True) -> list[Solution | None]:
+    """Each job's solution; in forked workers where that is safe. `cutoff_s`: the
     incumbent flat jobs must beat (their ILP's objective is their prediction). Without recomputation first: those
     ILPs are easy and their plans the likely best, so the others then face a lower cutoff. `prune=False`: every
     job solved (the probes, whose plans pipeline meshes take their sharding from)."""
@@ -484,15 +462,14 @@ def _run_jobs(req, trace, budget, jobs, cutoff_s: float | None = None, *,
         phases = [list(range(len(jobs)))]
     for phase in phases:
         todo = [(*jobs[k], cutoff_s if jobs[k][0]["pp"] == 1 else None) for k in phase]
-        for k, sol in zip(phase, _solve_all(req, trace, budget, todo, meanwhile)):
+        for k, sol in zip(phase, _solve_all(req, trace, budget, todo)):
             out[k] = sol
             if prune and sol is not None and sol.status in ("Optimal", "Not Solved") and jobs[k][0]["pp"] == 1:
                 cutoff_s = sol.objective_s if cutoff_s is None else min(cutoff_s, sol.objective_s)
-        meanwhile = None
     return out
 
 
-def _solve_all(req, trace, budget, todo, meanwhile) -> list[Solution | None]:
+def _solve_all(req, trace, budget, todo) -> list[Solution | None]:
     workers = min(len(todo), os.cpu_count() or 1, 4)
     if workers < 2 or forbid_fork():
         return [_solve_one(req, trace, budget, *job) for job in todo]
@@ -500,9 +477,7 @@ def _solve_all(req, trace, budget, todo, meanwhile) -> list[Solution | None]:
     _FORK_STATE = (req, trace, budget, None, None)
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            futures = [pool.submit(_job_worker, job) for job in todo]  # the workers fork here, before meanwhile
-            if meanwhile is not None and _spare_core(workers):
-                meanwhile()
+            futures = [pool.submit(_job_worker, job) for job in todo]
             return [f.result() for f in futures]
     finally:
         _FORK_STATE = None
@@ -510,13 +485,6 @@ def _solve_all(req, trace, budget, todo, meanwhile) -> list[Solution | None]:
 
 _FORK_STATE = None  # (req, trace, budget, donors, proxy) for forked workers; the last two for pricing only
 _IN_WORKER = False  # set in forked workers
-
-
-def _spare_core(workers: int) -> bool:
-    """Whether work done here beside `workers` busy worker processes runs on a core of its own: the full trace
-    taken ahead (`meanwhile`) is a guess (the candidate it is for may lose), worth taking only where it costs no
-    worker its core."""
-    return (os.cpu_count() or 1) > workers
 
 
 def forbid_fork() -> bool:
