@@ -17,7 +17,7 @@ from autopar.cost_models import axis_links, load_hardware
 from autopar.models import build_model, sample_inputs
 from autopar.planner.cost import CostContext
 from autopar.planner.graph import build
-from autopar.planner.ilp import ShardingILP, _BulkHiGHS
+from autopar.planner.ilp import MIP_GAP, ShardingILP, _BulkHiGHS, _quiet_stdout
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constructing LpVariable:DeprecationWarning")
 
@@ -42,9 +42,19 @@ def _loaded(solver_cls, prob: pulp.LpProblem) -> dict:
             "start": a.start_, "index": a.index_, "value": a.value_}
 
 
+def _as_pulp(prob: pulp.LpProblem) -> pulp.LpProblem:
+    """The same objective and constraints in pulp's own problem class, with its own variable bookkeeping."""
+    plain = pulp.LpProblem(prob.name, prob.sense)
+    plain.setObjective(prob.objective)
+    for name, c in prob._constraints.items():
+        plain.addConstraint(c, name)
+    return plain
+
+
 def test_bulk_loader_gives_highs_the_model_pulp_would(tiny):
     """A tp=2 ILP (transport variables, binaries, memory rows) and a pin added afterwards through pulp: column by
-    column and row by row, the same costs, bounds, integrality and coefficients in the same order."""
+    column and row by row, the same costs, bounds, integrality and coefficients in the same order as pulp's own
+    problem class and loader give HiGHS; solved, the same status and objective."""
     model, inputs = tiny
     hw = load_hardware("a100-80gb-sxm")
     degrees = (2, 2)
@@ -54,10 +64,18 @@ def test_bulk_loader_gives_highs_the_model_pulp_would(tiny):
                       budget_bytes=hw.memory_bytes)
     owner, xs = next((o, xs) for o, xs in ilp.x.items() if len(xs) > 2)
     ilp.prob += xs[1] == 0, f"test_pin_{owner}"
-    theirs, ours = _loaded(pulp.HiGHS, ilp.prob), _loaded(_BulkHiGHS, ilp.prob)
+    plain = _as_pulp(ilp.prob)
+    assert [v.name for v in plain.variables()] == [v.name for v in ilp.prob.variables()]
+    assert plain.numVariables() == ilp.prob.numVariables()
+    theirs, ours = _loaded(pulp.HiGHS, plain), _loaded(_BulkHiGHS, ilp.prob)
     assert len(theirs["cost"]) > 100 and len(theirs["value"]) > 100
     for key, value in theirs.items():
         assert np.array_equal(np.asarray(value), np.asarray(ours[key])), key
+    with _quiet_stdout():
+        plain.solve(pulp.HiGHS(msg=False, threads=1, gapRel=MIP_GAP))
+    solution = ilp.solve()
+    assert pulp.LpStatus[plain.status] == solution.status == "Optimal"
+    assert solution.objective_s == pytest.approx(pulp.value(plain.objective), rel=MIP_GAP)
 
 
 def test_a_trace_without_source_lines_is_the_same_graph(tiny):

@@ -62,7 +62,7 @@ class ShardingILP:
         self.weight = weight or _unit  # (owner, part) -> share of that memory term one device holds
         self.objective = objective  # "time" (step time), or "memory": the least memory any plan needs
         self.pinned = pinned or {}  # owner -> the strategy indices its pins allow
-        self.prob = pulp.LpProblem("autopar_sharding", pulp.LpMinimize)
+        self.prob = _Problem("autopar_sharding", pulp.LpMinimize)
         self.costs: dict[str, list[NodeCost]] = {}
         self.x: dict[str, list] = {}
         self.time_terms: dict = defaultdict(float)  # variable (or constant 1) -> seconds, per step
@@ -89,9 +89,7 @@ class ShardingILP:
                             for k in range(len(p.strategies)) for i in [len(self.x)]]
 
     def _var(self, name: str, lowBound: float | None = None, cat: str = "Continuous", upBound: float | None = None):
-        if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3 attaches variables to their problem
-            return self.prob.add_variable(name, lowBound=lowBound, upBound=upBound, cat=cat)
-        return pulp.LpVariable(name, lowBound=lowBound, upBound=upBound, cat=cat)
+        return self.prob.variable(name, lowBound=lowBound, upBound=upBound, cat=cat)
 
     # -- constraints ----------------------------------------------------------------------------------------
     def add_choice_constraints(self) -> None:
@@ -379,6 +377,48 @@ def _quiet_stdout():
         os.close(saved)
 
 
+class _Problem(pulp.LpProblem):
+    """pulp's problem, for a model whose every variable is made by `variable`: each is registered once, there, not
+    again for every constraint that mentions it (pulp's addConstraint walks the constraint's terms), and
+    `variables()` is that list in pulp's order (by name), sorted once rather than collected again from every
+    constraint on each call (pulp's solve asks three times). The same columns in the same order and the same rows:
+    HiGHS solves the same problem (tests/test_planner_fast_paths.py compares it with pulp's own)."""
+
+    def __init__(self, name: str, sense: int) -> None:
+        super().__init__(name, sense)
+        self._made: list[pulp.LpVariable] = []
+        self._by_name: list[pulp.LpVariable] | None = None
+
+    def variable(self, name: str, lowBound: float | None = None, upBound: float | None = None,
+                 cat: str = "Continuous") -> pulp.LpVariable:
+        if hasattr(self, "add_variable"):  # PuLP >= 3.3 attaches variables to their problem
+            v = self.add_variable(name, lowBound=lowBound, upBound=upBound, cat=cat)
+        else:
+            v = pulp.LpVariable(name, lowBound=lowBound, upBound=upBound, cat=cat)
+        self._made.append(v)
+        self._by_name = None
+        return v
+
+    def addConstraint(self, constraint: pulp.LpConstraint, name=None) -> None:
+        if not isinstance(constraint, pulp.LpConstraint):
+            raise TypeError("Can only add LpConstraint objects")
+        if name:
+            constraint.name = name
+        name = constraint.name or self.unusedConstraintName()
+        if name in self._constraints:
+            raise pulp.PulpError(f"overlapping constraint names: {name}")
+        self._constraints[name] = constraint
+        self.modifiedConstraints.append(constraint)
+
+    def variables(self) -> list[pulp.LpVariable]:
+        if self._by_name is None:
+            self._by_name = sorted(self._made, key=lambda v: v.name)
+        return self._by_name
+
+    def numVariables(self) -> int:
+        return len(self._made)
+
+
 def _unit(owner: str, part: str) -> float:
     return 1.0
 
@@ -512,12 +552,33 @@ class _BulkHiGHS(pulp.HiGHS):
                 return
         h.run()
 
+    def findSolutionValues(self, lp) -> tuple[int, int]:
+        """(status, solution status) as pulp.HiGHS reports them, and each column's value; without the row duals,
+        slacks and column reduced costs pulp also copies back, which nothing here reads."""
+        h = lp.solverModel
+        values = h.getSolution().col_value
+        for v in self._columns:
+            v.varValue = values[v.index]
+        status = h.getModelStatus()
+        hs = highspy_status()
+        if status == hs.kOptimal:
+            return pulp.LpStatusOptimal, pulp.LpSolutionOptimal
+        if status in (hs.kInfeasible, hs.kUnboundedOrInfeasible):
+            return pulp.LpStatusInfeasible, pulp.LpSolutionInfeasible
+        if status == hs.kUnbounded:
+            return pulp.LpStatusUnbounded, pulp.LpSolutionUnbounded
+        stopped = (hs.kObjectiveBound, hs.kObjectiveTarget, hs.kInterrupt, hs.kTimeLimit, hs.kIterationLimit)
+        if status in stopped and not (status in (hs.kTimeLimit, hs.kIterationLimit) and
+                                      h.getObjectiveValue() == float("inf")):
+            return pulp.LpStatusOptimal, pulp.LpSolutionIntegerFeasible  # stopped early with an incumbent
+        return pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound
+
     def buildSolverModel(self, lp) -> None:
         import highspy
         import numpy as np
 
         inf, sign = highspy.kHighsInf, -1 if lp.sense == pulp.LpMaximize else 1
-        columns = lp.variables()
+        columns = self._columns = lp.variables()
         for k, v in enumerate(columns):
             v.index = k
         n = len(columns)
