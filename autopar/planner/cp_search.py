@@ -59,9 +59,10 @@ def _unfold_degrees(degrees: dict, cp: int) -> dict:
     return {**degrees, "dp": degrees["dp"] // cp, "cp": cp}
 
 
-def cp_degrees(req: SearchRequest, refusal: Callable[[int], str | None]) -> list[int]:
+def cp_degrees(req: SearchRequest, refusal: Callable[[int], str | None] | None) -> list[int]:
     """The cp degrees to plan: the pinned one (checked), else 1 and every power of two the devices, the pins and
-    the sequence allow with at least MIN_LOCAL_SEQ tokens per rank, where the model can run cp."""
+    the sequence allow with at least MIN_LOCAL_SEQ tokens per rank, where the model can run cp (`refusal` None:
+    not asked here; the fold process asks it before ranking, `_rank_worker`)."""
     pinned = 1
     for axis in ("pp", "dp", "tp"):
         pinned *= int(req.fix.get(axis, 1))
@@ -81,7 +82,7 @@ def cp_degrees(req: SearchRequest, refusal: Callable[[int], str | None]) -> list
         return [cp]
     out, cp = [1], 2
     while cp * pinned <= req.devices and req.seq // cp >= MIN_LOCAL_SEQ:
-        if req.devices % (cp * pinned) == 0 and req.seq % (2 * cp) == 0 and refusal(cp) is None:
+        if req.devices % (cp * pinned) == 0 and req.seq % (2 * cp) == 0 and (refusal is None or refusal(cp) is None):
             out.append(cp)
         cp *= 2
     return out
@@ -93,21 +94,29 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     model at seq / cp; proxies(cp): its shallow proxy (search.search's `proxy`) or None."""
     def refusal(cp: int) -> str | None:  # on one sample (the shallow copy where there is one)
         at = (lambda c: proxies(c)[0]) if proxies and proxies(cp) is not None else traces
-        return cp_analysis(at(cp)(1), at(1)(1))[0]
+        return cp_analysis(at(cp)(1), _one_sample(traces, proxies))[0]
 
     plans: dict[int, Plan] = {}
     failures: dict[int, Exception] = {}
     outpriced: list[dict] = []
     dominated: list[int] = []
-    degrees = cp_degrees(req, refusal)
-    with _folds_beside(req, traces, proxies, degrees[1:]) as ahead:
+    # Where the folds are ranked beside cp = 1, the fold process also asks whether the model can run each cp (two
+    # one-sample traces): forked before them, both cores trace at once and cp = 1 starts searching sooner.
+    beside = "cp" not in req.fix and not searching.forbid_fork()
+    degrees = cp_degrees(req, None if beside else refusal)
+    if beside:  # cp = 1's one-sample trace, as the refusals take it: with the search's first, every later batch
+        _one_sample(traces, proxies)  # is derived (rebatch.py), here, before the search forks workers
+    with _folds_beside(req, traces, proxies, degrees[1:], refusal) as ahead:
         for cp in degrees:
-            if progress and cp > 1:
-                progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
             try:
+                ranked = ahead[cp].result() if cp in ahead else ()
+                if ranked is None:  # the model cannot run this cp (context.cp_analysis): not planned
+                    continue
+                if progress and cp > 1:
+                    progress(f"context parallelism cp={cp}: planning the fold, batch x {cp} at seq {req.seq // cp}")
                 beat = plans[1].predicted.step_time_s if cp > 1 and 1 in plans else None
                 if cp in ahead:  # ranked in a forked process beside cp = 1; finished there only if it can win
-                    bound, alternative = ahead[cp].result()
+                    bound, alternative = ranked
                     if beat is not None and bound >= beat:
                         raise Outpriced(alternative)
                     plan = ahead.finish(cp)
@@ -135,17 +144,22 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     return replace(best, alternatives=best.alternatives + others, solver=solver)
 
 
+def _one_sample(traces, proxies) -> Captured:
+    return (proxies(1)[0] if proxies and proxies(1) is not None else traces(1))(1)
+
+
 @contextlib.contextmanager
-def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int]) -> Iterator["_Beside"]:
+def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int], refusal) -> Iterator["_Beside"]:
     """The folds of `degrees` ranked in one forked process while this one searches cp = 1, so that both cores of a
     small machine work through the whole search (nothing where forking is not safe, search.forbid_fork, or no
-    fold is searched). A fold is then finished (its winner mapped to full depth) in that process only where it can
-    beat cp = 1: the decisions the sequential search makes with `beat`, made here once cp = 1 is known."""
+    fold is searched). Each fold is first checked there (`refusal`: can the model run that cp?), then ranked; it
+    is finished (its winner mapped to full depth) in that process only where it can beat cp = 1: the decisions
+    the sequential search makes with `beat`, made here once cp = 1 is known."""
     if not degrees or searching.forbid_fork():
         yield _Beside(None, {})
         return
     global _FOLD_STATE
-    _FOLD_STATE = (req, traces, proxies)
+    _FOLD_STATE = (req, traces, proxies, refusal)
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
             yield _Beside(pool, {cp: pool.submit(_rank_worker, cp) for cp in degrees})
@@ -154,7 +168,8 @@ def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int]) -> It
 
 
 class _Beside:
-    """The folds ranked in the fold process: cp -> future of (bound, alternative) (search.Ranked's); `finish(cp)`
+    """The folds ranked in the fold process: cp -> future of (bound, alternative) (search.Ranked's), None where
+    the model cannot run that cp; `finish(cp)`
     asks the same process for the plan (one worker, so it still holds the ranking)."""
 
     def __init__(self, pool: ProcessPoolExecutor | None, ranked: dict[int, Future]) -> None:
@@ -170,12 +185,15 @@ class _Beside:
         return self.pool.submit(_finish_worker, cp).result()
 
 
-_FOLD_STATE = None  # (req, traces, proxies) for the forked fold process
+_FOLD_STATE = None  # (req, traces, proxies, refusal) for the forked fold process
 _RANKED: dict = {}  # in the fold process: cp -> its search.Ranked, until finished
 
 
-def _rank_worker(cp: int) -> tuple[float, dict]:
-    req, traces, proxies = _FOLD_STATE
+def _rank_worker(cp: int) -> tuple[float, dict] | None:
+    """(bound, alternative) of the fold's ranking; None where the model cannot run this cp."""
+    req, traces, proxies, refusal = _FOLD_STATE
+    if refusal(cp) is not None:
+        return None
     _RANKED[cp] = ranked = rank(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None)
     return ranked.bound(), ranked.alternative()
 
