@@ -20,7 +20,7 @@ from autopar.planner.fusion import Chain, chain_of
 from autopar.planner.graph import PNode
 from autopar.planner.ring import ring_node_cost
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
-from autopar.redistribute import steps
+from autopar.redistribute import Step, steps
 from autopar.strategies import Strategy
 
 BACKWARD_FACTOR = 2.0
@@ -200,7 +200,7 @@ def _moves_time_s(degrees, links, shape, dtype, src, dst, requires_grad: bool, p
     or fusion of a candidate, whose contexts would each miss the cache."""
     total = 0.0
     current = list(src)
-    for step in steps(src, dst, partial_axes if requires_grad else ()):
+    for step in _steps(src, dst, partial_axes if requires_grad else ()):
         n, link = degrees[step.axis], links[step.axis]
         before = nbytes(local_shape(shape, current, degrees), dtype)
         full = before * n if step.kind == "all_gather" else before  # bytes with this axis unsharded
@@ -212,6 +212,13 @@ def _moves_time_s(degrees, links, shape, dtype, src, dst, requires_grad: bool, p
     return total
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _steps(src: tuple[Placement, ...], dst: tuple[Placement, ...], partial: tuple[int, ...] = ()) -> tuple[Step, ...]:
+    """redistribute.steps, kept per placement pair: the planner prices the same few pairs for every tensor, shape
+    and mesh."""
+    return tuple(steps(src, dst, partial))
+
+
 def _regather_saving(ctx: CostContext, shape, dtype, src, dst, partial) -> float:
     """Bytes a sequence-parallel gather saves by keeping its shard for backward (codegen/regather.py). Under
     checkpointing the saved tensors of a block are those of its recomputation, which runs in backward outside
@@ -219,7 +226,7 @@ def _regather_saving(ctx: CostContext, shape, dtype, src, dst, partial) -> float
     block; the head's few consumers lose a saving they have)."""
     if ctx.memory.ac != "none":
         return 0.0
-    moves = steps(src, dst, partial)
+    moves = _steps(src, dst, tuple(partial))
     if not moves or any(m.kind != "all_gather" or m.bwd != "reduce_scatter" for m in moves):
         return 0.0
     scale = activation_scale(ctx.memory, dtype.itemsize)
@@ -257,7 +264,7 @@ def _is_view(shape: tuple[int, ...], src: tuple[Placement, ...], dst: tuple[Plac
     """The moved tensor shares the source's storage: no move, or only local slices (codegen/collectives.py
     `local_chunk`: `chunk(...)[r].contiguous()`), each along a dim that only dims of size 1 precede, where a chunk
     of a contiguous tensor is contiguous already (a weight's rows, a bias)."""
-    moves = [m for m in steps(src, dst) if m.kind != "identity"]
+    moves = [m for m in _steps(src, dst) if m.kind != "identity"]
     return all(m.kind == "slice" and math.prod(shape[:m.dim]) == 1 for m in moves)
 
 
