@@ -109,6 +109,23 @@ def test_predicted_bubble_follows_p_minus_1_over_m():
     assert _pp(1, schedule="1f1b").predicted.step_time_s > _pp(2, schedule="1f1b").predicted.step_time_s
 
 
+def test_a_one_replica_pipeline_takes_the_sharding_of_its_flat_mesh(monkeypatch):
+    """Pipeline meshes take the solved sharding of the pp = 1 mesh with their tp (search._pipelines), dp = 1 ones
+    too: a placement over a dp axis of one rank is the whole tensor, so no ILP of their own is built. The mesh is
+    still priced (an alternative of the plan)."""
+    from autopar.planner import search as S
+
+    monkeypatch.setattr(S, "forbid_fork", lambda: True)  # in this process, so every mesh solved is seen
+    solved, real = [], S._solve_meshes
+    monkeypatch.setattr(S, "_solve_meshes", lambda req, trace, meshes, *args, **kwargs:
+                        solved.extend(meshes) or real(req, trace, meshes, *args, **kwargs))
+    plan = make_plan("gpt", model_args=GPT, devices=4, hardware="a100-80gb-sxm", batch=16, fix={"cp": 1})
+    one_replica = [a for a in plan.alternatives if a["degrees"]["pp"] > 1 and a["degrees"]["dp"] == 1]
+    assert one_replica and plan.degrees["pp"] * plan.degrees["dp"] * plan.degrees["tp"] == 4
+    assert not [d for d in solved if d["pp"] > 1 and d["dp"] == 1], solved
+    assert [d for d in solved if d["pp"] == 1 and d["dp"] == 1]  # their donors: the flat meshes, solved
+
+
 def test_plan_records_stages_and_schedule():
     plan = _pp(4, schedule="interleaved", v=2)
     assert plan.degrees["pp"] == 2 and plan.schedule == "interleaved" and plan.virtual_stages == 2

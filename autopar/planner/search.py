@@ -37,6 +37,8 @@ from autopar.planner.ilp import OUTPRICED, ShardingILP, memory_lower_bound
 from autopar.planner.layers import relax
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.pins import pinned_strategies
+from autopar.placement import R
+from autopar.strategies import Strategy
 from autopar.planner.space import (AXES, NO_LIMIT, deepened_trace, fmt_bytes, fmt_mesh, frontier, graph_for,
                                    memory_budget, memory_configs, mesh_candidates, micro_batch_counts,
                                    no_batch_message, settles)
@@ -401,6 +403,7 @@ def _materialized(req, trace, c: Candidate, budget) -> Candidate:
 def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate | None:
     """The donor's placements on this mesh and micro-batching, with the first ZeRO/checkpointing configuration
     (frontier order) whose pipeline layout fits; None when a placement does not exist here or nothing fits."""
+    flat = tuple(k for k, a in enumerate(AXES) if degrees[a] == 1)  # axes of one rank: any placement is whole
     for cfg in frontier(memory_configs(req, degrees["dp"]), lambda cfg: True) + \
             [c for c in memory_configs(req, degrees["dp"]) if c.zero == 3]:
         pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
@@ -409,7 +412,7 @@ def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate 
             theirs = donor.graph.nodes.get(o.node.name)
             if theirs is None:
                 return None
-            want = theirs.strategies[donor.solution.choice[o.node.name]]
+            want = _on_axes(theirs.strategies[donor.solution.choice[o.node.name]], flat)
             k = next((k for k, s in enumerate(o.strategies) if s == want), None)
             if k is None:
                 return None
@@ -419,6 +422,15 @@ def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate 
         if c.solution is not None:
             return c
     return None
+
+
+def _on_axes(s: Strategy, flat: tuple[int, ...]) -> Strategy:
+    """Strategy s with every placement on the axes `flat` (degree 1 on this mesh) replicated: a shard or partial
+    sum over one rank is the whole tensor, and planning graphs list only R there (strategies.expand)."""
+    if not flat:
+        return s
+    whole = lambda t: tuple(R if axis in flat else p for axis, p in enumerate(t))
+    return Strategy(outs=tuple(map(whole, s.outs)), ins=tuple(map(whole, s.ins)))
 
 
 def _advance(pending, best, extra, solved_here, refused, meshes, fitted) -> None:
