@@ -313,9 +313,9 @@ def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Ca
 def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy) -> list[Candidate]:
     """Each pipeline mesh's best candidate. A stage's intra-stage problem is the same sharding problem as the
     pp = 1 mesh with the same tp on a smaller batch, so pipeline meshes first take the solved sharding of that
-    mesh (the same placements, priced afresh on their own graph) under each micro-batching and the cheapest
-    ZeRO/checkpointing whose layout fits; the ILP is solved only for meshes where that does not fit, or that have
-    no such donor (pp pinned)."""
+    mesh (the same placements, whole on an axis of one rank: `_on_axes`; priced afresh on their own graph) under
+    each micro-batching and the cheapest ZeRO/checkpointing whose layout fits; the ILP is solved only for meshes
+    where that does not fit, or that have no such donor (pp pinned)."""
     if not meshes:
         return []
     donor = {}
