@@ -56,7 +56,7 @@ def _layer_bytes(attention: str, ac: str, sp: bool, layers: int) -> float:
         if p.kind == "op" and "layer_norm" in str(p.node.target):
             for x, s in zip(ilp.x[p.node.name], p.strategies):
                 if s.outs[0][1] != want and not isinstance(x, int):
-                    ilp.prob += x == 0
+                    ilp.prob.add([(x, 1.0)], 0.0, 0.0)
     solution = ilp.solve()
     parts = evaluate(ilp.terms, solution.choice)
     kept = redistributions(Candidate({"dp": 1, "tp": T_}, 1, pg, ctx, solution))[2]  # incl. sequence-parallel regathers

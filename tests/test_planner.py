@@ -181,7 +181,7 @@ def test_deeper_model_adds_no_ilp_variables(tiny4):
     assert len(tiny8.nodes) > len(tiny4.nodes) + 100
     ctx = context(load_hardware("cpu"), (2, 2))
     problems = [ShardingILP(pg, ctx, budget_bytes=1e30).prob for pg in (tiny4, tiny8)]
-    binaries = [sum(1 for v in prob.variables() if v.isBinary()) for prob in problems]
+    binaries = [sum(1 for v in prob.columns() if v.isBinary()) for prob in problems]
     assert binaries[0] > 0 and binaries[0] == binaries[1]
     assert problems[0].numVariables() == problems[1].numVariables()
 

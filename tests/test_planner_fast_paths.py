@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 
+import highspy
 import numpy as np
 import pulp
 import pytest
@@ -17,7 +18,8 @@ from autopar.cost_models import axis_links, load_hardware
 from autopar.models import build_model, sample_inputs
 from autopar.planner.cost import CostContext
 from autopar.planner.graph import build
-from autopar.planner.ilp import MIP_GAP, ShardingILP, _BulkHiGHS, _quiet_stdout
+from autopar.planner import lp
+from autopar.planner.ilp import MIP_GAP, ShardingILP
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constructing LpVariable:DeprecationWarning")
 
@@ -30,31 +32,20 @@ def tiny():
     return model, sample_inputs(info, 4, 32, device="meta")
 
 
-def _loaded(solver_cls, prob: pulp.LpProblem) -> dict:
-    """The LP HiGHS holds after `solver_cls` loaded `prob`: every array of it."""
-    solver = solver_cls(msg=False, threads=1)
-    solver.createAndConfigureSolver(prob)
-    solver.buildSolverModel(prob)
-    lp = prob.solverModel.getLp()
-    a = lp.a_matrix_
-    return {"cost": lp.col_cost_, "col_lower": lp.col_lower_, "col_upper": lp.col_upper_, "row_lower": lp.row_lower_,
-            "row_upper": lp.row_upper_, "integrality": [int(t) for t in lp.integrality_], "format": str(a.format_),
-            "start": a.start_, "index": a.index_, "value": a.value_}
+def _arrays(h) -> dict:
+    """The LP HiGHS holds: every array of it."""
+    lp_ = h.getLp()
+    a = lp_.a_matrix_
+    return {"cost": lp_.col_cost_, "col_lower": lp_.col_lower_, "col_upper": lp_.col_upper_,
+            "row_lower": lp_.row_lower_, "row_upper": lp_.row_upper_, "integrality": [int(t) for t in lp_.integrality_],
+            "format": str(a.format_), "start": a.start_, "index": a.index_, "value": a.value_}
 
 
-def _as_pulp(prob: pulp.LpProblem) -> pulp.LpProblem:
-    """The same objective and constraints in pulp's own problem class, with its own variable bookkeeping."""
-    plain = pulp.LpProblem(prob.name, prob.sense)
-    plain.setObjective(prob.objective)
-    for name, c in prob._constraints.items():
-        plain.addConstraint(c, name)
-    return plain
-
-
-def test_bulk_loader_gives_highs_the_model_pulp_would(tiny):
-    """A tp=2 ILP (transport variables, binaries, memory rows) and a pin added afterwards through pulp: column by
-    column and row by row, the same costs, bounds, integrality and coefficients in the same order as pulp's own
-    problem class and loader give HiGHS; solved, the same status and objective."""
+def test_highs_gets_the_model_pulp_would_give_it(tiny):
+    """A tp=2 ILP (transport variables, binaries, memory rows) and a pin added afterwards, handed to HiGHS directly
+    (planner/lp.py), and the same model as a pulp problem (the CBC path, `Model.to_pulp`) through pulp's own HiGHS
+    loader: column by column and row by row, the same costs, bounds, integrality and coefficients in the same
+    order; solved, the same status and objective."""
     model, inputs = tiny
     hw = load_hardware("a100-80gb-sxm")
     degrees = (2, 2)
@@ -63,15 +54,22 @@ def test_bulk_loader_gives_highs_the_model_pulp_would(tiny):
                                                                                 tuple(links[a] for a in AXES)),
                       budget_bytes=hw.memory_bytes)
     owner, xs = next((o, xs) for o, xs in ilp.x.items() if len(xs) > 2)
-    ilp.prob += xs[1] == 0, f"test_pin_{owner}"
-    plain = _as_pulp(ilp.prob)
-    assert [v.name for v in plain.variables()] == [v.name for v in ilp.prob.variables()]
-    assert plain.numVariables() == ilp.prob.numVariables()
-    theirs, ours = _loaded(pulp.HiGHS, plain), _loaded(_BulkHiGHS, ilp.prob)
+    ilp.prob.add([(xs[1], 1.0)], 0.0, 0.0, f"test_pin_{owner}")
+    plain, _ = ilp.prob.to_pulp()
+    assert [v.name for v in plain.variables()] == [v.name for v in ilp.prob.columns()]
+    assert (plain.numVariables(), plain.numConstraints()) == (ilp.prob.numVariables(), ilp.prob.numConstraints())
+    with lp._quiet_stdout():
+        theirs = pulp.HiGHS(msg=False, threads=1)
+        theirs.createAndConfigureSolver(plain)
+        theirs.buildSolverModel(plain)
+        ours = highspy.Highs()
+        ours.setOptionValue("output_flag", False)
+        lp.load(ours, ilp.prob)
+    theirs, ours = _arrays(plain.solverModel), _arrays(ours)
     assert len(theirs["cost"]) > 100 and len(theirs["value"]) > 100
     for key, value in theirs.items():
         assert np.array_equal(np.asarray(value), np.asarray(ours[key])), key
-    with _quiet_stdout():
+    with lp._quiet_stdout():
         plain.solve(pulp.HiGHS(msg=False, threads=1, gapRel=MIP_GAP))
     solution = ilp.solve()
     assert pulp.LpStatus[plain.status] == solution.status == "Optimal"
@@ -124,7 +122,7 @@ def test_the_relaxation_shortcut_finds_the_mips_optimum(tiny, monkeypatch):
         for share in (1.0, 1e-4, 0.0):
             results = []
             for first in (False, True):
-                monkeypatch.setattr(_BulkHiGHS, "relaxation_first", first)
+                monkeypatch.setattr(lp, "RELAXATION_FIRST", first)
                 ilp = _tiny_ilp(captured, degrees, share)
                 results.append(ilp.solve())
                 took += [ilp.relaxation_integral] if first else []

@@ -35,14 +35,10 @@ Edges whose producer has a single placement need no y (their price sits on u); a
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import time
 from collections import defaultdict
 
-import pulp
-
+from autopar.planner import lp
 from autopar.planner.candidate import Solution
 from autopar.planner.cost import (CostContext, NodeCost, edge_price, owner_costs, recomputed, saved_kinds,
                                   zero_sync)
@@ -62,7 +58,7 @@ class ShardingILP:
         self.weight = weight or _unit  # (owner, part) -> share of that memory term one device holds
         self.objective = objective  # "time" (step time), or "memory": the least memory any plan needs
         self.pinned = pinned or {}  # owner -> the strategy indices its pins allow
-        self.prob = _Problem("autopar_sharding", pulp.LpMinimize)
+        self.prob = lp.Model("autopar_sharding")
         self.costs: dict[str, list[NodeCost]] = {}
         self.x: dict[str, list] = {}
         self.time_terms: dict = defaultdict(float)  # variable (or constant 1) -> seconds, per step
@@ -95,7 +91,7 @@ class ShardingILP:
     def add_choice_constraints(self) -> None:
         for owner, xs in self.x.items():
             if len(xs) > 1:
-                self.prob += pulp.lpSum(xs) == 1, f"one_{owner}"
+                self.prob.add([(x, 1.0) for x in xs], 1.0, 1.0, f"one_{owner}")
         for owner, cs in self.costs.items():
             w = self.pg.counts[owner] * self.m
             self._add_time(owner, [w * (c.fwd_s + c.bwd_s) + self.pg.counts[owner] * c.step_s for c in cs])
@@ -180,7 +176,7 @@ class ShardingILP:
         for ts in asks.values():
             if all(split.get(t) for t in ts):
                 for a, xs in enumerate(picked):
-                    self.prob += _affine([(split[t][a], 1.0) for t in ts] + [(x, -1.0) for x in xs]) >= 0
+                    self.prob.add([(split[t][a], 1.0) for t in ts] + [(x, -1.0) for x in xs], lb=0.0)
 
     def _add_move(self, sels: list[list[tuple]], price: list[tuple], prod: str, outs: list, uo: list) -> list | None:
         """A move into one target, made when any of `sels` is chosen, priced price[a] from placement uo[a]:
@@ -202,7 +198,7 @@ class ShardingILP:
             for a, xs in enumerate(_grouped(self.x[prod], at_out, len(uo))):
                 y = self._var(f"y_{self.n_y}", lowBound=0)
                 self.n_y += 1
-                self.prob += _affine([(y, 1.0)] + [(x, -1.0) for x in xs]) <= 0
+                self.prob.add([(y, 1.0)] + [(x, -1.0) for x in xs], ub=0.0)
                 priced.append(([(y, 1.0)], price[a]))
                 ys.append(y)
             self._add_balance([(y, 1.0) for y in ys] + [(x, -c) for x, c in u])
@@ -218,14 +214,14 @@ class ShardingILP:
         u >= each selection and u <= their sum."""
         if any(isinstance(x, int) for sel in sels for x, _ in sel):
             return [(1, 1.0)]
-        sels = list({tuple(id(x) for x, _ in sel): sel for sel in sels}.values())  # (== on pulp variables builds a constraint)
+        sels = list({tuple(id(x) for x, _ in sel): sel for sel in sels}.values())
         if len(sels) == 1:
             return sels[0]
         u = self._var(f"u_{self.n_y}", lowBound=0, upBound=1)
         self.n_y += 1
         for sel in sels:
-            self.prob += _affine([(u, 1.0)] + [(x, -c) for x, c in sel]) >= 0
-        self.prob += _affine([(u, 1.0)] + [(x, -c) for sel in sels for x, c in sel]) <= 0
+            self.prob.add([(u, 1.0)] + [(x, -c) for x, c in sel], lb=0.0)
+        self.prob.add([(u, 1.0)] + [(x, -c) for sel in sels for x, c in sel], ub=0.0)
         return [(u, 1.0)]
 
     def _add_equal_placement(self, prod, outs, cons, ins) -> None:
@@ -237,11 +233,11 @@ class ShardingILP:
         for o in uo:
             terms = _indicator(self.x[prod], outs, o, 1.0) + [(x, -1.0) for x, inp in zip(self.x[cons], ins)
                                                              if inp == o]
-            self.prob += pulp.LpConstraint(_affine(terms), pulp.LpConstraintEQ, rhs=0)
+            self.prob.add(terms, 0.0, 0.0)
         allowed = set(uo)
         for x, inp in zip(self.x[cons], ins):
             if inp not in allowed and not isinstance(x, int):
-                self.prob += x == 0
+                self.prob.add([(x, 1.0)], 0.0, 0.0)
 
     def _edge_prices(self, pp: PNode, k: int, uo: list, ui: list, mult: int, kept: bool, held_mult: float,
                      rerun: bool = False) -> list[list[tuple[float, float, float]]]:
@@ -293,9 +289,9 @@ class ShardingILP:
             self._add_balance([(ys[b], 1.0) for ys in y] + [(x, -1.0) for x in xs])
 
     def _add_balance(self, terms: list[tuple]) -> None:
-        self.prob += pulp.LpConstraint(pulp.LpAffineExpression(terms, constant=0), pulp.LpConstraintEQ, rhs=0)
+        self.prob.add(terms, 0.0, 0.0)
 
-    def memory_exprs(self) -> dict[str, pulp.LpAffineExpression]:
+    def memory_exprs(self) -> dict[str, dict]:
         """Bytes per device at backward start and at backward end (footprint.py); parameters kept gathered for a
         consumer's backward (edge terms, already in memory_terms) count at the start."""
         at = {"start": self.memory_terms, "end": defaultdict(float)}
@@ -303,22 +299,22 @@ class ShardingILP:
             w = self.weight(t.owner, t.part)
             for phase in phases(t.part, self.m):
                 self._add_time(t.owner, [w * v for v in t.values], at[phase])
-        return {phase: _expr(terms) for phase, terms in at.items()}
+        return at
 
     def memory_lower_bound(self) -> float:
         return memory_lower_bound(self.pg, self.ctx, self.terms, self.weight, micro_batches=self.m)
 
     def add_memory_constraint(self) -> None:
         self.peak = self._var("peak_bytes", lowBound=0)
-        for phase, expr in self.memory_exprs().items():
-            self.prob += expr <= self.budget, f"memory_{phase}"
-            self.prob += self.peak >= expr, f"peak_{phase}"
+        for phase, terms in self.memory_exprs().items():
+            self.prob.add(terms, ub=self.budget, name=f"memory_{phase}")
+            self.prob.add([(self.peak, 1.0)] + [(x, -v) for x, v in terms.items()], lb=0.0, name=f"peak_{phase}")
 
     def add_pin_constraints(self) -> None:
         for owner, keep in self.pinned.items():
             for k, x in enumerate(self.x[owner]):
                 if k not in keep and not isinstance(x, int):
-                    self.prob += x == 0, f"pin_{owner}_{k}"
+                    self.prob.add([(x, 1.0)], 0.0, 0.0, f"pin_{owner}_{k}")
 
     def add_overlap_constraint(self) -> None:
         bwd: dict = defaultdict(float)
@@ -326,10 +322,14 @@ class ShardingILP:
             self._add_time(owner, [self.pg.counts[owner] * c.bwd_s for c in cs], bwd)
         self.z = self._var("z_exposed_sync", lowBound=0)
         f = self.ctx.hw.comm_overlap  # cost_models.comm.exposed_s, linearised: z >= G - f B and z >= (1 - f) G
-        self.prob += self.z >= _expr(self.sync_terms) - f * _expr(bwd), "overlap"
+        hidden = dict(self.sync_terms)  # G - f B, summed per variable
+        for x, v in bwd.items():
+            hidden[x] = hidden.get(x, 0.0) - f * v
+        self.prob.add([(self.z, 1.0)] + [(x, -v) for x, v in hidden.items()], lb=0.0, name="overlap")
         if f < 1.0:
-            self.prob += self.z >= (1.0 - f) * _expr(self.sync_terms), "overlap_share"
-        self.prob += _expr(self.time_terms) + self.z if self.objective == "time" else self.peak
+            self.prob.add([(self.z, 1.0)] + [(x, -(1.0 - f) * v) for x, v in self.sync_terms.items()], lb=0.0,
+                          name="overlap_share")
+        self.prob.minimise({**self.time_terms, self.z: 1.0} if self.objective == "time" else {self.peak: 1.0})
 
     # -- solve ----------------------------------------------------------------------------------------------
     def solve(self, time_limit_s: float = 30.0, threads: int = 1, cutoff_s: float | None = None) -> Solution | None:
@@ -337,86 +337,22 @@ class ShardingILP:
         already found (an incumbent, where this objective is the plan's predicted step time): when the LP relaxation
         proves that no solution here is faster, branch and bound is skipped and the status is OUTPRICED, with the
         relaxation's bound as objective_s. Exact: the bound is below every integral solution."""
-        solver = _solver(time_limit_s, threads)
-        solver.cutoff = None if cutoff_s is None else cutoff_s - float(self.prob.objective.constant)
+        cutoff = None if cutoff_s is None else cutoff_s - self.prob.constant
         t0 = time.perf_counter()
-        with _quiet_stdout():
-            self.prob.solve(solver)
+        out = lp.solve(self.prob, time_limit_s, threads, MIP_GAP, cutoff)
         elapsed = time.perf_counter() - t0
-        bound = getattr(solver, "outpriced_at", None)
-        if bound is not None:
-            return Solution({}, OUTPRICED, bound + float(self.prob.objective.constant), elapsed,
-                            self.prob.numVariables(), self.prob.numConstraints())
-        self.relaxation_integral = getattr(solver, "relaxation_integral", False)  # solved without branching
-        status = pulp.LpStatus[self.prob.status]
-        if status == "Optimal" and self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
-            status = "Not Solved"  # pulp labels HiGHS's time limit "Optimal"; the incumbent is not proven optimal
-        timed_out_with_incumbent = status == "Not Solved" and _has_values(self.x)
-        if status != "Optimal" and not timed_out_with_incumbent:  # infeasible (memory), or nothing found in time
+        size = (self.prob.numVariables(), self.prob.numConstraints())
+        if out.outpriced_at is not None:
+            return Solution({}, OUTPRICED, out.outpriced_at + self.prob.constant, elapsed, *size)
+        self.relaxation_integral = out.relaxation_integral  # solved without branching
+        timed_out_with_incumbent = out.status == "Not Solved" and out.has_incumbent and _has_values(self.x)
+        if out.status != "Optimal" and not timed_out_with_incumbent:  # infeasible (memory), or nothing in time
             return None
         choice = {}
         for owner, xs in self.x.items():
             vals = [x if isinstance(x, int) else (x.value() or 0.0) for x in xs]
             choice[owner] = max(range(len(vals)), key=vals.__getitem__)
-        return Solution(choice, status, float(pulp.value(self.prob.objective) or 0.0), elapsed,
-                        self.prob.numVariables(), self.prob.numConstraints())
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """HiGHS prints its banner to file descriptor 1 when pulp creates it, before `msg=False` can turn logging
-    off; the planner's output (and JSON piped from it) should not carry it."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-class _Problem(pulp.LpProblem):
-    """pulp's problem, for a model whose every variable is made by `variable`: each is registered once, there, not
-    again for every constraint that mentions it (pulp's addConstraint walks the constraint's terms), and
-    `variables()` is that list in pulp's order (by name), sorted once rather than collected again from every
-    constraint on each call (pulp's solve asks three times). The same columns in the same order and the same rows:
-    HiGHS solves the same problem (tests/test_planner_fast_paths.py compares it with pulp's own)."""
-
-    def __init__(self, name: str, sense: int) -> None:
-        super().__init__(name, sense)
-        self._made: list[pulp.LpVariable] = []
-        self._by_name: list[pulp.LpVariable] | None = None
-
-    def variable(self, name: str, lowBound: float | None = None, upBound: float | None = None,
-                 cat: str = "Continuous") -> pulp.LpVariable:
-        if hasattr(self, "add_variable"):  # PuLP >= 3.3 attaches variables to their problem
-            v = self.add_variable(name, lowBound=lowBound, upBound=upBound, cat=cat)
-        else:
-            v = pulp.LpVariable(name, lowBound=lowBound, upBound=upBound, cat=cat)
-        self._made.append(v)
-        self._by_name = None
-        return v
-
-    def addConstraint(self, constraint: pulp.LpConstraint, name=None) -> None:
-        if not isinstance(constraint, pulp.LpConstraint):
-            raise TypeError("Can only add LpConstraint objects")
-        if name:
-            constraint.name = name
-        name = constraint.name or self.unusedConstraintName()
-        if name in self._constraints:
-            raise pulp.PulpError(f"overlapping constraint names: {name}")
-        self._constraints[name] = constraint
-        self.modifiedConstraints.append(constraint)
-
-    def variables(self) -> list[pulp.LpVariable]:
-        if self._by_name is None:
-            self._by_name = sorted(self._made, key=lambda v: v.name)
-        return self._by_name
-
-    def numVariables(self) -> int:
-        return len(self._made)
+        return Solution(choice, out.status, self.prob.objective_value(), elapsed, *size)
 
 
 def _unit(owner: str, part: str) -> float:
@@ -493,130 +429,5 @@ def _indicator(xs: list, keys: list, key, coef: float) -> list[tuple]:
     return [(x, coef) for x, k in zip(xs, keys) if k == key]
 
 
-def _affine(terms: list[tuple]) -> pulp.LpAffineExpression:
-    constant = sum(c for x, c in terms if isinstance(x, int))
-    return pulp.LpAffineExpression([(x, c) for x, c in terms if not isinstance(x, int)], constant=constant)
-
-
-def _expr(terms: dict) -> pulp.LpAffineExpression:
-    constant = sum(v for x, v in terms.items() if isinstance(x, int))
-    return pulp.LpAffineExpression([(x, v) for x, v in terms.items() if not isinstance(x, int)], constant=constant)
-
-
 def _has_values(x: dict[str, list]) -> bool:
     return all(any(not isinstance(v, int) and v.value() for v in xs) for xs in x.values() if len(xs) > 1)
-
-
-def _solver(time_limit_s: float, threads: int):
-    # One thread by default: HiGHS's thread pool does not survive fork, and the search forks workers per mesh.
-    # The time limit is wall clock, so a loaded machine can stop a solve early ("Not Solved", its incumbent). A
-    # deterministic limit exists (single-threaded HiGHS is deterministic; mip_max_nodes / mip_max_leaves count work,
-    # and pulp passes them through as solver options), but HiGHS then ends with kSolutionLimit, which pulp 3.3.2's
-    # HiGHS.findSolutionValues has no entry for (KeyError): using one needs that status mapped here first.
-    if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
-        return _BulkHiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, threads=threads)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP)  # DESIGN decision 5: CBC as the fallback
-
-
-class _BulkHiGHS(pulp.HiGHS):
-    """pulp's HiGHS interface, handing the model over in three calls (columns, integrality, rows) instead of one
-    call per column and per row (pulp.HiGHS.buildSolverModel): the same columns, bounds, costs and rows, in the
-    same order, so HiGHS solves the same problem; ~4x faster to load a Llama-3-8B ILP (27k columns).
-
-    The LP relaxation is solved first (`callSolver`): where its optimal vertex is integral it is the MIP's optimum
-    (no integral point is cheaper than the relaxation's optimum, and this one is integral), proven with no gap,
-    and branch and bound is skipped; otherwise the MIP runs as before. The sharding ILPs' relaxations are often
-    integral (u and y are defined by the x's; the memory row is what makes them fractional), and HiGHS's MIP
-    spends seconds in presolve, probing and heuristics before it sees that."""
-
-    relaxation_first = True
-    cutoff: float | None = None  # ShardingILP.solve's cutoff_s, without the objective's constant
-    outpriced_at: float | None = None  # the relaxation's objective, when it proved the cutoff unbeatable
-
-    def callSolver(self, lp) -> None:
-        h = lp.solverModel
-        self.relaxation_integral = False
-        if self.mip and self.relaxation_first and self._integer:
-            h.setOptionValue("solve_relaxation", True)
-            h.run()
-            h.setOptionValue("solve_relaxation", False)
-            if h.getModelStatus() == highspy_status().kOptimal and _integral(h, self._integer):
-                self.relaxation_integral = True
-                return
-            bound = h.getInfo().objective_function_value
-            if h.getModelStatus() == highspy_status().kOptimal and self.cutoff is not None and \
-                    bound >= self.cutoff * (1 + 1e-9):  # no integral point beats the incumbent: no branching
-                self.outpriced_at = bound
-                return
-            if h.getModelStatus() == highspy_status().kInfeasible:  # no fractional point fits: no integral one
-                return
-        h.run()
-
-    def findSolutionValues(self, lp) -> tuple[int, int]:
-        """(status, solution status) as pulp.HiGHS reports them, and each column's value; without the row duals,
-        slacks and column reduced costs pulp also copies back, which nothing here reads."""
-        h = lp.solverModel
-        values = h.getSolution().col_value
-        for v in self._columns:
-            v.varValue = values[v.index]
-        status = h.getModelStatus()
-        hs = highspy_status()
-        if status == hs.kOptimal:
-            return pulp.LpStatusOptimal, pulp.LpSolutionOptimal
-        if status in (hs.kInfeasible, hs.kUnboundedOrInfeasible):
-            return pulp.LpStatusInfeasible, pulp.LpSolutionInfeasible
-        if status == hs.kUnbounded:
-            return pulp.LpStatusUnbounded, pulp.LpSolutionUnbounded
-        stopped = (hs.kObjectiveBound, hs.kObjectiveTarget, hs.kInterrupt, hs.kTimeLimit, hs.kIterationLimit)
-        if status in stopped and not (status in (hs.kTimeLimit, hs.kIterationLimit) and
-                                      h.getObjectiveValue() == float("inf")):
-            return pulp.LpStatusOptimal, pulp.LpSolutionIntegerFeasible  # stopped early with an incumbent
-        return pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound
-
-    def buildSolverModel(self, lp) -> None:
-        import highspy
-        import numpy as np
-
-        inf, sign = highspy.kHighsInf, -1 if lp.sense == pulp.LpMaximize else 1
-        columns = self._columns = lp.variables()
-        for k, v in enumerate(columns):
-            v.index = k
-        n = len(columns)
-        cost = np.array([sign * lp.objective.get(v, 0.0) for v in columns], dtype=np.float64)
-        lower = np.array([-inf if v.lowBound is None else v.lowBound for v in columns], dtype=np.float64)
-        upper = np.array([inf if v.upBound is None else v.upBound for v in columns], dtype=np.float64)
-        lp.solverModel.addCols(n, cost, lower, upper, 0, np.zeros(n, dtype=np.int32), np.zeros(0, dtype=np.int32),
-                               np.zeros(0))
-        integer = [v.index for v in columns if v.cat == pulp.LpInteger] if self.mip else []
-        self._integer = integer
-        if integer:
-            lp.solverModel.changeColsIntegrality(len(integer), np.array(integer, dtype=np.int32),
-                                                 np.full(len(integer), highspy.HighsVarType.kInteger.value,
-                                                         dtype=np.uint8))
-        starts, index, value, lower, upper = [], [], [], [], []
-        for k, row in enumerate(lp._constraints.values()):  # as pulp.HiGHS reads them
-            row.index = k
-            starts.append(len(index))
-            for v, a in row.items():
-                if a != 0:
-                    index.append(v.index)
-                    value.append(a)
-            lb, ub = row.getLb(), row.getUb()
-            lower.append(-inf if lb is None else lb)
-            upper.append(inf if ub is None else ub)
-        lp.solverModel.addRows(len(lower), np.array(lower, dtype=np.float64), np.array(upper, dtype=np.float64),
-                               len(index), np.array(starts, dtype=np.int32), np.array(index, dtype=np.int32),
-                               np.array(value, dtype=np.float64))
-
-
-def highspy_status():
-    import highspy
-
-    return highspy.HighsModelStatus
-
-
-def _integral(h, integer: list[int], tol: float = 1e-6) -> bool:
-    """Every integer column of HiGHS's current solution within `tol` of an integer (HiGHS's own
-    mip_feasibility_tolerance is 1e-6)."""
-    values = h.getSolution().col_value
-    return all(abs(values[k] - round(values[k])) <= tol for k in integer)
