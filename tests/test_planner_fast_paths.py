@@ -5,6 +5,7 @@ it found it (garbage collection on, source lines recorded)."""
 from __future__ import annotations
 
 import gc
+import sys
 
 import highspy
 import numpy as np
@@ -74,6 +75,19 @@ def test_highs_gets_the_model_pulp_would_give_it(tiny):
     solution = ilp.solve()
     assert pulp.LpStatus[plain.status] == solution.status == "Optimal"
     assert solution.objective_s == pytest.approx(pulp.value(plain.objective), rel=MIP_GAP)
+
+
+def test_without_highspy_cbc_solves_the_same_model(tiny, monkeypatch):
+    """Where highspy is missing, pulp's CBC solves the model (written by Model.to_pulp): the same optimum, on an ILP
+    whose relaxation is fractional (tight memory) and one whose relaxation is integral."""
+    captured = capture(*tiny)
+    for share in (1.0, 1e-4):
+        with_highs = _tiny_ilp(captured, (2, 2), share).solve()
+        with monkeypatch.context() as patched:
+            patched.setitem(sys.modules, "highspy", None)  # `import highspy` raises ImportError
+            with_cbc = _tiny_ilp(captured, (2, 2), share).solve()
+        assert with_cbc.status == with_highs.status == "Optimal"
+        assert with_cbc.objective_s == pytest.approx(with_highs.objective_s, rel=2 * MIP_GAP)
 
 
 def test_a_trace_without_source_lines_is_the_same_graph(tiny):

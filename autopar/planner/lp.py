@@ -23,9 +23,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from autopar.errors import PlanError
 
 RELAXATION_FIRST = True  # tests turn it off to compare with the plain MIP
 
@@ -227,7 +230,13 @@ def _solve_cbc(model: Model, time_limit_s: float, gap: float) -> Outcome:
     import pulp
 
     prob, made = model.to_pulp()
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # PuLP 3.3 deprecates its bundled CBC (PuLP 4: COIN_CMD)
+        solvers = [getattr(pulp, name) for name in ("PULP_CBC_CMD", "COIN_CMD") if hasattr(pulp, name)]
+        cbc = next((s for s in solvers if s(msg=False).available()), None)
+        if cbc is None:
+            raise PlanError("no MIP solver: install highspy (pip install highspy), or CBC (pip install 'pulp[cbc]')")
+        prob.solve(cbc(msg=False, timeLimit=time_limit_s, gapRel=gap))
     for v in model.vars:
         v.varValue = made[v].varValue
     status = pulp.LpStatus[prob.status]
