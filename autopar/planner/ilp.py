@@ -45,6 +45,7 @@ from autopar.planner.cost import (CostContext, NodeCost, edge_price, owner_costs
 from autopar.planner.footprint import Term, phases
 from autopar.planner.footprint import terms as footprint_terms
 from autopar.planner.graph import PlanGraph, PNode
+from autopar.placement import R
 from autopar.planner.moves import EdgeGroup, Role, Target, edge_groups, role, takes_as_produced, target
 
 MIP_GAP = 1e-3  # stop within 0.1% of the optimum: far below the cost model's own accuracy
@@ -58,6 +59,10 @@ class ShardingILP:
         self.weight = weight or _unit  # (owner, part) -> share of that memory term one device holds
         self.objective = objective  # "time" (step time), or "memory": the least memory any plan needs
         self.pinned = pinned or {}  # owner -> the strategy indices its pins allow
+        for p in pg.owners():  # a tensor's unused second name (a tied weight) costs nothing anywhere: replicated,
+            if p.kind in ("param", "buffer") and not p.node.users and len(p.strategies) > 1:  # not a solver's tie
+                whole = [k for k, s in enumerate(p.strategies) if all(t == R for t in s.outs[0])]
+                self.pinned = {**self.pinned, p.node.name: whole} if whole else self.pinned
         self.prob = lp.Model("autopar_sharding")
         self.costs: dict[str, list[NodeCost]] = {}
         self.x: dict[str, list] = {}

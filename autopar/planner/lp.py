@@ -196,7 +196,9 @@ def _run(h, integer: list[int], cutoff: float | None) -> Outcome:
     ms = highspy.HighsModelStatus
     if RELAXATION_FIRST and integer:
         h.setOptionValue("solve_relaxation", True)
+        h.setOptionValue("presolve", "off")  # the relaxation's simplex alone is ~4x faster than with presolve here
         h.run()
+        h.setOptionValue("presolve", "choose")
         h.setOptionValue("solve_relaxation", False)
         status = h.getModelStatus()
         if status == ms.kOptimal and _integral(h, integer):
