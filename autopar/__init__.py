@@ -5,18 +5,25 @@
 """
 
 from autopar.errors import AutoparError
-from autopar.plan import Plan
-from autopar.planning import make_plan
 
 __all__ = ["AutoparError", "Plan", "compile", "make_plan"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """`autopar.compile` imports the runtime (FSDP2, pipelining: ~1 s) on first use, so that planning alone,
-    e.g. `autopar plan`, does not pay for it."""
+    """The rest on first use: `autopar.compile` imports the runtime (FSDP2, pipelining: ~1 s), so that planning
+    alone does not pay for it, and `make_plan` and `Plan` import torch, so that the `autopar` command
+    (cli/command.py) can set up the process before torch is imported."""
     if name == "compile":
         from autopar.api import compile
 
         return compile
+    if name == "make_plan":
+        from autopar.planning import make_plan
+
+        return make_plan
+    if name == "Plan":
+        from autopar.plan import Plan
+
+        return Plan
     raise AttributeError(f"module 'autopar' has no attribute {name!r}")

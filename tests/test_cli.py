@@ -106,8 +106,9 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     assert code == 130 and out == "" and err == ""
 
 
-def test_console_script_exit_codes_and_stderr(tmp_path):
-    cmd = [sys.executable, "-m", "autopar.cli.main", *TINY]
+@pytest.mark.parametrize("module", ["autopar.cli", "autopar.cli.main"])
+def test_console_script_exit_codes_and_stderr(tmp_path, module):
+    cmd = [sys.executable, "-m", module, *TINY]
     bad = subprocess.run([*cmd, "--devices", "4", "--fix", "tp=2,tp=4"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr == "autopar: error: --fix gives tp twice (tp=2 and tp=4); give it once\n"
@@ -115,6 +116,16 @@ def test_console_script_exit_codes_and_stderr(tmp_path):
     ok = subprocess.run([*cmd, "--devices", "2", "--json", str(path)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(path.read_text())["devices"] == 2 and "predicted step time" in ok.stdout
+
+
+def test_the_command_sets_up_before_torch_is_imported():
+    """The `autopar` command's module imports neither torch nor the planner (cli/command.py turns garbage
+    collection off for `autopar plan` before they are imported); `autopar.make_plan` and `autopar.Plan` still
+    resolve."""
+    code = ("import sys, autopar.cli.command\nassert 'torch' not in sys.modules, 'torch imported'\n"
+            "import autopar\nassert autopar.make_plan.__module__ == 'autopar.planning' and autopar.Plan.__name__ == 'Plan'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ---------------------------------------------------------------- the flag languages

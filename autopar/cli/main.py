@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
-import os
 import sys
 from importlib import metadata
 
@@ -49,23 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def entry() -> None:
-    """The `autopar` command. After `autopar plan` has printed and saved everything, the process exits without
-    tearing down the interpreter: freeing the traced graphs of a large model one object at a time takes ~1 s
-    and serves nothing. Other commands (which launch ranks and own files until the end) exit normally."""
-    planning = sys.argv[1:2] == ["plan"]
-    if planning:  # nor is its garbage collected at the end: re-enabled after planning (plan_cmd._planning_only),
-        gc.disable()  # the collector's first pass would walk every object the planner made (~0.15 s)
-    code = main()
-    if planning:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BrokenPipeError:  # `autopar plan ... | head`: the reader left; nothing more to say
-            pass
-        os._exit(code)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
+    from autopar.cli.command import entry
+
     entry()

@@ -2,9 +2,9 @@
 
     python tests/benchmarks/bench_planner.py [--repeat N] [--json OUT] [--case NAME ...]
 
-Each case runs `python -m autopar.cli.main plan ... --json tmp.json` in a subprocess; the wall clock
-(time.perf_counter around subprocess.run) includes interpreter start-up, importing torch, building the model on
-meta, tracing, the mesh/micro-batch search and printing. From the saved plan it also reads the planner's own time
+Each case runs `python -m autopar.cli plan ... --json tmp.json` (the `autopar` command) in a subprocess; the wall
+clock (time.perf_counter around subprocess.run) includes interpreter start-up, importing torch, building the model
+on meta, tracing, the mesh/micro-batch search and printing. From the saved plan it also reads the planner's own time
 (`solver.seconds`: tracing + ILP building + solving, all candidates), the best candidate's ILP solve time
 (`solver.solve_s`) and ILP size, and the CPU seconds (user + system) of the process and its forked workers: on a
 machine shared with other work the wall clock moves with the load, the CPU time much less. Prints one rich table
@@ -65,7 +65,7 @@ def run_once(case: Case, workdir: Path, python: str = sys.executable) -> dict:
     """One `autopar plan` process: its wall clock and the solver stats it saved, or why it failed. `python` is the
     interpreter (the environment, hence the checkout of autopar) that plans."""
     out = workdir / "plan.json"
-    cmd = [python, "-m", "autopar.cli.main", "plan", *case.argv, "--json", str(out)]
+    cmd = [python, "-m", "autopar.cli", "plan", *case.argv, "--json", str(out)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the CLI and, once it waited for them, its workers
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)  # no checkout on sys.path: the venv's
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "error" in r:
             console.print(f"[red]{r['case']}: {r['failed_runs']}/{r['repeat']} runs failed[/red] ({r['error']}); "
-                          f"reproduce with: python -m autopar.cli.main {r['command'].removeprefix('autopar ')}")
+                          f"reproduce with: python -m autopar.cli {r['command'].removeprefix('autopar ')}")
     console.print(f"after: {describe()}")
     console.print("cpu s = user + system seconds of the CLI and its forked workers (all cores); planner s = "
                   "solver.seconds from the plan (tracing + ILP build + solve, every candidate); outside s = wall - "

@@ -1,0 +1,5 @@
+"""`python -m autopar.cli ...` runs the `autopar` command."""
+
+from autopar.cli.command import entry
+
+entry()
