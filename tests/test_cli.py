@@ -123,7 +123,8 @@ def test_the_command_sets_up_before_torch_is_imported():
     collection off for `autopar plan` before they are imported); `autopar.make_plan` and `autopar.Plan` still
     resolve."""
     code = ("import sys, autopar.cli.command\nassert 'torch' not in sys.modules, 'torch imported'\n"
-            "import autopar\nassert autopar.make_plan.__module__ == 'autopar.planning' and autopar.Plan.__name__ == 'Plan'")
+            "import autopar\nassert autopar.make_plan.__module__ == 'autopar.planning'\n"
+            "assert autopar.Plan.__name__ == 'Plan'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
