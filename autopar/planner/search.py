@@ -279,9 +279,10 @@ def _keep_faster(req, best: dict[int, Candidate], i: int, c: Candidate) -> None:
 def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Candidate]:
     """Before the rounds: each flat mesh's most micro-batches (one sample per replica) with the least
     recomputation that fits, solved whatever it costs. These plans need little memory, so their ILPs are easy (the
-    relaxation is usually integral), they are often close to the best, and they give the rounds an incumbent: a round's ILP whose LP
-    relaxation cannot beat it is not branched on (ShardingILP.solve's cutoff). They are candidates like any other
-    (the rounds stop two micro-batch counts after a mesh first fits, which can stop short of these)."""
+    relaxation is usually integral), they are often close to the best, and they give the rounds an incumbent: a
+    round's ILP whose LP relaxation cannot beat it is not branched on (ShardingILP.solve's cutoff). They are
+    candidates like any other (the rounds stop two micro-batch counts after a mesh first fits, which can stop short
+    of these)."""
     tries = {}  # mesh -> its configurations to try, in order: the least recomputation that fits, ZeRO upward
     for i, (counts, cfgs) in pending.items():
         if meshes[i]["pp"] > 1:
