@@ -64,6 +64,7 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
             if progress and not deepening.holds():
                 progress(f"the two-block trace does not repeat into the full model's ({deepening.why_not})")
             return deepening(depth, micro_batch)
+        trace.deepening = deepening  # cp_search starts its check beside the search (Deepening.check_beside)
         return trace
 
     req = SearchRequest(model=model, n_params=n_params(module), hardware=hw, devices=devices, batch=batch, seq=seq,

@@ -8,6 +8,8 @@ module path, and a model whose blocks are not alike must be traced for real.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -89,3 +91,34 @@ def test_blocks_that_differ_are_traced_for_real():
 def test_a_model_without_two_alike_blocks_is_not_deepened():
     with pytest.raises(NotDeepenable):
         deepened(capture(_Uneven(1), (torch.randn(2, 8),)), 4)
+
+
+def _deepenings(uneven: bool):
+    if uneven:
+        def trace(layers: int, batch: int):
+            return capture(_Uneven(layers), (torch.randn(batch, 8),))
+    else:
+        def trace(layers: int, batch: int):
+            return _trace("gpt", layers, batch)
+    def counted(calls: list):
+        return lambda: calls.append(1) or trace(3, Deepening.CHECK_BATCH)
+    calls = [[], []]
+    return [Deepening(lambda b: trace(2, b), counted(c), lambda b: trace(6, b)) for c in calls], calls
+
+
+@pytest.mark.parametrize("uneven", [False, True], ids=["alike", "uneven"])
+def test_the_check_beside_answers_as_the_check_here(uneven, monkeypatch):
+    """Deepening.check_beside runs the check in a forked process (cp_search.py starts it while the search runs):
+    holds() then gives the answer and the reason the check here gives, for blocks alike and blocks that differ. A
+    process that dies before answering leaves the check to this one."""
+    (here, beside), traced = _deepenings(uneven)
+    beside.check_beside()
+    assert beside.holds() == here.holds() == (not uneven)
+    assert beside.why_not == here.why_not and (beside.why_not is None) == (not uneven)
+    assert traced == [[1], []]  # the three-block trace was taken here for `here` only
+    from autopar.planner import redepth
+
+    monkeypatch.setattr(redepth, "_check_into", lambda deepening, send: os._exit(1))
+    (_, dead), traced = _deepenings(uneven)
+    dead.check_beside()
+    assert dead.holds() == here.holds() and dead.why_not == here.why_not and traced == [[], [1]]

@@ -106,6 +106,9 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     degrees = cp_degrees(req, None if beside else refusal)
     if beside:  # cp = 1's one-sample trace, as the refusals take it: with the search's first, every later batch
         _one_sample(traces, proxies)  # is derived (rebatch.py), here, before the search forks workers
+        deepening = getattr(traces(1), "deepening", None)  # and the full-depth rule's check (redepth.py) beside
+        if deepening is not None:
+            deepening.check_beside()
     with _folds_beside(req, traces, proxies, degrees[1:], refusal) as ahead:
         for cp in degrees:
             try:

@@ -21,6 +21,7 @@ one, and `autopar.compile` traces the real model and checks its fingerprint agai
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import re
 from typing import Callable
 
@@ -46,8 +47,29 @@ class Deepening:
         self.two, self.three, self.real = two, three, real
         self._holds: bool | None = None
         self.why_not: str | None = None  # the first difference found by the check
+        self._beside = None  # (process, connection) of a check running in a forked process
+
+    def check_beside(self) -> None:
+        """Start the check in a forked process, whose answer `holds` reads: the search runs here meanwhile, and the
+        three-block trace (~0.2 s) leaves the end of planning, where nothing else runs beside it. Call it once
+        `two(CHECK_BATCH)` is traced, so that the process does not trace it again."""
+        ctx = mp.get_context("fork")
+        receive, send = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_check_into, args=(self, send), daemon=True)
+        process.start()
+        send.close()
+        self._beside = (process, receive)
 
     def holds(self) -> bool:
+        if self._holds is None and self._beside is not None:
+            (process, receive), self._beside = self._beside, None
+            try:
+                self._holds, self.why_not = receive.recv()
+            except (EOFError, OSError):  # the process died before answering: check here
+                pass
+            finally:
+                receive.close()
+                process.join()
         if self._holds is None:
             try:
                 self.why_not = difference(deepened(self.two(self.CHECK_BATCH), 3), self.three())
@@ -63,6 +85,12 @@ class Deepening:
             except NotDeepenable:
                 pass
         return self.real(batch)
+
+
+def _check_into(deepening: Deepening, send) -> None:
+    """In the forked process: the check's answer, (holds, why_not), to the parent."""
+    send.send((deepening.holds(), deepening.why_not))
+    send.close()
 
 
 def deepened(two: Captured, depth: int) -> Captured:
