@@ -344,16 +344,18 @@ def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candida
 
 def _price_all(req, trace, meshes, donor, budget, proxy) -> list[Candidate | None]:
     """`_price` for every mesh; in forked workers where that is safe, which return each result without its
-    planning graph (the winner is rebuilt by `_materialized`). A worker takes
-    meshes of neighbouring dp, which trace the same micro-step batches (dp x 1, dp x 2)."""
+    planning graph (the winner is rebuilt by `_materialized`). A task is meshes of neighbouring dp, which trace
+    the same micro-step batches (dp x 1, dp x 2); there are CHUNKS_PER_WORKER times more tasks than workers, the
+    largest first, so that a worker that finishes early takes the next rather than leaving its core idle while
+    another works through a long one."""
     workers = min(len(meshes), os.cpu_count() or 1, 4)
     if workers < 2 or forbid_fork():
         return [_price(req, trace, d, donor, budget, proxy) for d in meshes]
-    chunks = _by_dp(meshes, workers)
+    chunks = sorted(_by_dp(meshes, CHUNKS_PER_WORKER * workers), key=len, reverse=True)
     global _FORK_STATE
     _FORK_STATE = (req, trace, budget, donor, proxy)
     try:
-        with ProcessPoolExecutor(len(chunks), mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context("fork")) as pool:
             futures = [pool.submit(_price_worker, [meshes[i] for i in chunk]) for chunk in chunks]
             out: list[Candidate | None] = [None] * len(meshes)
             for chunk, f in zip(chunks, futures):
@@ -362,6 +364,9 @@ def _price_all(req, trace, meshes, donor, budget, proxy) -> list[Candidate | Non
             return out
     finally:
         _FORK_STATE = None
+
+
+CHUNKS_PER_WORKER = 3
 
 
 def _by_dp(meshes, workers: int) -> list[list[int]]:
