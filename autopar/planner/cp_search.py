@@ -93,8 +93,7 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     """The best plan over the cp degrees. traces(cp): the trace function (micro-step batch -> Captured) of the
     model at seq / cp; proxies(cp): its shallow proxy (search.search's `proxy`) or None."""
     def refusal(cp: int) -> str | None:  # on one sample (the shallow copy where there is one)
-        at = (lambda c: proxies(c)[0]) if proxies and proxies(cp) is not None else traces
-        return cp_analysis(at(cp)(1), _one_sample(traces, proxies))[0]
+        return cp_analysis(_one_sample(traces, proxies, cp), _one_sample(traces, proxies))[0]
 
     plans: dict[int, Plan] = {}
     failures: dict[int, Exception] = {}
@@ -147,8 +146,9 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     return replace(best, alternatives=best.alternatives + others, solver=solver)
 
 
-def _one_sample(traces, proxies) -> Captured:
-    return (proxies(1)[0] if proxies and proxies(1) is not None else traces(1))(1)
+def _one_sample(traces, proxies, cp: int = 1) -> Captured:
+    """The model at seq / cp traced at one sample: its shallow copy where there is one."""
+    return (proxies(cp)[0] if proxies and proxies(cp) is not None else traces(cp))(1)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from autopar.placement import R
 from autopar.planner import lp
 from autopar.planner.candidate import Solution
 from autopar.planner.cost import (CostContext, NodeCost, edge_price, owner_costs, recomputed, saved_kinds,
@@ -45,7 +46,6 @@ from autopar.planner.cost import (CostContext, NodeCost, edge_price, owner_costs
 from autopar.planner.footprint import Term, phases
 from autopar.planner.footprint import terms as footprint_terms
 from autopar.planner.graph import PlanGraph, PNode
-from autopar.placement import R
 from autopar.planner.moves import EdgeGroup, Role, Target, edge_groups, role, takes_as_produced, target
 
 MIP_GAP = 1e-3  # stop within 0.1% of the optimum: far below the cost model's own accuracy

@@ -141,7 +141,12 @@ class Outcome:
 
 def solve(model: Model, time_limit_s: float, threads: int, gap: float, cutoff: float | None = None) -> Outcome:
     """Solve with HiGHS (CBC through pulp where highspy is missing); columns get their values. `cutoff`: an
-    objective (without the constant) no solution of interest reaches."""
+    objective (without the constant) no solution of interest reaches.
+
+    One thread by default: HiGHS's thread pool does not survive fork, and the search forks workers per mesh. The
+    time limit is wall clock, so a loaded machine can stop a solve early ("Not Solved", with its incumbent); a
+    deterministic limit exists (mip_max_nodes / mip_max_leaves count work), but HiGHS then ends with
+    kSolutionLimit, which `_run` would first have to map."""
     try:
         import highspy
     except ImportError:

@@ -28,6 +28,7 @@ from typing import Callable
 
 from autopar.capture import Captured
 from autopar.errors import MeshError, PlanError
+from autopar.placement import R
 from autopar.plan import Plan
 from autopar.planner import bounds
 from autopar.planner.bounds import predicted
@@ -37,13 +38,12 @@ from autopar.planner.ilp import OUTPRICED, ShardingILP, memory_lower_bound
 from autopar.planner.layers import relax
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.pins import pinned_strategies
-from autopar.placement import R
-from autopar.strategies import Strategy
 from autopar.planner.space import (AXES, NO_LIMIT, deepened_trace, fmt_bytes, fmt_mesh, frontier, graph_for,
                                    memory_budget, memory_configs, mesh_candidates, micro_batch_counts,
                                    no_batch_message, settles)
 from autopar.planner.staging import layouts, rank_weight
 from autopar.planner.predict import predict, to_plan
+from autopar.strategies import Strategy
 
 
 class Outpriced(Exception):
@@ -369,16 +369,16 @@ def _price_all(req, trace, meshes, donor, budget, proxy) -> list[Candidate | Non
 CHUNKS_PER_WORKER = 3
 
 
-def _by_dp(meshes, workers: int) -> list[list[int]]:
-    """Mesh indices in `workers` chunks of about equal size, cut only between different dp (ascending)."""
+def _by_dp(meshes, n: int) -> list[list[int]]:
+    """Mesh indices in at most n chunks of about equal size, cut only between different dp (ascending)."""
     groups: dict[int, list[int]] = {}
     for i in sorted(range(len(meshes)), key=lambda i: meshes[i]["dp"]):
         groups.setdefault(meshes[i]["dp"], []).append(i)
-    target = len(meshes) / workers
+    target = len(meshes) / n
     chunks: list[list[int]] = [[]]
     for group in groups.values():
         overshoot = abs(len(chunks[-1]) + len(group) - target) > abs(len(chunks[-1]) - target)
-        if chunks[-1] and overshoot and len(chunks) < workers:
+        if chunks[-1] and overshoot and len(chunks) < n:
             chunks.append([])
         chunks[-1].extend(group)
     return chunks
@@ -409,21 +409,21 @@ def _materialized(req, trace, c: Candidate, budget) -> Candidate:
 def _transferred(req, trace, degrees, m, donor: Candidate, budget) -> Candidate | None:
     """The donor's placements on this mesh and micro-batching, with the first ZeRO/checkpointing configuration
     (frontier order) whose pipeline layout fits; None when a placement does not exist here or nothing fits."""
+    pg = graph_for(req, trace(req.batch // m), degrees)[0]  # one planning graph per mesh, whatever the configuration
     flat = tuple(k for k, a in enumerate(AXES) if degrees[a] == 1)  # axes of one rank: any placement is whole
+    choice = {}
+    for o in pg.owners():
+        theirs = donor.graph.nodes.get(o.node.name)
+        if theirs is None:
+            return None
+        want = _on_axes(theirs.strategies[donor.solution.choice[o.node.name]], flat)
+        k = next((k for k, s in enumerate(o.strategies) if s == want), None)
+        if k is None:
+            return None
+        choice[o.node.name] = k
+    sol = Solution(choice, "pp=1 sharding", 0.0, 0.0, donor.solution.variables, donor.solution.constraints)
     for cfg in frontier(memory_configs(req, degrees["dp"]), lambda cfg: True) + \
             [c for c in memory_configs(req, degrees["dp"]) if c.zero == 3]:
-        pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
-        choice = {}
-        for o in pg.owners():
-            theirs = donor.graph.nodes.get(o.node.name)
-            if theirs is None:
-                return None
-            want = _on_axes(theirs.strategies[donor.solution.choice[o.node.name]], flat)
-            k = next((k for k, s in enumerate(o.strategies) if s == want), None)
-            if k is None:
-                return None
-            choice[o.node.name] = k
-        sol = Solution(choice, "pp=1 sharding", 0.0, 0.0, donor.solution.variables, donor.solution.constraints)
         c = _candidate(req, trace, degrees, m, sol, cfg, budget)
         if c.solution is not None:
             return c
