@@ -19,7 +19,7 @@ from autopar.capture import capture
 from autopar.cost_models import axis_links, exposed_s, load_hardware
 from autopar.errors import MeshError, PlanError
 from autopar.models import build_model, sample_inputs
-from autopar.placement import P, S
+from autopar.placement import P, R, S
 from autopar.planner.cost import CostContext, node_cost, redistribution_time_s
 from autopar.planner.graph import PlanGraph, build
 from autopar.planner.ilp import ShardingILP
@@ -338,3 +338,16 @@ def test_owner_costs_kept_per_graph_are_each_contexts_own():
         ctx = replace(base, memory=MemoryConfig(zero, ac, precision, fuse=True), dp=dp)
         assert owner_costs(pg, ctx) == {p.node.name: [node_cost(ctx, p, s) for s in p.strategies]
                                         for p in pg.owners()}, (zero, ac, dp, precision)
+
+
+def test_a_tied_weights_unused_second_name_is_planned_replicated():
+    """gpt-tiny's wte.weight is lm_head.weight's second name and no op reads it: it costs nothing under any
+    placement, so the ILP pins it replicated rather than leaving the plan to report whatever tie the solver
+    lands on (the runtime aliases it to the tensor the graph uses, api.py)."""
+    pg = _gpt_tiny_graph(2)
+    unused = [p for p in pg.owners() if p.kind == "param" and not p.node.users]
+    assert [p.node.name for p in unused] == ["p_wte_weight"] and len(unused[0].strategies) > 1
+    ilp = ShardingILP(pg, context(load_hardware("cpu"), (2, 2)), budget_bytes=1e30)
+    solution = ilp.solve()
+    chosen = unused[0].strategies[solution.choice["p_wte_weight"]]
+    assert all(t == R for t in chosen.outs[0]), chosen
