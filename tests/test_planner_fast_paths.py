@@ -186,3 +186,34 @@ def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch, model, 
     assert bounded.strategies == exhaustive.strategies
     assert bounded.predicted.step_time_s == pytest.approx(exhaustive.predicted.step_time_s, rel=1e-9)
     assert with_bounds < len(built), (with_bounds, len(built))
+
+
+@pytest.mark.parametrize("layers", [2, 4], ids=["traced", "proxy"])
+def test_the_time_bound_is_below_every_pipeline_candidate(monkeypatch, layers):
+    """bounds.time_bound, which prunes pipeline meshes that have no flat donor (search._solve_meshes' cutoff), is at
+    most the predicted step time of every pipeline candidate the search prices, on the model's own trace (two
+    layers) and on the deepened two-block proxy (four layers). It once left out its division by pp: a pipeline's
+    bound was its whole replica's work, up to pp times the prediction, which pruned meshes that could win."""
+    from autopar.planner import bounds
+    from autopar.planner import search as S
+    from autopar.planning import make_plan
+
+    monkeypatch.setattr(S, "forbid_fork", lambda: True)
+    priced = []
+    real = S._price
+
+    def recording(req, trace, d, donor, budget, proxy):
+        c = real(req, trace, d, donor, budget, proxy)
+        priced.append((req, trace, proxy, c))
+        return c
+
+    monkeypatch.setattr(S, "_price", recording)
+    make_plan("llama-tiny", devices=8, hardware="h100-80gb-sxm", batch=16, seq=32, model_args={"layers": layers},
+              fix={"cp": 1})
+    pipelined = [(req, trace, proxy, c) for req, trace, proxy, c in priced if c is not None and c.degrees["pp"] > 1]
+    assert pipelined
+    for req, trace, proxy, c in pipelined:
+        bound = bounds.time_bound(req, trace, c.degrees, c.micro_batches, c.memory,
+                                  (*proxy, {}) if proxy is not None else None)
+        step = bounds.predicted(req, c).step_time_s
+        assert 0 < bound <= step * (1 + 1e-9), (c.degrees, c.micro_batches, c.memory, bound, step)

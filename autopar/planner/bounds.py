@@ -59,11 +59,12 @@ def time_bound(req, trace, degrees, m, cfg: MemoryConfig, proxy) -> float:
     On the shallow proxy it is taken at the whole batch, which bounds m micro-batches from below: an op's time is
     a roofline plus a fixed launch cost (cost_models/compute.py), so m ops on 1/m of the data take at least as long
     as one op on all of it."""
+    pp = degrees.get("pp", 1)
     if proxy is not None:
         pg, _, costs, all_terms = whole_batch(req, degrees, proxy, cfg)
-        return compute_bound(pg, costs, all_terms, 1)
+        return compute_bound(pg, costs, all_terms, 1) / pp
     pg, ctx = graph_for(req, trace(req.batch // m), degrees, cfg)
-    return compute_bound(pg, *priced(pg, ctx), m)
+    return compute_bound(pg, *priced(pg, ctx), m) / pp
 
 
 def whole_batch(req, degrees, proxy, cfg: MemoryConfig):
