@@ -206,9 +206,14 @@ def _activation_terms(pg: PlanGraph, ctx: CostContext, p: PNode, n: int, cs: lis
         return [Term(name, "activations", tuple(n * (c.activation_bytes + c.transient_bytes) for c in cs))]
     # A checkpointed block keeps only its inputs (added by block_input_terms) and, under selective, the outputs of
     # its weight matmuls; the block being recomputed holds the rest of its activations once; recomputation costs
-    # the forward again for every op not kept.
+    # the forward again for every op not kept. What an op holds is never below zero: a fused chain's member saves
+    # nothing (cost.fused: its anchor holds what the kernel saves), so an input the checkpoint keeps is nothing to
+    # take off. Unclamped, that difference was minus the input's bytes, and the ILP bought memory with it: a
+    # member reading its input gathered over dp (Llama-3-70B at dp=512 x tp=2, full checkpointing: each norm's
+    # square read the residual stream of all 512 replicas, -30 GiB "recompute", 237 s of all-gathers per step).
     held = [j for j in p.saved_inputs if _kept_by_checkpoint(pg, p, j, ac)]
-    out = [Term(name, "recompute", tuple(c.activation_bytes - sum(saved_input_bytes(ctx, p, s, j) for j in held)
+    out = [Term(name, "recompute", tuple(max(0.0, c.activation_bytes - sum(saved_input_bytes(ctx, p, s, j)
+                                                                          for j in held))
                                          for c, s in zip(cs, p.strategies)))]
     if ac == "selective" and p.node.target in KEEP_UNDER_SELECTIVE:
         out.append(Term(name, "activations", tuple(n * c.out_bytes for c in cs)))
