@@ -118,6 +118,23 @@ def test_console_script_exit_codes_and_stderr(tmp_path, module):
     assert json.loads(path.read_text())["devices"] == 2 and "predicted step time" in ok.stdout
 
 
+def test_the_command_plans_what_the_planner_plans_in_process(tmp_path, capsys):
+    """`autopar plan` as a command keeps triton from being imported (torch's dynamo imports it at start-up, and
+    planning never runs a kernel: cli/command.py) and runs without garbage collection: the plan it writes is the
+    one the planner makes in a process with both, fused kernels priced (an H100)."""
+    argv = ["plan", "llama-tiny", "--hardware", "h100-80gb-sxm", "--batch", "8", "--devices", "4"]
+    proc = subprocess.run([sys.executable, "-m", "autopar.cli", *argv, "--json", str(tmp_path / "command.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert main([*argv, "--json", str(tmp_path / "here.json")]) == 0
+    capsys.readouterr()
+    command, here = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("command", "here"))
+    for plan in (command, here):
+        for key in ("seconds", "solve_s"):
+            plan["solver"].pop(key)
+    assert command["fusions"] and command == here
+
+
 def test_the_command_sets_up_before_torch_is_imported():
     """The `autopar` command's module imports neither torch nor the planner (cli/command.py turns garbage
     collection off for `autopar plan` before they are imported); `autopar.make_plan` and `autopar.Plan` still
