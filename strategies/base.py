@@ -11,6 +11,7 @@ flattened; duplicates kept), see `tensor_inputs`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import math
@@ -190,17 +191,25 @@ def replicated(n_ins: int, n_outs: int = 1) -> Strategy1D:
 
 def expand(rules1d: Sequence[Strategy1D], degrees: Sequence[int], info: OpInfo) -> list[Strategy]:
     """All N-axis strategies: one single-axis choice per axis of degree > 1, legal for every tensor."""
-    n_outs, n_ins = len(info.out_shapes), len(info.in_shapes)
+    return list(_expand(tuple(rules1d), tuple(degrees), tuple(info.out_shapes), tuple(info.in_shapes)))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _expand(rules1d: tuple[Strategy1D, ...], degrees: tuple[int, ...], out_shapes: tuple[Shape, ...],
+            in_shapes: tuple[Shape, ...]) -> tuple[Strategy, ...]:
+    """expand by what it depends on, cached: the planner builds a graph per mesh and micro-step batch, and the
+    nodes of repeated blocks, the parameters, and every graph of the same shapes ask again."""
+    n_outs, n_ins = len(out_shapes), len(in_shapes)
     base = replicated(n_ins, n_outs)
     per_axis = [list(dict.fromkeys(rules1d)) if d > 1 else [base] for d in degrees]
-    shapes = info.out_shapes + info.in_shapes
+    shapes = out_shapes + in_shapes
     out: list[Strategy] = []
     for combo in itertools.product(*per_axis):
         tensors = [tuple(c.outs[i] for c in combo) for i in range(n_outs)]
         tensors += [tuple(c.ins[j] for c in combo) for j in range(n_ins)]
         if all(_legal(t, s, degrees) for t, s in zip(tensors, shapes)):
             out.append(Strategy(outs=tuple(tensors[:n_outs]), ins=tuple(tensors[n_outs:])))
-    return out
+    return tuple(out)
 
 
 def _legal(placements: Sequence[Placement], shape: Shape, degrees: Sequence[int]) -> bool:

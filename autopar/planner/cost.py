@@ -18,7 +18,7 @@ from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
 from autopar.placement import P, R, Placement, local_shape
 from autopar.planner.fusion import Chain, chain_of
 from autopar.planner.graph import PNode
-from autopar.planner.ring import ring_node_cost
+from autopar.planner.ring import is_attention, ring_node_cost
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
 from autopar.redistribute import Step, steps
 from autopar.strategies import Strategy
@@ -112,8 +112,14 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         return _placeholder_cost(ctx, p, s)
     if p.kind == "output" or not p.info.out_shapes:
         return NodeCost(0, 0, 0, 0)
-    ins = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.in_shapes, s.ins)]
     outs = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.out_shapes, s.outs)]
+    chain = fused_chain(ctx, p, s)
+    if chain is not None and p.node.name != chain.anchor and not (ctx.cp > 1 and is_attention(p)):
+        # absorbed into its chain's kernel (`fused`): only its outputs' bytes remain; half of a fused model's op
+        # costs are such members, so they are not priced in full first
+        return NodeCost(0.0, 0.0, 0.0, 0.0, _activation_scale(ctx, p) * sum(
+            nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes)))
+    ins = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.in_shapes, s.ins)]
     flops = p.rule.flops(ins, outs, p.info) if p.rule else float(sum(math.prod(o) for o in outs))
     moved = 0.0
     if p.rule is None or not p.rule.moves_no_data:
@@ -294,21 +300,29 @@ def fused(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost) -> NodeCost:
     backward: add_norm/norm keep their input and two fp32 numbers per row, swiglu its two inputs, rotary nothing
     (its tables are buffers), bias_gelu the pre-activation, cross_entropy the input's and weight's gradients
     (computed in forward) instead of the [tokens x vocab/tp] logits."""
-    if not ctx.memory.fuse or p.kind != "op":
-        return cost
-    chain = chain_of(p.node)
-    if chain is None or (chain.kind in ("bias_gelu", "cross_entropy") and p.node.name == chain.members[0]):
-        return cost  # the Linear stays a matmul at its own price
-    if chain.kind == "add_norm" and p.node.name == chain.members[0] and P in s.outs[0]:
-        # a partial sum is all-reduced before any norm reads it (codegen/emit.py): the collective splits the chain
-        # there, codegen/fuse.py leaves it unfused, and the add runs on its own; the search sees the price and
-        # keeps the residual sum whole where the fused chain is cheaper (Megatron's order: reduce, then add)
+    chain = fused_chain(ctx, p, s)
+    if chain is None:
         return cost
     if p.node.name != chain.anchor:
         return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0, transient_bytes=0.0)
     if chain.kind == "cross_entropy":
         return _cross_entropy_cost(ctx, p, s, cost, chain)
     return _pointwise_cost(ctx, p, s, cost, chain)
+
+
+def fused_chain(ctx: CostContext, p: PNode, s: Strategy) -> Chain | None:
+    """The chain node p runs fused in at strategy s (`fused`); None where it is priced as itself."""
+    if not ctx.memory.fuse or p.kind != "op":
+        return None
+    chain = chain_of(p.node)
+    if chain is None or (chain.kind in ("bias_gelu", "cross_entropy") and p.node.name == chain.members[0]):
+        return None  # the Linear stays a matmul at its own price
+    if chain.kind == "add_norm" and p.node.name == chain.members[0] and P in s.outs[0]:
+        # a partial sum is all-reduced before any norm reads it (codegen/emit.py): the collective splits the chain
+        # there, codegen/fuse.py leaves it unfused, and the add runs on its own; the search sees the price and
+        # keeps the residual sum whole where the fused chain is cheaper (Megatron's order: reduce, then add)
+        return None
+    return chain
 
 
 def _local_out(ctx: CostContext, p: PNode, s: Strategy) -> tuple[tuple[int, ...], torch.dtype]:

@@ -30,7 +30,7 @@ from autopar.errors import MeshError, PlanError
 from autopar.plan import Plan
 from autopar.planner.candidate import SearchRequest
 from autopar.planner.context import cp_analysis
-from autopar.planner import search as searching
+from autopar.planner import lp, search as searching
 from autopar.planner.search import Outpriced, finish, rank, search
 
 MIN_LOCAL_SEQ = 4096  # tokens per cp rank below which cp is not searched unless pinned
@@ -105,6 +105,7 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
     degrees = cp_degrees(req, None if beside else refusal)
     if beside:  # cp = 1's one-sample trace, as the refusals take it: with the search's first, every later batch
         _one_sample(traces, proxies)  # is derived (rebatch.py), here, before the search forks workers
+        lp.preload()  # and HiGHS, which every forked process would import again
         deepening = getattr(traces(1), "deepening", None)  # and the full-depth rule's check (redepth.py) beside
         if deepening is not None:
             deepening.check_beside()

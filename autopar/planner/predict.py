@@ -110,10 +110,16 @@ def _used_params(pg) -> list:
 
 def model_flops(c: Candidate) -> float:
     """Model FLOPs of one step: forward + backward (2x) of every micro-batch; recomputation is not model FLOPs.
-    Under cp the folded graph's attention is 1/cp of the true one (planner/context.py)."""
-    flops = sum(p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) * (c.ctx.cp if is_attention(p) else 1)
-                for p in c.graph.nodes.values() if p.kind == "op" and p.rule is not None and p.info.out_shapes)
-    return 3.0 * flops * c.micro_batches
+    Under cp the folded graph's attention is 1/cp of the true one (planner/context.py). A micro-batch's FLOPs
+    are the graph's (global shapes, whatever the strategies): kept on the graph per cp, as every candidate on it
+    asks (a pipeline mesh's graph is walked over all its blocks)."""
+    kept = c.graph.__dict__.setdefault("_flops", {})
+    if c.ctx.cp not in kept:
+        kept[c.ctx.cp] = sum(p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) *
+                             (c.ctx.cp if is_attention(p) else 1)
+                             for p in c.graph.nodes.values() if p.kind == "op" and p.rule is not None and
+                             p.info.out_shapes)
+    return 3.0 * kept[c.ctx.cp] * c.micro_batches
 
 
 def _pipeline_prediction(req: SearchRequest, c: Candidate) -> Prediction:
