@@ -115,10 +115,15 @@ def model_flops(c: Candidate) -> float:
     asks (a pipeline mesh's graph is walked over all its blocks)."""
     kept = c.graph.__dict__.setdefault("_flops", {})
     if c.ctx.cp not in kept:
-        kept[c.ctx.cp] = sum(p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) *
-                             (c.ctx.cp if is_attention(p) else 1)
-                             for p in c.graph.nodes.values() if p.kind == "op" and p.rule is not None and
-                             p.info.out_shapes)
+        each: dict[int, float] = {}  # per OpInfo: a deepened graph's block copies share their template's
+        total = 0  # as sum() starts
+        for p in c.graph.nodes.values():
+            if p.kind == "op" and p.rule is not None and p.info.out_shapes:
+                if id(p.info) not in each:
+                    each[id(p.info)] = p.rule.flops(p.info.in_shapes, p.info.out_shapes, p.info) * (
+                        c.ctx.cp if is_attention(p) else 1)
+                total += each[id(p.info)]
+        kept[c.ctx.cp] = total
     return 3.0 * kept[c.ctx.cp] * c.micro_batches
 
 

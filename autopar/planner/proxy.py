@@ -26,6 +26,13 @@ def deepen(pg: PlanGraph, depth: int) -> PlanGraph:
     members = {n for n, p in pg.nodes.items() if p.block == second}
     twin = {p.owner: n for n, p in pg.nodes.items() if n in members}  # block-0 node -> its block-1 twin
     ops = [n for n in pg.nodes if n in members and pg.nodes[n].kind == "op"]
+    labels: dict[tuple[str | None, int], str | None] = {}  # (module, block or fqn, copy) -> its copy's
+
+    def label(text: str | None, i: int) -> str | None:
+        if (text, i) not in labels:
+            labels[(text, i)] = _relabel(text, second, i)
+        return labels[(text, i)]
+
     nodes: dict[str, PNode] = {}
     for name, p in pg.nodes.items():
         after = p.block is None and any(n in members for n, _ in p.inputs)  # code after the blocks
@@ -38,8 +45,8 @@ def deepen(pg: PlanGraph, depth: int) -> PlanGraph:
                 inputs = [(_key(m, i), k) if m in members else (_key(twin[m], i - 1), k) if m in twin else (m, k)
                           for m, k in q.inputs]
                 nodes[_key(n, i)] = PNode(q.node, q.kind, q.info, q.rule, q.strategies, inputs, q.requires_grad,
-                                          _relabel(q.module, second, i), _relabel(q.block, second, i), q.owner,
-                                          q.fallback, _relabel(q.fqn, second, i), q.saved_inputs)  # replace(), faster
+                                          label(q.module, i), label(q.block, i), q.owner, q.fallback,
+                                          label(q.fqn, i), q.saved_inputs)  # replace(), faster
     out = PlanGraph(nodes, pg.degrees, pg.axis_names)
     for p in nodes.values():
         out.counts[p.owner] = out.counts.get(p.owner, 0) + 1
