@@ -43,8 +43,9 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
             model, {**(model_args or {}), "layers": blocks}, seq=seq, device="meta", dtype=DTYPES[dtype])[0])
 
     @functools.lru_cache(maxsize=None)
-    def proxy(cp: int):  # a two-block copy at seq / cp, planned at the model's depth (planner/proxy.py)
-        proxy_trace = Rebatching(lambda b: capture(shallow(2), sample_inputs(info, b, seq // cp, device="meta")))
+    def proxy(cp: int):  # a two-block copy at seq / cp, planned at the model's depth (planner/proxy.py); a fold's
+        proxy_trace = Rebatching(lambda b: capture(shallow(2), sample_inputs(info, b, seq // cp, device="meta")),
+                                 proxy(1)[0] if cp > 1 else None)  # batches derived like cp = 1's (rebatch.py)
         return proxy_trace, depth / 2
 
     @functools.lru_cache(maxsize=None)

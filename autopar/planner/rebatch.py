@@ -8,6 +8,10 @@ same in both traces (it does not depend on the batch) or in the ratio of the two
 it), and is then written for the new batch. A graph with any other integer (a batch-dependent slice such as
 `x[: len(x) // 2 + 1]`), a different op sequence or a float that moves is traced for real instead.
 
+A context-parallel fold (cp_search.py) traces the same model at seq / cp. Its graph matches the seq trace's node for
+node, and an integer follows the batch there exactly where it does at seq: given the seq traces as a `template`,
+one real trace of the fold is enough, and its integers are scaled where the template's follow the batch.
+
 Only the planner sees these graphs: values are meta tensors with the derived shapes and strides, and
 `Captured.program` stays the first trace's. The chosen plan is mapped onto a real trace of the full model, which
 checks every node's shapes against the proxy's (search.py `_by_position`) and solves again where one differs.
@@ -28,10 +32,12 @@ class NotDerivable(Exception):
 
 
 class Rebatching:
-    """`trace(batch)` like `capture` at that batch, cached; from the third batch size on, derived (see above)."""
+    """`trace(batch)` like `capture` at that batch, cached; from the third batch size on, derived (see above), or
+    from the second where a `template` (the same model at another sequence length) has two real traces."""
 
-    def __init__(self, capture: Callable[[int], Captured]) -> None:
+    def __init__(self, capture: Callable[[int], Captured], template: "Rebatching | None" = None) -> None:
         self.capture = capture
+        self.template = template
         self.cache: dict[int, Captured] = {}
         self.derived = 0  # how many traces were derived rather than taken
 
@@ -40,13 +46,18 @@ class Rebatching:
             self.cache[batch] = self._derive(batch) or self.capture(batch)
         return self.cache[batch]
 
+    def real(self) -> list[int]:
+        """The batch sizes traced for real, in order."""
+        return [b for b, c in self.cache.items() if not c.__dict__.get("_derived")]
+
     def _derive(self, batch: int) -> Captured | None:
-        real = [b for b, c in self.cache.items() if not c.__dict__.get("_derived")]
-        if len(real) < 2:
+        real = self.real()
+        pair = self if len(real) >= 2 else self.template
+        if not real or pair is None or len(pair.real()) < 2:
             return None
-        (b1, one), (b2, two) = (real[0], self.cache[real[0]]), (real[1], self.cache[real[1]])
+        (b1, b2), b0 = pair.real()[:2], real[0]
         try:
-            out = rebatched(one, two, b1, b2, batch)
+            out = rebatched(pair.cache[b1], pair.cache[b2], b1, b2, batch, self.cache[b0], b0)
         except NotDerivable:
             return None
         out.__dict__["_derived"] = True
@@ -54,61 +65,68 @@ class Rebatching:
         return out
 
 
-def rebatched(one: Captured, two: Captured, b1: int, b2: int, batch: int) -> Captured:
-    """The capture at `batch` from captures of the same model at b1 != b2; NotDerivable where it cannot be."""
-    nodes1, nodes2 = list(one.graph.nodes), list(two.graph.nodes)
-    if len(nodes1) != len(nodes2) or one.user_inputs != two.user_inputs:
+def rebatched(one: Captured, two: Captured, b1: int, b2: int, batch: int, base: Captured | None = None,
+              b0: int | None = None) -> Captured:
+    """The capture at `batch` from captures of the same model at b1 != b2; NotDerivable where it cannot be. With
+    `base`, the model traced at batch b0 under another sequence length (matching `one` node for node), `one` and
+    `two` only say which integers follow the batch, and base's are the ones scaled."""
+    base, b0 = (one, b1) if base is None else (base, b0)
+    nodes0, nodes1, nodes2 = list(base.graph.nodes), list(one.graph.nodes), list(two.graph.nodes)
+    if not len(nodes0) == len(nodes1) == len(nodes2) or not base.user_inputs == one.user_inputs == two.user_inputs:
         raise NotDerivable("different graphs")
 
-    def scale(x: int, y: int) -> int:
+    def scale(z: int, x: int, y: int) -> int:  # z: base's integer; x, y: the pair's at b1, b2
         if x == y:
-            return x
-        if x * b2 == y * b1 and (x * batch) % b1 == 0:
-            return x * batch // b1
+            return z
+        if x * b2 == y * b1 and (z * batch) % b0 == 0:
+            return z * batch // b0
         raise NotDerivable(f"{x} at batch {b1}, {y} at batch {b2}")
 
     graph, env = fx.Graph(), {}
 
-    def arg(x, y):
-        if isinstance(x, fx.Node):
-            if not isinstance(y, fx.Node) or x.name != y.name:
+    def arg(z, x, y):
+        if isinstance(z, fx.Node):
+            if not isinstance(x, fx.Node) or not isinstance(y, fx.Node) or not z.name == x.name == y.name:
                 raise NotDerivable("different wiring")
-            return env[x]
-        if isinstance(x, (list, tuple)):
-            if type(x) is not type(y) or len(x) != len(y):
+            return env[z]
+        if type(z) is not type(x):
+            raise NotDerivable(f"argument {z!r} vs {x!r}")
+        if isinstance(z, (list, tuple)):
+            if type(x) is not type(y) or not len(z) == len(x) == len(y):
                 raise NotDerivable("different arguments")
-            return type(x)(arg(a, b) for a, b in zip(x, y))
-        if isinstance(x, dict):
-            if x.keys() != y.keys():
+            return type(z)(arg(c, a, b) for c, a, b in zip(z, x, y))
+        if isinstance(z, dict):
+            if not z.keys() == x.keys() == y.keys():
                 raise NotDerivable("different keyword arguments")
-            return {k: arg(x[k], y[k]) for k in x}
-        if isinstance(x, int) and not isinstance(x, bool) and isinstance(y, int):
-            return scale(x, y)
+            return {k: arg(z[k], x[k], y[k]) for k in z}
+        if isinstance(z, int) and not isinstance(z, bool) and isinstance(y, int):
+            return scale(z, x, y)
         if x != y and not (x is y):
             raise NotDerivable(f"argument {x!r} vs {y!r}")
-        return x
+        return z
 
-    def value(x, y):
-        if isinstance(x, torch.Tensor):
-            if not isinstance(y, torch.Tensor) or x.dim() != y.dim() or x.dtype != y.dtype:
+    def value(z, x, y):
+        if isinstance(z, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or \
+                    not z.dim() == x.dim() == y.dim() or not z.dtype == x.dtype == y.dtype:
                 raise NotDerivable("different values")
-            shape = [scale(a, b) for a, b in zip(x.shape, y.shape)]
-            stride = [scale(a, b) for a, b in zip(x.stride(), y.stride())]
-            return torch.empty_strided(shape, stride, dtype=x.dtype, device="meta", requires_grad=x.requires_grad)
-        if isinstance(x, (list, tuple)):
-            if type(x) is not type(y) or len(x) != len(y):
+            shape = [scale(c, a, b) for c, a, b in zip(z.shape, x.shape, y.shape)]
+            stride = [scale(c, a, b) for c, a, b in zip(z.stride(), x.stride(), y.stride())]
+            return torch.empty_strided(shape, stride, dtype=z.dtype, device="meta", requires_grad=z.requires_grad)
+        if isinstance(z, (list, tuple)):
+            if type(z) is not type(x) or type(x) is not type(y) or not len(z) == len(x) == len(y):
                 raise NotDerivable("different values")
-            return type(x)(value(a, b) for a, b in zip(x, y))
-        return arg(x, y)
+            return type(z)(value(c, a, b) for c, a, b in zip(z, x, y))
+        return arg(z, x, y)
 
-    for a, b in zip(nodes1, nodes2):
-        if a.op != b.op or a.target != b.target or a.name != b.name:
+    for c, a, b in zip(nodes0, nodes1, nodes2):
+        if not c.op == a.op == b.op or not c.target == a.target == b.target or not c.name == a.name == b.name:
             raise NotDerivable(f"{a.name} vs {b.name}")
-        node = graph.create_node(a.op, a.target, arg(a.args, b.args), arg(a.kwargs, b.kwargs), name=a.name,
-                                 type_expr=a.type)
-        node.meta = dict(a.meta)
-        if "val" in a.meta:
-            node.meta["val"] = value(a.meta["val"], b.meta.get("val"))
-        env[a] = node
-    return Captured(graph, dict(one.params), dict(one.buffers), dict(one.constants), list(one.user_inputs),
-                    one.program, one.method)
+        node = graph.create_node(c.op, c.target, arg(c.args, a.args, b.args), arg(c.kwargs, a.kwargs, b.kwargs),
+                                 name=c.name, type_expr=c.type)
+        node.meta = dict(c.meta)
+        if "val" in c.meta:
+            node.meta["val"] = value(c.meta["val"], a.meta.get("val"), b.meta.get("val"))
+        env[c] = node
+    return Captured(graph, dict(base.params), dict(base.buffers), dict(base.constants), list(base.user_inputs),
+                    base.program, base.method)
