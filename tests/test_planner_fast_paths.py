@@ -189,31 +189,43 @@ def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch, model, 
 
 
 @pytest.mark.parametrize("layers", [2, 4], ids=["traced", "proxy"])
-def test_the_time_bound_is_below_every_pipeline_candidate(monkeypatch, layers):
-    """bounds.time_bound, which prunes pipeline meshes that have no flat donor (search._solve_meshes' cutoff), is at
-    most the predicted step time of every pipeline candidate the search prices, on the model's own trace (two
-    layers) and on the deepened two-block proxy (four layers). It once left out its division by pp: a pipeline's
-    bound was its whole replica's work, up to pp times the prediction, which pruned meshes that could win."""
+def test_the_time_bounds_are_below_every_pipeline_candidate(monkeypatch, layers):
+    """The bounds that prune pipeline meshes are at most the predicted step time of every pipeline candidate the
+    search prices, on the model's own trace (two layers) and on the deepened two-block proxy (four layers):
+    bounds.time_bound (donorless meshes, search._solve_meshes' cutoff; it once left out its division by pp, a
+    replica's whole work, up to pp times the prediction) and bounds.pipeline_floor (each micro-batching under its
+    flat donor's sharding, search._price), here taken with pruning off so that every micro-batching is priced."""
     from autopar.planner import bounds
     from autopar.planner import search as S
     from autopar.planning import make_plan
 
     monkeypatch.setattr(S, "forbid_fork", lambda: True)
+    floor = bounds.pipeline_floor
+    monkeypatch.setattr(bounds, "pipeline_floor", lambda *args: 0.0)
     priced = []
-    real = S._price
+    real = S._transferred
 
-    def recording(req, trace, d, donor, budget, proxy):
-        c = real(req, trace, d, donor, budget, proxy)
-        priced.append((req, trace, proxy, c))
+    def recording(req, trace, degrees, m, donor, budget):
+        c = real(req, trace, degrees, m, donor, budget)
+        priced.append((req, trace, donor, c))
         return c
 
-    monkeypatch.setattr(S, "_price", recording)
+    monkeypatch.setattr(S, "_transferred", recording)
+    proxies = []
+    real_rank = S.rank
+    monkeypatch.setattr(S, "rank", lambda req, trace, progress=None, proxy=None: proxies.append(proxy) or
+                        real_rank(req, trace, progress, proxy))
     make_plan("llama-tiny", devices=8, hardware="h100-80gb-sxm", batch=16, seq=32, model_args={"layers": layers},
               fix={"cp": 1})
-    pipelined = [(req, trace, proxy, c) for req, trace, proxy, c in priced if c is not None and c.degrees["pp"] > 1]
+    (proxy,) = proxies
+    pipelined = [(req, trace, donor, c) for req, trace, donor, c in priced if c is not None]
     assert pipelined
-    for req, trace, proxy, c in pipelined:
+    floors = []
+    for req, trace, donor, c in pipelined:
+        step = bounds.predicted(req, c).step_time_s
         bound = bounds.time_bound(req, trace, c.degrees, c.micro_batches, c.memory,
                                   (*proxy, {}) if proxy is not None else None)
-        step = bounds.predicted(req, c).step_time_s
-        assert 0 < bound <= step * (1 + 1e-9), (c.degrees, c.micro_batches, c.memory, bound, step)
+        floors.append(floor(req, c.degrees, c.micro_batches, donor))
+        assert 0 < bound <= step * (1 + 1e-9), ("time_bound", c.degrees, c.micro_batches, c.memory, bound, step)
+        assert floors[-1] <= step * (1 + 1e-9), ("pipeline_floor", c.degrees, c.micro_batches, floors[-1], step)
+    assert any(f > 0 for f in floors)

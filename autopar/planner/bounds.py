@@ -13,7 +13,8 @@ from autopar.planner.ilp import memory_lower_bound
 from autopar.planner.memory import MemoryConfig
 from autopar.planner.predict import predict
 from autopar.planner.space import deepened_trace, graph_for
-from autopar.planner.staging import rank_weight
+from autopar.planner.ring import is_attention
+from autopar.planner.staging import rank_weight, schedules
 
 
 def predicted(req: "SearchRequest", c: Candidate) -> Prediction:
@@ -90,3 +91,37 @@ def compute_bound(pg: PlanGraph, costs: dict, all_terms, m: int) -> float:
         n, again = pg.counts[owner], rerun.get(owner, [0.0] * len(cs))
         total += min(n * m * (c.fwd_s + c.bwd_s) + n * c.step_s + m * r for c, r in zip(cs, again))
     return total
+
+
+def pipeline_floor(req, degrees, m: int, flat: Candidate) -> float:
+    """A lower bound on the step time of pipeline mesh `degrees` at m micro-batches under the sharding of `flat`,
+    the flat candidate with the same tp (search._transferred); 0 where none is known. The flat mesh has dp x pp
+    replicas, so a pipeline micro-batch is 1/k of its per-rank micro-batch, k = m / (pp x m_flat): where k is an
+    integer, the ops of all stages take at least 1/k of flat's each (an op's time is a roofline plus a launch
+    cost), so a replica's m micro-batches of compute take at least flat's whole compute C times pp, its busiest
+    rank at least C, and a micro-batch's busiest rank t >= C / m. Each schedule then adds its bubble
+    (pipeline.step_time): (m - 1) t + the stages' sum >= C (m - 1 + p) / m for gpipe and 1f1b, m t + (p - 1) t / v
+    interleaved, m t + (p - 1) max forward / v for zero-bubble (forward at least flat's forward F over m). The
+    least over the schedules any configuration allows bounds the layout chosen; sends, exposed synchronisation
+    and the optimizer only add. Under cp the ring's exposed hops are left out of C (not linear in the batch)."""
+    p, mf = degrees["pp"], flat.micro_batches
+    if flat.graph is None or flat.solution is None or m % (p * mf):
+        return 0.0
+    costs = owner_costs(flat.graph, flat.ctx)
+    forward = both = 0.0
+    for o in flat.graph.owners():
+        if flat.ctx.cp > 1 and is_attention(o):
+            continue
+        c, n = costs[o.node.name][flat.solution.choice[o.node.name]], flat.graph.counts[o.node.name]
+        forward += n * mf * c.fwd_s
+        both += n * mf * (c.fwd_s + c.bwd_s)
+    blocks = max(1, max((len(b) for b in flat.graph.block_classes), default=1))
+    floors = []
+    for schedule, v in schedules(req, p, m, blocks):
+        if schedule in ("gpipe", "1f1b"):
+            floors.append(both * (m - 1 + p) / m)
+        elif schedule == "interleaved":
+            floors.append(both * (1 + (p - 1) / (v * m)))
+        else:
+            floors.append(both + (p - 1) * forward / (m * v))
+    return min(floors, default=0.0)

@@ -333,9 +333,13 @@ def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], pr
 
 def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candidate | None:
     """Mesh d's fastest micro-batching under its donor's sharding; its own ILP where none fits (None: nothing
-    does)."""
-    found = [c for m in micro_batch_counts(req, d["dp"], d["pp"])
-             for c in [_transferred(req, trace, d, m, donor[d["tp"]], budget)] if c is not None]
+    does, or no micro-batching can beat the fastest flat plan, bounds.pipeline_floor: the mesh is left out, as a
+    flat mesh whose bound cannot beat the incumbent is; one that may is priced whole, so its row is its best)."""
+    beat = min(predicted(req, c).step_time_s for c in donor.values())
+    counts = micro_batch_counts(req, d["dp"], d["pp"])
+    if all(bounds.pipeline_floor(req, d, m, donor[d["tp"]]) >= beat * (1 + 1e-9) for m in counts):
+        return None
+    found = [c for m in counts for c in [_transferred(req, trace, d, m, donor[d["tp"]], budget)] if c is not None]
     if found:
         return min(found, key=lambda c: predicted(req, c).step_time_s)
     solved = _solve_meshes(req, trace, [d], budget, None, proxy)

@@ -138,7 +138,7 @@ def layouts(c: Candidate, req, budget: float) -> list[Layout]:
     link = axis_links(req.hardware, [("pp", p), ("dp", c.degrees["dp"]), ("tp", c.degrees["tp"])])["pp"]
     t_p2p = collective_time_s("send_recv", pcs.p2p_bytes, 2, link) if p > 1 else 0.0
     out, cuts = [], {}
-    for schedule, v in _schedules(req, p, m, pcs.blocks, c):
+    for schedule, v in schedules(req, p, m, pcs.blocks, c):
         lay = _layout(pcs, schedule, p, m, v, t_p2p, budget, c, cuts)
         if lay is not None:
             out.append(lay)
@@ -146,7 +146,7 @@ def layouts(c: Candidate, req, budget: float) -> list[Layout]:
     return out
 
 
-def _schedules(req, p: int, m: int, blocks: int, c=None) -> list[tuple[str, int]]:
+def schedules(req, p: int, m: int, blocks: int, c=None) -> list[tuple[str, int]]:
     """(schedule, v) pairs the pins allow. Zero-bubble is left out where the runtime refuses it (runtime/pipeline.py):
     under selective checkpointing and under ZeRO-3."""
     pinned_s, pinned_v = req.fix.get("schedule"), req.fix.get("v")
@@ -229,7 +229,7 @@ def rank_weight(req, pg, degrees: dict[str, int], m: int):
     where = sides(pg)
     blocks = max(1, max((len(c) for c in pg.block_classes), default=1))
     share = math.ceil(blocks / p) / blocks
-    options = _schedules(req, p, m, blocks) or [("gpipe", 1)]
+    options = schedules(req, p, m, blocks) or [("gpipe", 1)]
     first = min(in_flight(s, p, m, v, 0) for s, v in options)
     last = min(in_flight(s, p, m, v, p - 1) for s, v in options)
 
