@@ -7,7 +7,7 @@ from __future__ import annotations
 from autopar.plan import Prediction
 from autopar.planner.candidate import Candidate, SearchRequest
 from autopar.planner.cost import CostContext, owner_costs
-from autopar.planner.footprint import terms
+from autopar.planner.footprint import block_count, terms
 from autopar.planner.graph import PlanGraph
 from autopar.planner.ilp import memory_lower_bound
 from autopar.planner.memory import MemoryConfig
@@ -115,9 +115,8 @@ def pipeline_floor(req, degrees, m: int, flat: Candidate) -> float:
         c, n = costs[o.node.name][flat.solution.choice[o.node.name]], flat.graph.counts[o.node.name]
         forward += n * mf * c.fwd_s
         both += n * mf * (c.fwd_s + c.bwd_s)
-    blocks = max(1, max((len(b) for b in flat.graph.block_classes), default=1))
     floors = []
-    for schedule, v in schedules(req, p, m, blocks):
+    for schedule, v in schedules(req, p, m, max(1, block_count(flat.graph))):  # as staging.layouts counts them
         if schedule in ("gpipe", "1f1b"):
             floors.append(both * (m - 1 + p) / m)
         elif schedule == "interleaved":

@@ -80,7 +80,7 @@ def terms(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]]) -> 
              if pg.nodes[prod].block is None}  # top-level nodes whose outputs enter a block
     head = [t for t in out if t.part == "activations" and pg.nodes[t.owner].block is None and t.owner not in feeds]
     recompute = _least(out, lambda t: t.part == "recompute")
-    released = _least(out, lambda t: t.part == "activations" and t not in head) / max(_block_count(pg), 1)
+    released = _least(out, lambda t: t.part == "activations" and t not in head) / max(block_count(pg), 1)
     per_elem, forward_end = _transients(pg, ctx, costs, recompute, released)
     if ctx.memory.ac != "none":  # the end of forward or a block's recomputation, whichever holds more
         extra = _least(head, lambda t: True) + forward_end
@@ -135,7 +135,7 @@ def _transients(pg: PlanGraph, ctx: CostContext, costs: dict[str, list[NodeCost]
     elems = _block_elems(pg, ctx, costs)
     reduce_input = max(0.0, t["reduce_input"] - released / elems) if elems else 0.0
     prefetch = t["prefetch"]
-    if _block_count(pg) <= 2:
+    if block_count(pg) <= 2:
         prefetch, reduce_input = max(prefetch, reduce_input), 0.0
     per_elem = {**t, "gathered_block": t["gathered_block"] + prefetch + reduce_input}
     return per_elem, t["forward_end"] * elems
@@ -276,7 +276,7 @@ def block_input_terms(pg: PlanGraph, ctx: CostContext) -> list[Term]:
     return out
 
 
-def _block_count(pg: PlanGraph) -> int:
+def block_count(pg: PlanGraph) -> int:
     """How many repeated blocks the model has (the largest class), or distinct blocks when none repeat."""
     if pg.block_classes:
         return len(max(pg.block_classes, key=len))

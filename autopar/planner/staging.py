@@ -11,7 +11,7 @@ import numpy as np
 from autopar.cost_models import axis_links, collective_time_s, exposed_s
 from autopar.planner.candidate import Candidate, Layout
 from autopar.planner.cost import edge_price, nbytes, owner_costs, zero_sync
-from autopar.planner.footprint import peak, terms
+from autopar.planner.footprint import block_count, peak, terms
 from autopar.planner.moves import chosen_moves
 from autopar.planner.pipeline import (INTERLEAVED, ONE_BLOCK, SCHEDULES, STATE, Pieces, Stage, in_flight, partition,
                                       rank_after, rank_memory, rank_optimizer, rank_sync, stage_fwd, stage_time,
@@ -58,8 +58,7 @@ def pieces(c: Candidate) -> Pieces:
 def _pieces(c: Candidate) -> Pieces:
     pg, ctx, choice = c.graph, c.ctx, c.solution.choice
     where = sides(pg)
-    L = max(1, len(max(pg.block_classes, key=len)) if pg.block_classes else
-            len({p.block for p in pg.nodes.values() if p.block}))
+    L = max(1, block_count(pg))
     time, fwd, sync, recompute = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
     optimizer, after = defaultdict(float), defaultdict(float)
     memory: dict[str, dict[str, float]] = {s: defaultdict(float) for s in ("pre", "block", "post")}
