@@ -18,7 +18,7 @@ from autopar.cost_models import Hardware, Link, collective_time_s, op_time_s
 from autopar.placement import P, R, Placement, local_shape
 from autopar.planner.fusion import Chain, chain_of
 from autopar.planner.graph import PNode
-from autopar.planner.ring import is_attention, ring_node_cost
+from autopar.planner.ring import ring_node_cost
 from autopar.planner.memory import MemoryConfig, activation_scale, state_bytes_per_element
 from autopar.redistribute import Step, steps
 from autopar.strategies import Strategy
@@ -114,9 +114,9 @@ def node_cost(ctx: CostContext, p: PNode, s: Strategy) -> NodeCost:
         return NodeCost(0, 0, 0, 0)
     outs = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.out_shapes, s.outs)]
     chain = fused_chain(ctx, p, s)
-    if chain is not None and p.node.name != chain.anchor and not (ctx.cp > 1 and is_attention(p)):
-        # absorbed into its chain's kernel (`fused`): only its outputs' bytes remain; half of a fused model's op
-        # costs are such members, so they are not priced in full first
+    if chain is not None and p.node.name != chain.anchor:
+        # absorbed into its chain's kernel (`fused`): it costs nothing and saves nothing, its outputs' bytes
+        # remain; half of a fused model's op costs are such members, so they are not priced in full first
         return NodeCost(0.0, 0.0, 0.0, 0.0, _activation_scale(ctx, p) * sum(
             nbytes(sh, dt) for sh, dt in zip(outs, p.info.out_dtypes)))
     ins = [local_shape(sh, pl, ctx.degrees) for sh, pl in zip(p.info.in_shapes, s.ins)]
@@ -296,15 +296,14 @@ _SAVED = {"add_norm": 1, "norm": 1, "swiglu": 2, "bias_gelu": 1, "rotary": 0}
 def fused(ctx: CostContext, p: PNode, s: Strategy, cost: NodeCost) -> NodeCost:
     """The cost of node p at strategy s when its chain (planner/fusion.py) runs fused (ctx.memory.fuse): a fused
     chain's tensors are read and written once at the memory bandwidth, with one launch (op_time_s' roofline and
-    launch floor), its backward at BACKWARD_FACTOR x forward; the members it absorbs cost nothing. Saved for
+    launch floor), its backward at BACKWARD_FACTOR x forward, priced at the chain's anchor; the members it absorbs
+    cost nothing (node_cost prices them without calling this). Saved for
     backward: add_norm/norm keep their input and two fp32 numbers per row, swiglu its two inputs, rotary nothing
     (its tables are buffers), bias_gelu the pre-activation, cross_entropy the input's and weight's gradients
     (computed in forward) instead of the [tokens x vocab/tp] logits."""
     chain = fused_chain(ctx, p, s)
     if chain is None:
         return cost
-    if p.node.name != chain.anchor:
-        return replace(cost, fwd_s=0.0, bwd_s=0.0, activation_bytes=0.0, transient_bytes=0.0)
     if chain.kind == "cross_entropy":
         return _cross_entropy_cost(ctx, p, s, cost, chain)
     return _pointwise_cost(ctx, p, s, cost, chain)

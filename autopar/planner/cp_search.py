@@ -107,10 +107,10 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
         _one_sample(traces, proxies)  # is derived (rebatch.py), here, before the search forks workers
         lp.preload()  # and HiGHS, which every forked process would import again
         deepening = getattr(traces(1), "deepening", None)  # and the full-depth rule's check (redepth.py) beside,
-        if deepening is not None:  # on the other core while this one takes cp = 1's second trace: the folds
-            deepening.check_beside()  # derive their batches from cp = 1's two (rebatch.py `template`)
-        if proxies and proxies(1) is not None and len(degrees) > 1:
-            proxies(1)[0](2)
+        if deepening is not None:  # on the other core meanwhile
+            deepening.check_beside()
+        if proxies and proxies(1) is not None and len(degrees) > 1:  # cp = 1's second trace, before the folds
+            proxies(1)[0](2)  # fork: they derive their batches from cp = 1's two (rebatch.py `template`)
     with _folds_beside(req, traces, proxies, degrees[1:], refusal) as ahead:
         for cp in degrees:
             try:

@@ -335,9 +335,10 @@ def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candida
     """Mesh d's fastest micro-batching under its donor's sharding; its own ILP where none fits (None: nothing
     does, or no micro-batching can beat the fastest flat plan, bounds.pipeline_floor: the mesh is left out, as a
     flat mesh whose bound cannot beat the incumbent is; one that may is priced whole, so its row is its best)."""
-    beat = min(predicted(req, c).step_time_s for c in donor.values())
+    beat = bounds.incumbent(req, list(donor.values()))
     counts = micro_batch_counts(req, d["dp"], d["pp"])
-    if all(bounds.pipeline_floor(req, d, m, donor[d["tp"]]) >= beat * (1 + 1e-9) for m in counts):
+    if beat is not None and all(bounds.pipeline_floor(req, d, m, donor[d["tp"]]) >= beat * (1 + 1e-9)
+                                for m in counts):
         return None
     found = [c for m in counts for c in [_transferred(req, trace, d, m, donor[d["tp"]], budget)] if c is not None]
     if found:
