@@ -161,6 +161,35 @@ def test_folds_searched_beside_cp_1_decide_as_one_after_the_other(monkeypatch, h
     assert beside.alternatives == after.alternatives
 
 
+def test_a_fold_leaves_out_pipelines_that_cannot_beat_cp_1s_flat_plan(monkeypatch):
+    """cp = 1 posts its fastest flat step time once its flat meshes are solved (cp_search.FlatBest); a fold takes
+    it before pricing its pipeline meshes and leaves out those whose floor cannot beat it. The plan is the one the
+    fold's own incumbent alone gives, with fewer fold pipelines priced; ranked beside cp = 1 in the forked fold
+    process (which waits for the post), the plan and its alternatives are the sequential search's."""
+    import autopar.planner.cp_search as cp_search
+    from autopar.planner import search as searching
+
+    monkeypatch.setattr(cp_search, "MIN_LOCAL_SEQ", 16)
+    args = {**TINY, "devices": 8, "hardware": "h100-80gb-sxm", "batch": 16}
+    beside = make_plan("gpt-tiny", **args)
+    monkeypatch.setattr(searching, "forbid_fork", lambda: True)
+    priced = []
+    real = searching._transferred
+    monkeypatch.setattr(searching, "_transferred", lambda req, *a: priced.append(req.cp) or real(req, *a))
+    shared = make_plan("gpt-tiny", **args)
+    with_post = priced.count(2)
+    priced.clear()
+    monkeypatch.setattr(cp_search.FlatBest, "get", lambda self: None)
+    alone = make_plan("gpt-tiny", **args)
+    assert shared.solver["cp_searched"] == alone.solver["cp_searched"] == [1, 2, 4]
+    assert (shared.degrees, shared.num_micro_batches, shared.zero, shared.ac, shared.strategies) == \
+        (alone.degrees, alone.num_micro_batches, alone.zero, alone.ac, alone.strategies)
+    assert shared.predicted.step_time_s == pytest.approx(alone.predicted.step_time_s, rel=1e-9)
+    assert with_post < priced.count(2), (with_post, priced.count(2))
+    assert (beside.degrees, beside.strategies, beside.alternatives) == \
+        (shared.degrees, shared.strategies, shared.alternatives)
+
+
 @pytest.mark.parametrize("forked", [True, False])
 def test_a_model_cp_cannot_run_is_searched_at_cp_1_only(monkeypatch, forked):
     """Unpinned, a cp degree the model's attention cannot run as a ring is not searched, whether the folds are
@@ -211,3 +240,27 @@ def test_a_mixture_of_experts_token_index_is_not_taken_for_positions():
     moe = {**HF_ARGS, "num_local_experts": 4, "num_experts_per_tok": 2}
     with pytest.raises(PlanError, match=r"\(lm\.model\.layers\.0\.mlp\.experts\) .*tokens x experts"):
         make_plan("hf:mixtral", **{**TINY, "model_args": moe}, fix={"cp": 2})
+
+
+def test_folds_ranked_beside_a_failing_cp_1_still_finish(monkeypatch):
+    """The fold process waits for cp = 1's flat best (cp_search.FlatBest); where cp = 1 fails before posting it,
+    search_cp posts nothing for it, and the folds are planned without: the plan is the best fold's."""
+    import autopar.planner.cp_search as cp_search
+    from autopar.errors import PlanError
+    from autopar.planner import search as searching
+
+    monkeypatch.setattr(cp_search, "MIN_LOCAL_SEQ", 16)
+    real = searching.rank
+
+    def failing_at_cp_1(req, *args):
+        if req.cp == 1:
+            raise PlanError("cp = 1 fails here")
+        return real(req, *args)
+
+    monkeypatch.setattr(searching, "rank", failing_at_cp_1)
+    plans = [make_plan("gpt-tiny", **{**TINY, "devices": 8, "hardware": "h100-80gb-sxm", "batch": 16})]
+    monkeypatch.setattr(searching, "forbid_fork", lambda: True)
+    plans.append(make_plan("gpt-tiny", **{**TINY, "devices": 8, "hardware": "h100-80gb-sxm", "batch": 16}))
+    for plan in plans:
+        assert plan.degrees["cp"] > 1 and "1" in plan.solver["cp_refused"]
+    assert plans[0].degrees == plans[1].degrees and plans[0].strategies == plans[1].strategies

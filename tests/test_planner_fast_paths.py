@@ -188,13 +188,15 @@ def test_incumbent_bounds_change_nothing_the_search_decides(monkeypatch, model, 
     assert with_bounds < len(built), (with_bounds, len(built))
 
 
-@pytest.mark.parametrize("layers", [2, 4], ids=["traced", "proxy"])
-def test_the_time_bounds_are_below_every_pipeline_candidate(monkeypatch, layers):
+@pytest.mark.parametrize("layers, cp", [(2, 1), (4, 1), (4, 2)], ids=["traced", "proxy", "proxy-cp2"])
+def test_the_time_bounds_are_below_every_pipeline_candidate(monkeypatch, layers, cp):
     """The bounds that prune pipeline meshes are at most the predicted step time of every pipeline candidate the
-    search prices, on the model's own trace (two layers) and on the deepened two-block proxy (four layers):
-    bounds.time_bound (donorless meshes, search._solve_meshes' cutoff; it once left out its division by pp, a
-    replica's whole work, up to pp times the prediction) and bounds.pipeline_floor (each micro-batching under its
-    flat donor's sharding, search._price), here taken with pruning off so that every micro-batching is priced."""
+    search prices, on the model's own trace (two layers) and on the deepened two-block proxy (four layers; also
+    as a cp = 2 fold, whose attention the floor counts without the ring's hops): bounds.time_bound (donorless
+    meshes, search._solve_meshes' cutoff; it once left out its division by pp, a replica's whole work, up to pp
+    times the prediction) and bounds.pipeline_floor (each micro-batching under its flat donor's sharding, search._price;
+    the head and embedding on the end ranks, whole blocks per rank), here taken with pruning off so that every
+    micro-batching is priced."""
     from autopar.planner import bounds
     from autopar.planner import search as S
     from autopar.planning import make_plan
@@ -213,10 +215,10 @@ def test_the_time_bounds_are_below_every_pipeline_candidate(monkeypatch, layers)
     monkeypatch.setattr(S, "_transferred", recording)
     proxies = []
     real_rank = S.rank
-    monkeypatch.setattr(S, "rank", lambda req, trace, progress=None, proxy=None: proxies.append(proxy) or
-                        real_rank(req, trace, progress, proxy))
+    monkeypatch.setattr(S, "rank", lambda req, trace, progress=None, proxy=None, flat_best=None:
+                        proxies.append(proxy) or real_rank(req, trace, progress, proxy, flat_best))
     make_plan("llama-tiny", devices=8, hardware="h100-80gb-sxm", batch=16, seq=32, model_args={"layers": layers},
-              fix={"cp": 1})
+              fix={"cp": cp})
     (proxy,) = proxies
     pipelined = [(req, trace, donor, c) for req, trace, donor, c in priced if c is not None]
     assert pipelined
@@ -229,3 +231,24 @@ def test_the_time_bounds_are_below_every_pipeline_candidate(monkeypatch, layers)
         assert 0 < bound <= step * (1 + 1e-9), ("time_bound", c.degrees, c.micro_batches, c.memory, bound, step)
         assert floors[-1] <= step * (1 + 1e-9), ("pipeline_floor", c.degrees, c.micro_batches, floors[-1], step)
     assert any(f > 0 for f in floors)
+
+
+def test_the_busiest_rank_floor_is_the_least_whole_block_cut():
+    """bounds._busiest, the pipeline floor's slowest rank, equals the best over every way to give p ranks whole
+    numbers of blocks (at least v each, v stages of one block or more), the first rank also running the code
+    before the blocks and the last the code after them: brute force over small pipelines."""
+    import itertools
+
+    from autopar.planner.bounds import _busiest
+
+    def brute(pre, post, block, blocks, p, v):
+        best = float("inf")
+        for n in itertools.product(range(v, blocks + 1), repeat=p):
+            if sum(n) == blocks:
+                best = min(best, max([pre + n[0] * block, post + n[-1] * block] + [k * block for k in n[1:-1]]))
+        return best
+
+    for pre, post, block in [(0.1, 2.4, 1.0), (0.0, 0.0, 1.0), (3.0, 0.5, 0.7), (0.2, 0.2, 0.05)]:
+        for p, v, blocks in [(2, 1, 5), (3, 1, 7), (4, 1, 8), (2, 2, 6), (3, 2, 9), (4, 2, 8)]:
+            got = _busiest(pre, post, block, blocks, p, v)
+            assert got == pytest.approx(brute(pre, post, block, blocks, p, v), rel=1e-12), (pre, post, block, p, v)

@@ -23,9 +23,9 @@ def _both(monkeypatch, fix: dict, devices: int = 4):
     """(plan found on the deepened two-block copy, plan found on the full trace alone)."""
     seen = {}
 
-    def spy(req, trace, progress=None, proxy=None, beat=None):
+    def spy(req, trace, progress=None, proxy=None, beat=None, flat_best=None):
         seen.update(req=req, trace=trace, proxy=proxy)
-        return S.search(req, trace, progress, proxy, beat)
+        return S.search(req, trace, progress, proxy, beat, flat_best)
 
     monkeypatch.setattr(cp_search, "search", spy)  # make_plan -> search_cp -> search, once per cp degree (cp=1 here)
     shallow = planning.make_plan("gpt", model_args=MODEL_ARGS, devices=devices, hardware="cpu", batch=8, fix=fix)

@@ -4,9 +4,12 @@ candidate could give, so pruning changes the work, never the answer."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 from autopar.plan import Prediction
 from autopar.planner.candidate import Candidate, SearchRequest
-from autopar.planner.cost import CostContext, owner_costs
+from autopar.planner.cost import CostContext, node_cost, owner_costs
 from autopar.planner.footprint import block_count, terms
 from autopar.planner.graph import PlanGraph
 from autopar.planner.ilp import memory_lower_bound
@@ -14,7 +17,7 @@ from autopar.planner.memory import MemoryConfig
 from autopar.planner.predict import predict
 from autopar.planner.space import deepened_trace, graph_for
 from autopar.planner.ring import is_attention
-from autopar.planner.staging import rank_weight, schedules
+from autopar.planner.staging import rank_weight, schedules, sides
 
 
 def predicted(req: "SearchRequest", c: Candidate) -> Prediction:
@@ -97,30 +100,59 @@ def pipeline_floor(req, degrees, m: int, flat: Candidate) -> float:
     """A lower bound on the step time of pipeline mesh `degrees` at m micro-batches under the sharding of `flat`,
     the flat candidate with the same tp (search._transferred); 0 where none is known. The flat mesh has dp x pp
     replicas, so a pipeline micro-batch is 1/k of its per-rank micro-batch, k = m / (pp x m_flat): where k is an
-    integer, the ops of all stages take at least 1/k of flat's each (an op's time is a roofline plus a launch
-    cost), so a replica's m micro-batches of compute take at least flat's whole compute C times pp, its busiest
-    rank at least C, and a micro-batch's busiest rank t >= C / m. Each schedule then adds its bubble
-    (pipeline.step_time): (m - 1) t + the stages' sum >= C (m - 1 + p) / m for gpipe and 1f1b, m t + (p - 1) t / v
-    interleaved, m t + (p - 1) max forward / v for zero-bubble (forward at least flat's forward F over m). The
-    least over the schedules any configuration allows bounds the layout chosen; sends, exposed synchronisation
-    and the optimizer only add. Under cp the ring's exposed hops are left out of C (not linear in the batch)."""
+    integer, each op takes at least 1/k of its time in flat (an op's time is a roofline plus a launch cost), so
+    the embedding, the head and each block take at least their compute in flat times pp / m per micro-batch (E, H,
+    B; flat's whole compute C times pp / m together). A rank holds v stages of at least one block each, the first
+    rank the embedding and the last the head: its micro-batch time t is at least the least, over whole numbers of
+    blocks n_r >= v per rank summing to L, of the largest E + n_0 B, n_r B, H + n_(p-1) B (`_busiest`; at least
+    C / m). Each schedule then adds its bubble (pipeline.step_time): (m - 1) t + the stages' sum (C pp / m) for
+    gpipe and 1f1b, m t + (p - 1) t / v interleaved, m t + (p - 1) max forward / v for zero-bubble (forward at
+    least flat's forward F over m). The least over the schedules any configuration allows bounds the layout
+    chosen; recomputation, sends, exposed collectives and the optimizer only add. Under cp an attention counts its
+    cp-fold work only (ring.ring_node_cost): the ring's exposed hops are left out (not linear in the batch)."""
     p, mf = degrees["pp"], flat.micro_batches
     if flat.graph is None or flat.solution is None or m % (p * mf):
         return 0.0
-    costs = owner_costs(flat.graph, flat.ctx)
-    forward = both = 0.0
+    costs, where = owner_costs(flat.graph, flat.ctx), sides(flat.graph)
+    unringed = replace(flat.ctx, cp=1, cp_link=None)  # an attention's own work, without the ring's hops
+    forward, both = 0.0, {"pre": 0.0, "block": 0.0, "post": 0.0}
     for o in flat.graph.owners():
+        k, n = flat.solution.choice[o.node.name], flat.graph.counts[o.node.name]
+        c = costs[o.node.name][k]
         if flat.ctx.cp > 1 and is_attention(o):
-            continue
-        c, n = costs[o.node.name][flat.solution.choice[o.node.name]], flat.graph.counts[o.node.name]
+            own = node_cost(unringed, o, o.strategies[k])
+            c = replace(own, fwd_s=flat.ctx.cp * own.fwd_s, bwd_s=flat.ctx.cp * own.bwd_s)
         forward += n * mf * c.fwd_s
-        both += n * mf * (c.fwd_s + c.bwd_s)
+        for side in where[o.node.name]:
+            both[side] += n * mf * (c.fwd_s + c.bwd_s)
+    blocks = max(1, block_count(flat.graph))
+    scale = p / m  # flat's per-step compute -> a pipeline micro-batch's
+    pre, post, block = both["pre"] * scale, both["post"] * scale, both["block"] * scale / blocks
+    whole = pre + post + block * blocks  # a micro-batch through every stage
     floors = []
-    for schedule, v in schedules(req, p, m, max(1, block_count(flat.graph))):  # as staging.layouts counts them
+    for schedule, v in schedules(req, p, m, blocks):  # as staging.layouts counts them
+        t = _busiest(pre, post, block, blocks, p, v)
         if schedule in ("gpipe", "1f1b"):
-            floors.append(both * (m - 1 + p) / m)
+            floors.append((m - 1) * t + whole)
         elif schedule == "interleaved":
-            floors.append(both * (1 + (p - 1) / (v * m)))
+            floors.append(t * (m + (p - 1) / v))
         else:
-            floors.append(both + (p - 1) * forward / (m * v))
+            floors.append(m * t + (p - 1) * forward / (m * v))
     return min(floors, default=0.0)
+
+
+def _busiest(pre: float, post: float, block: float, blocks: int, p: int, v: int) -> float:
+    """The least possible time of a pipeline's busiest rank per micro-batch: L blocks of time `block` in whole
+    numbers n_r >= v over p ranks, the first rank also running `pre`, the last `post` (pipeline.stages_of: stage c
+    on rank c % p, the first stage on rank 0, the last on rank p - 1): the smallest candidate level X at which the
+    ranks' capacities, floor((X - extra_r) / block), hold all L blocks. Never below the average."""
+    extras = [pre, post] + [0.0] * (p - 2)
+    average = (pre + post + block * blocks) / p
+    if block <= 0:
+        return max(pre, post, average)
+    levels = sorted({e + n * block for e in set(extras) for n in range(v, blocks + 1)})
+    for level in levels:
+        held = sum(math.floor((level - e) / block + 1e-9) for e in extras)
+        if held >= blocks and all(level >= e + v * block - 1e-12 * level for e in extras):
+            return max(level, average)
+    return max(max(extras) + v * block, average)

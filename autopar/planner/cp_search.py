@@ -20,6 +20,7 @@ attention can run as a ring (context.cp_analysis); `--fix cp=N` asks for one deg
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
@@ -111,7 +112,8 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
             deepening.check_beside()
         if proxies and proxies(1) is not None and len(degrees) > 1:  # cp = 1's second trace, before the folds
             proxies(1)[0](2)  # fork: they derive their batches from cp = 1's two (rebatch.py `template`)
-    with _folds_beside(req, traces, proxies, degrees[1:], refusal) as ahead:
+    flat_best = FlatBest(shared=beside) if len(degrees) > 1 else None  # cp = 1's fastest flat step, for the folds
+    with _folds_beside(req, traces, proxies, degrees[1:], refusal, flat_best) as ahead:
         for cp in degrees:
             try:
                 ranked = ahead[cp].result() if cp in ahead else ()
@@ -127,7 +129,7 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
                     plan = ahead.finish(cp)
                 else:
                     plan = unfold(search(fold(req, cp), traces(cp), progress, proxies(cp) if proxies else None,
-                                         beat), cp)
+                                         beat, flat_best), cp)
                 plans[cp] = plan
             except Outpriced as e:  # no faster than cp = 1 (already on the proxy: not traced at full depth)
                 dominated.append(cp)
@@ -137,6 +139,9 @@ def search_cp(req: SearchRequest, traces: Callable[[int], Callable[[int], Captur
                 failures[cp] = e if cp == 1 else type(e)(
                     f"cp={cp} (planned as its fold: batch {req.batch} x {cp} = {req.batch * cp} at seq "
                     f"{req.seq // cp}, dp counting dp x cp): {e}")
+            finally:  # cp = 1's search ended without posting its flat best (it failed): the folds go on without
+                if cp == 1 and flat_best is not None:
+                    flat_best.post(None)
     if not plans:
         raise failures[min(failures)]
     best = min(plans.values(), key=lambda p: p.predicted.step_time_s)
@@ -155,7 +160,8 @@ def _one_sample(traces, proxies, cp: int = 1) -> Captured:
 
 
 @contextlib.contextmanager
-def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int], refusal) -> Iterator["_Beside"]:
+def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int], refusal,
+                  flat_best: "FlatBest | None") -> Iterator["_Beside"]:
     """The folds of `degrees` ranked in one forked process while this one searches cp = 1, so that both cores of a
     small machine work through the whole search (nothing where forking is not safe, search.forbid_fork, or no
     fold is searched). Each fold is first checked there (`refusal`: can the model run that cp?), then ranked; it
@@ -165,7 +171,7 @@ def _folds_beside(req: SearchRequest, traces, proxies, degrees: list[int], refus
         yield _Beside(None, {})
         return
     global _FOLD_STATE
-    _FOLD_STATE = (req, traces, proxies, refusal)
+    _FOLD_STATE = (req, traces, proxies, refusal, flat_best)
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
             yield _Beside(pool, {cp: pool.submit(_rank_worker, cp) for cp in degrees})
@@ -191,21 +197,52 @@ class _Beside:
         return self.pool.submit(_finish_worker, cp).result()
 
 
-_FOLD_STATE = None  # (req, traces, proxies, refusal) for the forked fold process
+_FOLD_STATE = None  # (req, traces, proxies, refusal, flat_best) for the forked fold process
 _RANKED: dict = {}  # in the fold process: cp -> its search.Ranked, until finished
 
 
 def _rank_worker(cp: int) -> tuple[float, dict] | None:
     """(bound, alternative) of the fold's ranking; None where the model cannot run this cp."""
-    req, traces, proxies, refusal = _FOLD_STATE
+    req, traces, proxies, refusal, flat_best = _FOLD_STATE
     if refusal(cp) is not None:
         return None
-    _RANKED[cp] = ranked = rank(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None)
+    _RANKED[cp] = ranked = rank(fold(req, cp), traces(cp), None, proxies(cp) if proxies else None, flat_best)
     return ranked.bound(), ranked.alternative()
 
 
 def _finish_worker(cp: int) -> Plan:
     return unfold(finish(_RANKED.pop(cp)), cp)
+
+
+class FlatBest:
+    """cp = 1's fastest flat candidate's step time, posted by its search once its flat meshes are solved and taken
+    by each fold before it prices its pipeline meshes (search.rank): a pipeline mesh of a fold whose floor cannot
+    beat it cannot beat cp = 1 either, so it is left out, as the fold's own incumbent leaves them out. Held in
+    shared memory where the folds are ranked in the forked fold process (`shared`): the fold waits for it there
+    (cp = 1's flat meshes are solved by then as a rule), so its ranking is the one the sequential search makes.
+    None (nothing to beat) where cp = 1 found no flat candidate or failed."""
+
+    def __init__(self, shared: bool) -> None:
+        ctx = mp.get_context("fork") if shared else None
+        self._value = ctx.Value("d", math.nan, lock=False) if ctx else None
+        self._posted = ctx.Event() if ctx else None
+        self._local: float | None = None
+        self._done = False
+
+    def post(self, step_s: float | None) -> None:
+        """The first post counts (later ones, such as search_cp's closing None, are ignored)."""
+        if self._posted is None:
+            if not self._done:
+                self._local, self._done = step_s, True
+        elif not self._posted.is_set():
+            self._value.value = math.nan if step_s is None else step_s
+            self._posted.set()
+
+    def get(self) -> float | None:
+        if self._posted is None:
+            return self._local
+        self._posted.wait()
+        return None if math.isnan(self._value.value) else self._value.value
 
 
 def _as_alternative(p: Plan) -> dict:

@@ -61,13 +61,14 @@ class Outpriced(Exception):
 
 
 def search(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None,
-           beat: float | None = None) -> Plan:
+           beat: float | None = None, flat_best=None) -> Plan:
     """Best plan over the candidates; `trace(micro_batch)` captures the model at that micro-step batch; `proxy`,
     optional, is (trace of a copy with two blocks, depth ratio): candidates are then planned on that copy
     deepened to the model's depth (proxy.py), and only the chosen one is mapped onto the full model's graph.
     `beat`, optional, is another search's step time (cp_search.py): when the best candidate cannot beat it
-    (`Ranked.bound`), Outpriced is raised before the full-depth graph, which is then never taken."""
-    ranked = rank(req, trace, progress, proxy)
+    (`Ranked.bound`), Outpriced is raised before the full-depth graph, which is then never taken. `flat_best`,
+    optional (`rank`), hands the fastest flat candidate's step time between cp = 1 and the folds (cp_search.py)."""
+    ranked = rank(req, trace, progress, proxy, flat_best)
     if beat is not None and ranked.bound() >= beat:
         raise Outpriced(ranked.alternative())
     return finish(ranked)
@@ -95,8 +96,11 @@ class Ranked:
         return _alternative(self.req, self.results[0])
 
 
-def rank(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None) -> Ranked:
-    """Every candidate, fastest first."""
+def rank(req: SearchRequest, trace: Callable[[int], Captured], progress=None, proxy=None, flat_best=None) -> Ranked:
+    """Every candidate, fastest first. `flat_best`, optional (cp_search.FlatBest): at cp = 1 this search posts its
+    fastest flat candidate's step time there once its flat meshes are solved; a fold takes it before pricing its
+    pipeline meshes, which are then left out where they cannot beat it either (`_pipelines`): such a fold cannot
+    beat cp = 1, whose plan is at least as fast."""
     t0 = time.perf_counter()
     budget = memory_budget(req)
     full_trace, blocks = trace, _depth(req, trace, proxy)
@@ -110,7 +114,12 @@ def rank(req: SearchRequest, trace: Callable[[int], Captured], progress=None, pr
         raise MeshError(no_batch_message(req, mesh_candidates(req, blocks)))
     flat = [c for c in _solve_meshes(req, trace, [d for d in meshes if d["pp"] == 1], budget, progress, proxy)
             if c.solution is not None]
-    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy)
+    outside = None
+    if flat_best is not None and req.cp == 1:
+        flat_best.post(bounds.incumbent(req, flat))
+    elif flat_best is not None:
+        outside = flat_best.get()
+    piped = _pipelines(req, trace, [d for d in meshes if d["pp"] > 1], budget, progress, flat, proxy, outside)
     results = flat + [c for c in piped if c.solution is not None]
     if not results and req.fix.get("pins"):
         pins = ",".join(f"{g}={i}" for g, i in req.fix["pins"].items())
@@ -311,31 +320,32 @@ def _probe(req, trace, meshes, pending, budget, proxy, progress) -> dict[int, Ca
     return out
 
 
-def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy) -> list[Candidate]:
+def _pipelines(req, trace, meshes, budget, progress, donors: list[Candidate], proxy,
+               outside: float | None = None) -> list[Candidate]:
     """Each pipeline mesh's best candidate. A stage's intra-stage problem is the same sharding problem as the
     pp = 1 mesh with the same tp on a smaller batch, so pipeline meshes first take the solved sharding of that
     mesh (the same placements, whole on an axis of one rank: `_on_axes`; priced afresh on their own graph) under
     each micro-batching and the cheapest ZeRO/checkpointing whose layout fits; the ILP is solved only for meshes
-    where that does not fit, or that have no such donor (pp pinned)."""
+    where that does not fit, or that have no such donor (pp pinned). Meshes that cannot beat the fastest flat
+    candidate, or `outside` (another search's, `rank`), are left out."""
     if not meshes:
         return []
     donor = {}
     for c in sorted(donors, key=lambda c: predicted(req, c).step_time_s):
         donor.setdefault(c.degrees["tp"], c)
-    priced = [c for c in _price_all(req, trace, [d for d in meshes if d["tp"] in donor], donor, budget, proxy)
+    beat = min((t for t in (bounds.incumbent(req, donors), outside) if t is not None), default=None)
+    priced = [c for c in _price_all(req, trace, [d for d in meshes if d["tp"] in donor], donor, budget, proxy, beat)
               if c is not None]
     if progress and priced:
         progress(f"priced {len(priced)} pipeline mesh(es), with their pp=1 sharding where it fits")
-    beat = min((predicted(req, c).step_time_s for c in donors), default=None)
     return priced + _solve_meshes(req, trace, [d for d in meshes if d["tp"] not in donor], budget, progress, proxy,
                                   beat=beat)
 
 
-def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candidate | None:
+def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy, beat: float | None) -> Candidate | None:
     """Mesh d's fastest micro-batching under its donor's sharding; its own ILP where none fits (None: nothing
-    does, or no micro-batching can beat the fastest flat plan, bounds.pipeline_floor: the mesh is left out, as a
-    flat mesh whose bound cannot beat the incumbent is; one that may is priced whole, so its row is its best)."""
-    beat = bounds.incumbent(req, list(donor.values()))
+    does, or no micro-batching can beat `beat`, the fastest flat plan, bounds.pipeline_floor: the mesh is left out,
+    as a flat mesh whose bound cannot beat the incumbent is; one that may is priced whole, so its row is its best)."""
     counts = micro_batch_counts(req, d["dp"], d["pp"])
     if beat is not None and all(bounds.pipeline_floor(req, d, m, donor[d["tp"]]) >= beat * (1 + 1e-9)
                                 for m in counts):
@@ -347,7 +357,7 @@ def _price(req, trace, d, donor: dict[int, Candidate], budget, proxy) -> Candida
     return solved[0] if solved else None
 
 
-def _price_all(req, trace, meshes, donor, budget, proxy) -> list[Candidate | None]:
+def _price_all(req, trace, meshes, donor, budget, proxy, beat: float | None) -> list[Candidate | None]:
     """`_price` for every mesh; in forked workers where that is safe, which return each result without its
     planning graph (the winner is rebuilt by `_materialized`). A task is meshes of neighbouring dp, which trace
     the same micro-step batches (dp x 1, dp x 2); there are CHUNKS_PER_WORKER times more tasks than workers, the
@@ -355,10 +365,10 @@ def _price_all(req, trace, meshes, donor, budget, proxy) -> list[Candidate | Non
     another works through a long one."""
     workers = min(len(meshes), os.cpu_count() or 1, 4)
     if workers < 2 or forbid_fork():
-        return [_price(req, trace, d, donor, budget, proxy) for d in meshes]
+        return [_price(req, trace, d, donor, budget, proxy, beat) for d in meshes]
     chunks = sorted(_by_dp(meshes, CHUNKS_PER_WORKER * workers), key=len, reverse=True)
     global _FORK_STATE
-    _FORK_STATE = (req, trace, budget, donor, proxy)
+    _FORK_STATE = (req, trace, budget, donor, proxy, beat)
     try:
         with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context("fork")) as pool:
             futures = [pool.submit(_price_worker, [meshes[i] for i in chunk]) for chunk in chunks]
@@ -392,10 +402,10 @@ def _by_dp(meshes, n: int) -> list[list[int]]:
 def _price_worker(meshes):
     global _IN_WORKER
     _IN_WORKER = True  # no process pools inside this one: its ILPs run here, one after another
-    req, trace, budget, donor, proxy = _FORK_STATE
+    req, trace, budget, donor, proxy, beat = _FORK_STATE
     out = []
     for d in meshes:
-        c = _price(req, trace, d, donor, budget, proxy)
+        c = _price(req, trace, d, donor, budget, proxy, beat)
         if c is not None:
             predicted(req, c)
             c.graph = None  # fx nodes stay in the worker; the parent rebuilds the graph if this candidate wins
