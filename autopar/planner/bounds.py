@@ -145,14 +145,15 @@ def _busiest(pre: float, post: float, block: float, blocks: int, p: int, v: int)
     """The least possible time of a pipeline's busiest rank per micro-batch: L blocks of time `block` in whole
     numbers n_r >= v over p ranks, the first rank also running `pre`, the last `post` (pipeline.stages_of: stage c
     on rank c % p, the first stage on rank 0, the last on rank p - 1): the smallest candidate level X at which the
-    ranks' capacities, floor((X - extra_r) / block), hold all L blocks. Never below the average."""
-    extras = [pre, post] + [0.0] * (p - 2)
+    ranks' capacities, floor((X - extra) / block), hold all L blocks. Never below the average."""
     average = (pre + post + block * blocks) / p
     if block <= 0:
         return max(pre, post, average)
-    levels = sorted({e + n * block for e in set(extras) for n in range(v, blocks + 1)})
-    for level in levels:
-        held = sum(math.floor((level - e) / block + 1e-9) for e in extras)
-        if held >= blocks and all(level >= e + v * block - 1e-12 * level for e in extras):
-            return max(level, average)
-    return max(max(extras) + v * block, average)
+    ranks = ((pre, 1), (post, 1), (0.0, p - 2))  # (extra, how many ranks have it)
+
+    def holds(level: float) -> bool:
+        caps = [(math.floor((level - e) / block + 1e-9), k) for e, k in ranks if k]
+        return all(c >= v for c, _ in caps) and sum(c * k for c, k in caps) >= blocks
+
+    levels = sorted({e + n * block for e, _ in ranks for n in range(v, blocks + 1)})
+    return max(next((x for x in levels if holds(x)), max(pre, post) + blocks * block), average)
