@@ -11,7 +11,7 @@ import torch
 
 from autopar.capture import Captured, capture
 from autopar.cost_models import Hardware, load_hardware
-from autopar.errors import MeshError
+from autopar.errors import MeshError, ModelError
 from autopar.models import build_model, n_params, sample_inputs
 from autopar.plan import Plan
 from autopar.planner.cp_search import search_cp
@@ -41,6 +41,10 @@ def make_plan(model: str, *, devices: int, hardware: str | Hardware, batch: int,
     if isinstance(depth, int) and depth > 2 and (model_args or {}).get("layers", depth) == depth:
         shallow = functools.lru_cache(maxsize=None)(lambda blocks: build_model(
             model, {**(model_args or {}), "layers": blocks}, seq=seq, device="meta", dtype=DTYPES[dtype])[0])
+        try:  # a factory (path.py:fn) whose model states its layers need not take `layers`: then no copy
+            shallow(2)
+        except ModelError:
+            shallow = None
 
     @functools.lru_cache(maxsize=None)
     def proxy(cp: int):  # a two-block copy at seq / cp, planned at the model's depth (planner/proxy.py); a fold's

@@ -9,6 +9,7 @@ the workers, and the plans must agree decision for decision, with the same predi
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,15 @@ def _candidate_for(req, model_args):
     budget = 1e30
     sol = S._solve_one(req, lambda b: captured, budget, degrees, 1, S.memory_configs(req, 2)[0])
     return S._candidate(req, lambda b: captured, degrees, 1, sol, S.memory_configs(req, 2)[0], budget)
+
+
+def test_a_factory_without_a_layers_argument_is_planned_on_its_full_trace(monkeypatch):
+    """A path.py:factory model whose config states its layers but whose factory takes no `layers` cannot give the
+    two-block copy: it is planned on its own trace (it once failed, asking the user to fix the factory)."""
+    seen = []
+    real = S.search
+    monkeypatch.setattr(cp_search, "search", lambda req, trace, progress=None, proxy=None, *rest:
+                        seen.append(proxy) or real(req, trace, progress, proxy, *rest))
+    plan = planning.make_plan(f"{Path(__file__).resolve().parent}/tiny_models.py:uneven_gpt", devices=2,
+                              hardware="cpu", batch=4, fix={"cp": 1})
+    assert seen == [None] and plan.degrees["cp"] == 1

@@ -69,3 +69,17 @@ def hf_tiny(model_type: str) -> torch.nn.Module:
     model, info = build_model(f"hf:{model_type}", model_args(model_type))
     model.vocab, model.seq = info.vocab, 8
     return model
+
+
+def uneven_gpt() -> torch.nn.Module:
+    """gpt-tiny with four blocks of different MLP widths (no two repeat alike), from a factory that takes no
+    arguments although its config states its layers."""
+    from dataclasses import replace
+
+    from autopar.models.gpt import GPT, MLP, GPTConfig
+
+    cfg = GPTConfig(layers=4, hidden=64, heads=4, vocab=128, seq=64)
+    model = GPT(cfg)
+    for i, block in enumerate(model.blocks):
+        block.mlp = MLP(replace(cfg, mlp_ratio=i + 1))
+    return model
