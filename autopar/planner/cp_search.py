@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing as mp
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 from autopar.capture import Captured
@@ -223,24 +225,17 @@ class FlatBest:
     None (nothing to beat) where cp = 1 found no flat candidate or failed."""
 
     def __init__(self, shared: bool) -> None:
-        ctx = mp.get_context("fork") if shared else None
-        self._value = ctx.Value("d", math.nan, lock=False) if ctx else None
-        self._posted = ctx.Event() if ctx else None
-        self._local: float | None = None
-        self._done = False
+        ctx = mp.get_context("fork") if shared else None  # else this process's search posts before its folds ask
+        self._value = ctx.Value("d", math.nan, lock=False) if ctx else SimpleNamespace(value=math.nan)  # NaN: none
+        self._posted = ctx.Event() if ctx else threading.Event()
 
     def post(self, step_s: float | None) -> None:
         """The first post counts (later ones, such as search_cp's closing None, are ignored)."""
-        if self._posted is None:
-            if not self._done:
-                self._local, self._done = step_s, True
-        elif not self._posted.is_set():
+        if not self._posted.is_set():
             self._value.value = math.nan if step_s is None else step_s
             self._posted.set()
 
     def get(self) -> float | None:
-        if self._posted is None:
-            return self._local
         self._posted.wait()
         return None if math.isnan(self._value.value) else self._value.value
 
