@@ -106,6 +106,6 @@ def test_a_factory_without_a_layers_argument_is_planned_on_its_full_trace(monkey
     real = S.search
     monkeypatch.setattr(cp_search, "search", lambda req, trace, progress=None, proxy=None, *rest:
                         seen.append(proxy) or real(req, trace, progress, proxy, *rest))
-    plan = planning.make_plan(f"{Path(__file__).resolve().parent}/tiny_models.py:uneven_gpt", devices=2,
+    plan = planning.make_plan(f"{Path(__file__).resolve().parent}/tiny_models.py:gpt_without_layers_argument", devices=2,
                               hardware="cpu", batch=4, fix={"cp": 1})
     assert seen == [None] and plan.degrees["cp"] == 1
